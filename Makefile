@@ -1,0 +1,30 @@
+# Two commands on a fresh machine:  make demo  (train a small GPT on Shakespeare, then sample)  and  make test
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test venv venv-dev clean
+
+$(VENV)/.runtime: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.runtime
+venv-dev: $(VENV)/.dev
+
+demo: venv
+	$(PY) data/shakespeare_char/prepare.py
+	$(PY) train.py config/train_shakespeare_char.py
+	$(PY) sample.py --init_from=resume --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=2 --max_new_tokens=300
+
+test: venv-dev
+	$(PY) -m pytest tests
+
+clean:
+	rm -rf $(VENV) out-shakespeare-char
