@@ -190,18 +190,26 @@ def tokenizer_from_checkpoint(ckpt: Optional[dict]):
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
-def load_model(init_from: str, out_dir: str, device: str = "cpu", dropout: Optional[float] = None,
+def load_model(init_from: str, out_dir: str = "", device: str = "cpu", dropout: Optional[float] = None,
                ckpt_name: str = "ckpt.pt"):
-    """init_from 'resume' (out_dir/ckpt_name) or a GPT-2 name -> (model on device, checkpoint dict or None,
-    tokenizer)."""
-    if init_from == "resume":
-        ckpt = load_checkpoint(os.path.join(out_dir, ckpt_name), map_location="cpu")
-        model = model_from_checkpoint(ckpt, dropout)
-    elif init_from in GPT2_NAMES:
-        ckpt = None
+    """Load a model to use or to start a new run from -> (model on device, checkpoint dict or None, tokenizer).
+
+    init_from: 'resume' (out_dir/ckpt_name), a GPT-2 name ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'),
+    or the path of a checkpoint file or of a folder holding ckpt_name (e.g. 'out-sft')."""
+    if init_from in GPT2_NAMES:
         model = GPT.from_pretrained(init_from, dropout=dropout or 0.0)
+        return model.to(device), None, tokenizer_from_checkpoint(None)
+    if init_from == "resume":
+        path = os.path.join(out_dir, ckpt_name)
+    elif os.path.isdir(init_from):
+        path = os.path.join(init_from, ckpt_name)
+    elif os.path.isfile(init_from):
+        path = init_from
     else:
-        raise ValueError(f"init_from must be 'resume' or one of {GPT2_NAMES}, got {init_from!r}")
+        raise ValueError(f"init_from must be 'resume' (loads {os.path.join(out_dir, ckpt_name)!r}), one of "
+                         f"{GPT2_NAMES}, or an existing checkpoint file or folder; got {init_from!r}")
+    ckpt = load_checkpoint(path, map_location="cpu")
+    model = model_from_checkpoint(ckpt, dropout)
     return model.to(device), ckpt, tokenizer_from_checkpoint(ckpt)
 
 # ----------------------------------------------------------------------------------------------
