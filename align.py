@@ -1,0 +1,594 @@
+"""
+Align a language model with human preferences: Direct Preference Optimization and close relatives.
+
+DPO (Rafailov et al. 2023, arXiv:2305.18290) trains the policy on preference pairs (prompt, chosen, rejected)
+against a frozen reference model, by default the starting checkpoint (usually an SFT model from finetune.py):
+no reward model, no sampling. loss_type='ipo' (Azar et al. 2023, arXiv:2310.12036) and loss_type='cdpo'
+(conservative DPO, label smoothing for noisy labels; Mitchell 2023) change only the loss.
+
+    python align.py config/align_hh.py --init_from=out-sft                       # Anthropic/hh-rlhf, from the Hub
+    python align.py --init_from=out-sft --dataset=pairs.jsonl --device=cpu --compile=False
+    torchrun --standalone --nproc_per_node=8 align.py config/align_hh.py --init_from=out-sft
+
+Records (json/jsonl or a Hub dataset): {"chosen": conversation, "rejected": conversation}, hh-rlhf's layout,
+split at the last "\\n\\nAssistant:", or {"prompt": ..., "chosen": response, "rejected": response}.
+Writes out_dir/ckpt.pt (train.py's keys: sample.py and eval.py load it), out_dir/log.jsonl, out_dir/align.png.
+"""
+
+import copy
+import dataclasses
+import hashlib
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common import (append_jsonl, init_wandb, load_model, plot_curves, print0, rng_state, save_checkpoint,
+                    set_rng_state, setup_runtime)
+from configurator import configure
+from finetune import encode_pair, format_prompt
+
+# ----------------------------------------------------------------------------------------------
+# defaults (python align.py config/align_hh.py --key=value ...)
+# I/O
+out_dir = "out-align"
+init_from = "gpt2"  # 'resume' (out_dir/ckpt_name), a GPT-2 name, or a checkpoint file/folder (e.g. 'out-sft')
+ckpt_name = "ckpt.pt"
+eval_interval = 50  # iterations between held-out evaluations (and checkpoints)
+log_interval = 10  # iterations between training log lines
+always_save_checkpoint = True  # False: save only when the held-out loss improves
+eval_only = False  # evaluate the starting model on the held-out pairs, then exit
+wandb_log = False
+wandb_project = "align"
+wandb_run_name = "dpo"
+wandb_mode = "online"  # 'online' | 'offline' (no network; `wandb sync` later) | 'disabled'
+# data: a Hugging Face dataset, or local .json/.jsonl files
+dataset = "Anthropic/hh-rlhf"  # Hub name, or local .json/.jsonl file(s) of training pairs (comma-separated)
+dataset_dir = ""  # subfolder of the Hub dataset, e.g. 'harmless-base' or 'helpful-base' for hh-rlhf
+train_split = "train"  # Hub split of the training pairs
+val_split = "test"  # Hub split or local file(s) of held-out pairs; '' = hold val_pairs out of the training pairs
+val_pairs = 512  # held-out pairs evaluated at each eval (a fixed random subset)
+max_records = 0  # read at most this many training records (0 = all), for quick runs
+cache_dir = ""  # folder for datasets' cache; '' = its default (~/.cache/huggingface/datasets)
+prompt_template = "none"  # 'alpaca': wrap explicit prompts in finetune.py's template (models SFT'd by it)
+drop_mismatched = False  # True: drop hh-layout pairs whose two sides differ before the last turn (else error)
+block_size = 512  # longest prompt + response in tokens; longer pairs lose prompt tokens from the left
+# method
+loss_type = "dpo"  # 'dpo' | 'cdpo' (label-smoothed DPO) | 'ipo'
+beta = 0.1  # strength of the pull to the reference: higher = stay closer (DPO paper: 0.1; IPO's tau)
+label_smoothing = 0.0  # cdpo: assumed probability that a preference label is flipped, in (0, 0.5)
+precompute_ref = False  # True: reference log-probs computed once up front; no reference model held in memory
+# optimization
+batch_size = 8  # preference pairs per micro-step per process (2 sequences each)
+total_batch_pairs = 64  # pairs per optimizer step, all processes; grad accumulation is derived from it
+max_iters = 0  # optimizer steps; 0 = one epoch over the training pairs
+learning_rate = 1e-6
+warmup_iters = 150  # linear warmup from 0 (DPO paper, appendix B: 150 steps)
+lr_schedule = "constant"  # 'constant' after warmup (DPO paper) | 'cosine' decay to min_lr at max_iters
+min_lr = 1e-7
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip the gradient norm (0 = off)
+dropout = 0.0  # dropout makes the policy's log-probs noisy at step 0; TRL disables it for DPO too
+# system
+device = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
+dtype = "auto"  # 'auto' | 'float32' | 'bfloat16' | 'float16'
+compile = False  # torch.compile the training forward (batches vary in length: expect a few recompiles)
+seed = 1337
+
+_ASSISTANT = "\n\nAssistant:"  # hh-rlhf's turn marker (underscore: not a config key)
+_LOSS_TYPES = ("dpo", "cdpo", "ipo")
+
+# ----------------------------------------------------------------------------------------------
+# data: records -> (prompt, chosen, rejected) strings -> token ids
+
+
+def split_hh(text: str, where: str) -> tuple:
+    """An hh-rlhf conversation -> (prompt up to and including the last '\\n\\nAssistant:', final response)."""
+    k = text.rfind(_ASSISTANT)
+    if k < 0:
+        raise ValueError(f"{where}: no {_ASSISTANT!r} turn in {text[:300]!r}. hh-rlhf records are whole "
+                         f"conversations ending in an Assistant turn; records with a separate prompt need a "
+                         f"'prompt' field")
+    k += len(_ASSISTANT)
+    return text[:k], text[k:]
+
+
+def preference_triples(columns: dict, source: str, template: str = "none", drop_mismatched: bool = False):
+    """Columns {'chosen': [...], 'rejected': [...], ('prompt': [...])} -> ([(record index, prompt, chosen,
+    rejected)], number of identical pairs dropped, number of mismatched pairs dropped)."""
+    if "chosen" not in columns or "rejected" not in columns:
+        raise ValueError(f"{source}: preference records need 'chosen' and 'rejected' fields (plus 'prompt' unless "
+                         f"they are whole hh-rlhf conversations); found fields {sorted(columns)}")
+    explicit = "prompt" in columns
+    if template not in ("none", "alpaca"):
+        raise ValueError(f"prompt_template must be 'none' or 'alpaca', got {template!r}")
+    if template == "alpaca" and not explicit:
+        raise ValueError(f"{source}: prompt_template='alpaca' needs records with a 'prompt' field; hh-rlhf "
+                         f"conversations carry their own Human/Assistant turns (use --prompt_template=none)")
+    triples, identical, mismatched = [], 0, 0
+    for i, (c, r) in enumerate(zip(columns["chosen"], columns["rejected"])):
+        fields = {"chosen": c, "rejected": r, **({"prompt": columns["prompt"][i]} if explicit else {})}
+        for name, v in fields.items():
+            if not isinstance(v, str):
+                raise TypeError(f"{source} record {i}: field {name!r} must be a string, got "
+                                f"{type(v).__name__} {repr(v)[:200]}")
+        if explicit:
+            p = fields["prompt"] if template == "none" else format_prompt(fields["prompt"])
+            if not p:
+                raise ValueError(f"{source} record {i}: empty 'prompt'; every pair needs a prompt to condition on")
+        else:
+            p, c = split_hh(c, f"{source} record {i}, field 'chosen'")
+            p_r, r = split_hh(r, f"{source} record {i}, field 'rejected'")
+            if p != p_r:
+                if drop_mismatched:
+                    mismatched += 1
+                    continue
+                at = next((j for j, (a, b) in enumerate(zip(p, p_r)) if a != b), min(len(p), len(p_r)))
+                raise ValueError(f"{source} record {i}: 'chosen' and 'rejected' differ before their last "
+                                 f"{_ASSISTANT!r} turn (at character {at}: {p[at:at + 60]!r} vs "
+                                 f"{p_r[at:at + 60]!r}), so they do not answer the same prompt. Fix the "
+                                 f"record, or skip such pairs with --drop_mismatched=True")
+        if c == r:
+            identical += 1  # no preference to learn from
+            continue
+        triples.append((i, p, c, r))
+    return triples, identical, mismatched
+
+
+def encode_triples(tok, triples: list, block_size: int, source: str, verbose: bool = True):
+    """[(index, prompt, chosen, rejected)] -> ([(chosen ids, rejected ids, prompt tokens k)], truncated, empty).
+
+    Each side is finetune.encode_pair's prompt + response (+ <|endoftext|>), cut prompt-first to block_size + 1
+    ids; the first k ids of both sides are the same prompt tokens, the rest is the response."""
+    id_dtype = np.uint16 if tok.n_vocab <= 2 ** 16 else np.int32
+    pairs, truncated, empty = [], 0, 0
+    for i, p, c, r in tqdm(triples, desc=f"tokenizing {source}", unit=" pairs", disable=not verbose,
+                           mininterval=2.0):
+        try:
+            xc, yc, tc = encode_pair(tok, p, c, block_size, truncate="prompt")
+            xr, yr, tr = encode_pair(tok, p, r, block_size, truncate="prompt")
+        except ValueError as e:
+            raise ValueError(f"{source} record {i}: {e}") from e
+        nc, nr = sum(t != -1 for t in yc), sum(t != -1 for t in yr)  # response tokens that are targets
+        if nc == 0 or nr == 0:
+            empty += 1  # e.g. an empty response and a tokenizer without <|endoftext|>: nothing to score
+            continue
+        ids_c, ids_r = xc + yc[-1:], xr + yr[-1:]  # encode_pair's x + the last target = the kept ids
+        kc, kr = len(ids_c) - nc, len(ids_r) - nr  # prompt tokens kept on each side
+        # encode_pair cut each side's prompt to fit its own response; keep the same (shorter) prompt suffix on
+        # both sides so that the two responses are scored in the same context
+        k = min(kc, kr)
+        pairs.append((np.array(ids_c[kc - k:], dtype=id_dtype), np.array(ids_r[kr - k:], dtype=id_dtype), k))
+        truncated += bool(tc or tr)
+    return pairs, truncated, empty
+
+
+def local_files(name: str) -> list:
+    """The paths in a comma-separated list when it names .json/.jsonl files (or other existing files), else []
+    (a Hub name, a split name, or a local dataset folder, which `datasets` reads like a Hub dataset)."""
+    paths = [p.strip() for p in name.split(",") if p.strip()]
+    if paths and all(p.lower().endswith((".json", ".jsonl")) or os.path.isfile(p) for p in paths):
+        for p in paths:
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"preference data file {p!r} does not exist (from {name!r}); expected "
+                                        f".json/.jsonl files, e.g. --dataset=pairs.jsonl --val_split=val.jsonl")
+        return paths
+    return []
+
+
+def read_split(dataset: str, split: str, dataset_dir: str = "", cache_dir: str = "", max_records: int = 0):
+    """Columns {field: values} of one split, through `datasets`: local .json/.jsonl file(s) given as `split`
+    or as `dataset` (split 'train'), or a split of a Hub dataset."""
+    import datasets
+    paths = local_files(split) or local_files(dataset)
+    if paths:
+        try:
+            ds = datasets.load_dataset("json", data_files=paths, split="train", cache_dir=cache_dir or None)
+        except Exception as e:
+            raise ValueError(f"could not read {paths} as json/jsonl preference records "
+                             f"({type(e).__name__}: {e})") from e
+    else:
+        try:
+            ds = datasets.load_dataset(dataset, data_dir=dataset_dir or None, split=split, cache_dir=cache_dir or None)
+        except Exception as e:  # network, unknown name or split: all say the same thing to a user
+            raise ValueError(f"could not load split {split!r} of the dataset {dataset!r}" + (
+                f" (data_dir {dataset_dir!r})" if dataset_dir else "") + f" ({type(e).__name__}: {e}). Check the "
+                f"name, split and network, or pass local files: --dataset=pairs.jsonl") from e
+    if max_records:
+        ds = ds.select(range(min(max_records, len(ds))))
+    return ds.to_dict()
+
+
+def collate(pairs: list, idx, device: str):
+    """Pairs idx -> x, y (2B, T): the B chosen sequences then the B rejected ones, right-padded; y is -1 on
+    prompt and padding positions (as encode_pair makes it), so only response tokens are scored."""
+    seqs = [(pairs[i][0], pairs[i][2]) for i in idx] + [(pairs[i][1], pairs[i][2]) for i in idx]
+    T = max(len(ids) for ids, _ in seqs) - 1
+    x = torch.zeros(len(seqs), T, dtype=torch.long)  # (2B, T)
+    y = torch.full((len(seqs), T), -1, dtype=torch.long)  # (2B, T)
+    for j, (ids, k) in enumerate(seqs):
+        ids = torch.from_numpy(ids.astype(np.int64))
+        x[j, :len(ids) - 1] = ids[:-1]
+        y[j, k - 1:len(ids) - 1] = ids[k:]  # the target of position t is token t + 1: responses start at k
+    if device.startswith("cuda"):
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def fingerprint(pairs: list) -> str:
+    """sha256 of the tokenized pairs: a resumed run checks that it trains on the same data."""
+    h = hashlib.sha256()
+    for ids_c, ids_r, k in pairs:
+        h.update(ids_c.tobytes() + b"|" + ids_r.tobytes() + b"|" + str(k).encode())
+    return h.hexdigest()
+
+# ----------------------------------------------------------------------------------------------
+# log-probabilities and the preference losses
+
+
+def sequence_logps(model, x, y, rt):
+    """log pi(response | prompt) per row: the log-probs of the targets summed where y != -1 -> (N,)."""
+    with rt.autocast():
+        logits, _ = model(x)  # (N, T, vocab)
+        # cross_entropy runs in float32 under autocast; ignored positions (prompt, padding) contribute exactly 0
+        nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none")
+    return -nll.view(y.shape).float().sum(1)
+
+
+def preference_loss(pc, pr, rc, rr, loss_type: str = "dpo", beta: float = 0.1, label_smoothing: float = 0.0):
+    """Per-pair losses and implicit rewards from the policy's (pc, pr) and reference's (rc, rr) sequence
+    log-probs of the chosen and rejected responses -> (losses, chosen rewards, rejected rewards), each (B,)."""
+    h = (pc - rc) - (pr - rr)  # how much more the policy prefers chosen over rejected than the reference does
+    if loss_type == "ipo":
+        # IPO (Azar et al. 2023, arXiv:2310.12036, eq. 17): regress h to 1/(2 tau) instead of pushing it to
+        # infinity, so deterministic preferences cannot drive the policy arbitrarily far from the reference.
+        # Sequence log-probs as in the paper (TRL divides them by the response length instead).
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        # DPO (Rafailov et al. 2023, arXiv:2305.18290, eq. 7): -log sigmoid(beta * h). cDPO (Mitchell 2023,
+        # "A note on DPO with noisy preferences"): each label is flipped with probability label_smoothing, so
+        # the target is a soft label and the optimum stays finite. label_smoothing=0 is plain DPO.
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    # implicit rewards beta * log(pi / ref) (DPO paper, section 5)
+    return losses, beta * (pc - rc).detach(), beta * (pr - rr).detach()
+
+
+def preference_metrics(policy, ref, ntok, loss_type: str, beta: float, label_smoothing: float) -> dict:
+    """Metrics over pairs from (N, 2) log-probs [chosen, rejected] of policy and reference and the (N, 2)
+    response token counts. Reward accuracy counts ties (policy == reference, e.g. at step 0) as one half."""
+    losses, cr, rr = preference_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], loss_type, beta,
+                                     label_smoothing)
+    m = cr - rr
+    return {"loss": losses.mean().item(), "reward_acc": ((m > 0).float() + 0.5 * (m == 0).float()).mean().item(),
+            "reward_margin": m.mean().item(), "reward_chosen": cr.mean().item(), "reward_rejected": rr.mean().item(),
+            "logp_chosen": policy[:, 0].mean().item(), "logp_rejected": policy[:, 1].mean().item(),
+            "logp_margin": (policy[:, 0] - policy[:, 1]).mean().item(),
+            # mean log(pi / ref) per response token, chosen and rejected together: how far the policy moved
+            "logp_drift": ((policy - ref).sum() / ntok.sum()).item()}
+
+
+@torch.no_grad()
+def pair_logps(model, pairs: list, batch_size: int, rt, desc: str = "") -> torch.Tensor:
+    """Response log-probs of every pair under model in eval mode -> (N, 2) float32 on the CPU, columns chosen
+    and rejected. Length-sorted batches keep padding small; under DDP each rank does every world_size-th."""
+    training = model.training
+    model.eval()
+    out = torch.zeros(len(pairs), 2)
+    order = sorted(range(len(pairs)), key=lambda i: -max(len(pairs[i][0]), len(pairs[i][1])))
+    order = order[rt.ddp_rank::rt.ddp_world_size]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for idx in tqdm(batches, desc=desc, unit=" batches", disable=not rt.master_process or not desc, leave=False):
+        lp = sequence_logps(model, *collate(pairs, idx, rt.device), rt).cpu()  # (2B,)
+        out[idx] = torch.stack([lp[:len(idx)], lp[len(idx):]], dim=1)
+    if rt.ddp:  # every rank filled its own rows with the rest zero: a sum gathers them
+        out = out.to(rt.device)
+        torch.distributed.all_reduce(out)
+        out = out.cpu()
+    model.train(training)
+    return out
+
+
+def response_tokens(pairs: list) -> torch.Tensor:
+    return torch.tensor([[len(c) - k, len(r) - k] for c, r, k in pairs], dtype=torch.float32)  # (N, 2)
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main():
+    config = configure(globals(), sys.argv[1:]); globals().update(config)
+    # validate the config and the paths before loading anything heavy
+    if loss_type not in _LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {_LOSS_TYPES}, got {loss_type!r}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0 (DPO paper: 0.1), got {beta!r}")
+    if loss_type == "cdpo" and not 0 < label_smoothing < 0.5:
+        raise ValueError(f"loss_type='cdpo' needs 0 < label_smoothing < 0.5, got {label_smoothing!r}; e.g. "
+                         f"--label_smoothing=0.1")
+    if loss_type != "cdpo" and label_smoothing != 0:
+        raise ValueError(f"label_smoothing={label_smoothing!r} only applies to loss_type='cdpo' (got "
+                         f"loss_type={loss_type!r}); use --loss_type=cdpo or --label_smoothing=0")
+    if prompt_template not in ("none", "alpaca"):
+        raise ValueError(f"prompt_template must be 'none' or 'alpaca', got {prompt_template!r}")
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+    for key in ("batch_size", "total_batch_pairs", "val_pairs", "eval_interval", "log_interval", "block_size"):
+        if config[key] < 1:
+            raise ValueError(f"{key} must be >= 1, got {config[key]!r}")
+    local, local_val = local_files(dataset), local_files(val_split)  # missing local files: an error now
+    rt = setup_runtime(device, dtype)
+    world = rt.ddp_world_size
+    if total_batch_pairs % (batch_size * world):
+        raise ValueError(f"total_batch_pairs={total_batch_pairs} must be a multiple of batch_size * processes = "
+                         f"{batch_size} * {world}; e.g. --total_batch_pairs={batch_size * world * 8}")
+    accum = total_batch_pairs // (batch_size * world)
+    resume = init_from == "resume"
+    start_path = os.path.join(init_from, ckpt_name) if os.path.isdir(init_from) else init_from
+    if not resume and os.path.abspath(start_path) == os.path.abspath(os.path.join(out_dir, ckpt_name)):
+        raise ValueError(f"init_from={init_from!r} is this run's own checkpoint, which training would overwrite; "
+                         f"choose another out_dir, or --init_from=resume to continue an align.py run")
+    torch.manual_seed(seed + rt.ddp_rank)
+
+    # ---- the policy, and where the reference comes from
+    print0(f"loading the starting model from {init_from!r}")
+    model, ckpt, tok = load_model(init_from, out_dir, rt.device, dropout=dropout, ckpt_name=ckpt_name)
+    ckpt = ckpt or {}
+    ckpt.pop("model", None)  # the weights now live in the model: do not hold a second copy
+    if resume and "ref_init_from" not in ckpt:
+        raise ValueError(f"{os.path.join(out_dir, ckpt_name)!r} was not written by align.py (no 'ref_init_from'); "
+                         f"to align that model, pass it as the starting point: --init_from={out_dir}")
+    ref_from = ckpt["ref_init_from"] if resume else (os.path.abspath(start_path) if os.path.exists(start_path)
+                                                     else init_from)
+    if block_size > model.config.block_size:
+        raise ValueError(f"block_size={block_size} exceeds the model's context of {model.config.block_size} tokens; "
+                         f"use --block_size={model.config.block_size} or less")
+    print0(f"policy: {model.num_params():,} parameters; reference: {ref_from!r}")
+
+    # ---- data
+    holdout = not val_split or (local and not local_val)  # a local file has no 'test' split: hold pairs out
+    train_src = dataset if local else f"{dataset}:{train_split}"
+    train_cols = read_split(dataset, "train" if local else train_split, dataset_dir, cache_dir, max_records)
+    val_cols = None if holdout else read_split(dataset, val_split, dataset_dir, cache_dir)
+    train_t, ident, mism = preference_triples(train_cols, train_src, prompt_template, drop_mismatched)
+    rng = np.random.default_rng(seed)
+    if holdout:
+        if len(train_t) <= val_pairs:
+            raise ValueError(f"{train_src} has {len(train_t)} usable pairs, too few to hold out val_pairs={val_pairs} "
+                             f"and train on the rest; lower --val_pairs or pass held-out pairs: --val_split=val.jsonl")
+        perm = rng.permutation(len(train_t))
+        val_t, train_t = [train_t[i] for i in perm[:val_pairs]], [train_t[i] for i in sorted(perm[val_pairs:])]
+        val_src = f"{train_src} (held out)"
+        print0(f"held-out pairs: {val_pairs} of the training pairs" + (f" (no split {val_split!r} in local files; "
+               f"pass --val_split=val.jsonl for separate ones)" if val_split else ""))
+    else:
+        val_src = val_split if local_val else f"{dataset}:{val_split}"
+        val_t, vi, vm = preference_triples(val_cols, val_src, prompt_template, drop_mismatched)
+        val_t = [val_t[i] for i in sorted(rng.permutation(len(val_t))[:val_pairs])]
+        ident, mism = ident + vi, mism + vm
+    train, trunc, empty = encode_triples(tok, train_t, block_size, train_src, rt.master_process)
+    val, vtrunc, vempty = encode_triples(tok, val_t, block_size, val_src, rt.master_process)
+    if len(train) < total_batch_pairs or not val:
+        raise ValueError(f"after filtering, {len(train)} training and {len(val)} held-out pairs remain: need at least "
+                         f"total_batch_pairs={total_batch_pairs} and 1; use more data or --total_batch_pairs")
+    del train_cols, val_cols, train_t, val_t  # the strings: hh-rlhf's are a few hundred MB
+    n_tok = sum(len(c) + len(r) - 2 for c, r, _ in train)
+    print0(f"data: {len(train):,} training pairs ({n_tok:,} tokens), {len(val):,} held-out pairs; dropped "
+           f"{ident:,} with identical responses, {mism:,} with mismatched prompts, {empty + vempty:,} with no "
+           f"response tokens; {trunc + vtrunc:,} ({(trunc + vtrunc) / (len(train) + len(val)):.1%}) truncated "
+           f"prompt-first to block_size {block_size}")
+    data_hash = fingerprint(train) + fingerprint(val)
+    steps_per_epoch = len(train) // total_batch_pairs
+    iters = max_iters or steps_per_epoch
+    print0(f"{total_batch_pairs} pairs per step = {batch_size} per micro-step x {accum} grad accum x {world} "
+           f"processes; {iters:,} iterations ({iters / steps_per_epoch:.2f} epochs)")
+
+    # ---- the reference: stored log-probs (resume), precomputed once, or a frozen copy held alongside
+    ref_model, ref_logps = None, None
+    val_tokens = response_tokens(val)
+    param_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
+    if resume and ckpt.get("ref_logps") is not None and ckpt.get("data_fingerprint") == data_hash:
+        ref_logps = ckpt["ref_logps"]
+        print0(f"reference log-probs: restored from the checkpoint ({len(train) + len(val):,} pairs)")
+    else:
+        if resume:
+            print0(f"loading the reference model from {ref_from!r}")
+            ref_model = load_model(ref_from, device=rt.device, ckpt_name=ckpt_name)[0]
+        else:  # the starting weights: the policy itself before its first step, or a copy to keep
+            ref_model = model if precompute_ref else copy.deepcopy(model)
+        if precompute_ref:
+            # the reference's log-probs never change: one pass now instead of one forward per step, and
+            # neither its weights nor its activations stay in memory (pair_logps runs under no_grad, eval mode)
+            ref_logps = {"train": pair_logps(ref_model, train, batch_size, rt, "reference log-probs (train)"),
+                         "val": pair_logps(ref_model, val, batch_size, rt, "reference log-probs (val)")}
+            ref_model = None
+            print0(f"reference log-probs: precomputed for {len(train) + len(val):,} pairs; no reference model "
+                   f"held ({param_mib:,.1f} MiB of parameters saved)")
+        else:
+            ref_model.eval().requires_grad_(False)  # frozen: no gradients, not in the optimizer, no dropout
+            print0(f"reference model: frozen copy in memory ({param_mib:,.1f} MiB of parameters)")
+
+    # ---- optimizer, compile, DDP
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), rt.device_type)
+    iter_num, best_val_loss = 0, float("inf")
+    if resume:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        if "rng" in ckpt:
+            set_rng_state(ckpt["rng"])
+        if ckpt.get("data_fingerprint") != data_hash:
+            print0("WARNING: the training data differ from the checkpoint's run; resuming on the new data "
+                   "(pass the same data flags as the first run to continue it exactly)")
+    ckpt = None
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")
+    raw_model = model
+    if compile:
+        print0("compiling the model... (takes a minute)")
+        model = torch.compile(model)
+    if rt.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[rt.ddp_local_rank] if rt.device_type == "cuda" else None)
+
+    def get_lr(it):
+        if it < warmup_iters:
+            return learning_rate * (it + 1) / (warmup_iters + 1)
+        if lr_schedule == "constant":
+            return learning_rate
+        ratio = min(1.0, (it - warmup_iters) / max(1, iters - warmup_iters))
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+    perms = {}  # epoch -> its shuffle of the training pairs
+
+    def batch_indices(it, micro):
+        """The pairs of one micro-step: step `it` takes the next total_batch_pairs of its epoch's shuffle; as
+        in a single process with world * accum micro-steps, rank r does micro-steps r, r + world, ...
+        A batch depends only on (seed, it, micro): resuming needs nothing but iter_num."""
+        epoch, step = divmod(it, steps_per_epoch)
+        if epoch not in perms:
+            perms.clear()
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(len(train))
+        perm = perms[epoch]
+        start = step * total_batch_pairs + (micro * world + rt.ddp_rank) * batch_size
+        return perm[start:start + batch_size].tolist()
+
+    # ---- logging and checkpoints
+    if rt.master_process:
+        os.makedirs(out_dir, exist_ok=True)
+    run = init_wandb(wandb_project, wandb_run_name, config, wandb_mode, out_dir) if wandb_log and \
+        rt.master_process else None
+    log_path = os.path.join(out_dir, "log.jsonl")
+    curves = {"train loss": ([], []), "val loss": ([], []), "val reward accuracy": ([], [])}
+
+    saved = [None]  # the iteration last saved
+
+    def save(reason):
+        saved[0] = iter_num
+        save_checkpoint({"model": raw_model.state_dict(), "model_args": dataclasses.asdict(raw_model.config),
+                         "optimizer": optimizer.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
+                         "config": config, "tokenizer": tok.meta(), "rng": rng_state(), "ref_init_from": ref_from,
+                         "ref_logps": ref_logps, "data_fingerprint": data_hash}, os.path.join(out_dir, ckpt_name))
+        print0(f"saved {os.path.join(out_dir, ckpt_name)} ({reason})")
+
+    stop = []  # the signal that asked to stop: finish the step, save, exit
+
+    def on_signal(signum, frame):
+        stop.append(signum)
+        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C stops at once
+        print0(f"signal {signum}: finishing this step, then saving a checkpoint (again to abort)")
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, on_signal)
+
+    # ---- training loop
+    start_iter, first, t_start = iter_num, None, time.time()
+    t0, tokens_seen, last_log = time.time(), 0, iter_num  # throughput since the last log line, evals excluded
+    while True:
+        if rt.ddp:  # every rank must stop at the same step
+            flag = torch.tensor(float(bool(stop)), device=rt.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop += [signal.SIGINT] if flag.item() and not stop else []
+        last = iter_num >= iters or eval_only or bool(stop)
+        if iter_num % eval_interval == 0 or iter_num == start_iter or last:
+            t_eval = time.time()
+            pol = pair_logps(raw_model, val, batch_size, rt, "eval")
+            ref = ref_logps["val"] if ref_logps is not None else pair_logps(ref_model, val, batch_size, rt)
+            m = preference_metrics(pol, ref, val_tokens, loss_type, beta, label_smoothing)
+            first = first or m
+            print0(f"eval iter {iter_num}: val loss {m['loss']:.4f}, reward acc {m['reward_acc']:.3f}, margin "
+                   f"{m['reward_margin']:.4f}, chosen {m['reward_chosen']:.4f}, rejected {m['reward_rejected']:.4f}, "
+                   f"logp margin {m['logp_margin']:.3f}, drift {m['logp_drift']:+.4f}/token")
+            if rt.master_process:
+                append_jsonl(log_path, {"iter": iter_num, "split": "val", **m})
+                for name, v in (("val loss", m["loss"]), ("val reward accuracy", m["reward_acc"])):
+                    curves[name][0].append(iter_num)
+                    curves[name][1].append(v)
+                plot_curves(os.path.join(out_dir, "align.png"), curves, f"{loss_type} (beta={beta})",
+                            ylabel="loss / accuracy")
+                if run:
+                    run.log({f"val/{k}": v for k, v in m.items()}, step=iter_num)
+                improved = m["loss"] < best_val_loss
+                best_val_loss = min(best_val_loss, m["loss"])
+                if iter_num > start_iter and (improved or always_save_checkpoint):
+                    save("best held-out loss" if improved else "always_save_checkpoint")
+            t0 += time.time() - t_eval
+        if last:
+            break
+
+        lr = get_lr(iter_num)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sums = torch.zeros(2, device=rt.device)  # loss, reward accuracy over the step's micro-batches
+        for micro in range(accum):
+            idx = batch_indices(iter_num, micro)
+            x, y = collate(train, idx, rt.device)
+            tokens_seen += sum(len(train[i][0]) + len(train[i][1]) - 2 for i in idx)  # both sides, no padding
+            if rt.ddp:  # all-reduce gradients on the last micro-step only
+                model.require_backward_grad_sync = micro == accum - 1
+            lp = sequence_logps(model, x, y, rt)  # (2B,) chosen rows first
+            pc, pr = lp[:len(idx)], lp[len(idx):]
+            if ref_logps is not None:
+                rc, rr = ref_logps["train"][idx].to(rt.device).unbind(1)
+            else:
+                with torch.no_grad():
+                    rc, rr = sequence_logps(ref_model, x, y, rt).split(len(idx))
+            losses, cr, rrw = preference_loss(pc, pr, rc, rr, loss_type, beta, label_smoothing)
+            scaler.scale(losses.mean() / accum).backward()
+            acc = ((cr > rrw).float() + 0.5 * (cr == rrw).float()).mean()  # ties count one half
+            sums += torch.stack([losses.detach().mean(), acc]) / accum
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
+        else:
+            norm = float("nan")
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        if rt.ddp:  # log the mean over all ranks' pairs
+            torch.distributed.all_reduce(sums)
+            sums /= world
+        loss, acc = sums.tolist()
+        if not math.isfinite(loss):
+            raise RuntimeError(f"loss is {loss} at iteration {iter_num}; stopping without saving. The last good "
+                               f"checkpoint is {os.path.join(out_dir, ckpt_name)!r}; try a lower --learning_rate")
+        if iter_num % log_interval == 0 or iter_num == iters:
+            dt = time.time() - t0
+            tok_s = tokens_seen * world / dt  # tokens fed to the policy (prompt + response, both sides)
+            print0(f"iter {iter_num}: loss {loss:.4f}, reward acc {acc:.3f}, lr {lr:.2e}, grad norm {norm:.3f}, "
+                   f"{dt * 1000 / (iter_num - last_log):.0f} ms/iter, {tok_s:,.0f} tok/s")
+            if rt.master_process:
+                append_jsonl(log_path, {"iter": iter_num, "split": "train", "loss": loss, "reward_acc": acc,
+                                        "lr": lr, "grad_norm": norm, "tok_per_s": tok_s})
+                curves["train loss"][0].append(iter_num)
+                curves["train loss"][1].append(loss)
+                if run:
+                    run.log({"train/loss": loss, "train/reward_acc": acc, "lr": lr, "grad_norm": norm,
+                             "tok_per_s": tok_s}, step=iter_num)
+            t0, tokens_seen, last_log = time.time(), 0, iter_num
+
+    # ---- cleanup
+    if stop and rt.master_process:
+        if saved[0] != iter_num:
+            save(f"stopped by signal {stop[0]}")
+        print0(f"resume with: python align.py ... --init_from=resume --out_dir={out_dir}")
+    if rt.device_type == "cuda":
+        peak = f"{torch.cuda.max_memory_allocated() / 2 ** 20:,.0f} MiB CUDA allocated"
+    else:
+        import resource  # Unix; ru_maxrss is in KiB on Linux (bytes on macOS)
+        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10:,.0f} MiB peak RSS"
+    print0(f"done: {iter_num - start_iter} iterations in {time.time() - t_start:.1f} s; held-out reward acc "
+           f"{first['reward_acc']:.3f} -> {m['reward_acc']:.3f}, loss {first['loss']:.4f} -> {m['loss']:.4f}; "
+           f"peak memory {peak}")
+    if run:
+        run.finish()
+    if rt.ddp:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

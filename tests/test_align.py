@@ -1,0 +1,364 @@
+"""align.py: the preference losses against hand computations, the hh-rlhf splitter, data in both layouts, and
+DPO runs of a tiny char-level model on a synthetic preference set (chosen responses list the prompt's letters in
+ascending order, rejected ones in descending order)."""
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import align
+from common import load_checkpoint, load_model, save_checkpoint
+from finetune import encode_pair, format_prompt
+from model import GPT, GPTConfig
+from tokenizer import CharTokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LETTERS = "abcdefgh"
+VOCAB = "\n Human:Assistant" + LETTERS + "=."
+# a tiny model gains nothing from threads, and a busy machine makes them much slower
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+# a realistic multi-turn hh-rlhf record: the two sides share every turn but the last Assistant answer
+HH_PROMPT = ("\n\nHuman: What's a good name for a grey cat?\n\nAssistant: How about Smokey, or Ash?"
+             "\n\nHuman: Something less common, please.\n\nAssistant:")
+HH_CHOSEN, HH_REJECTED = " Maybe Nimbus, after the rain clouds.", " I don't know, name it yourself."
+
+
+def synthetic(n, seed, layout):
+    """n preference records: chosen sorts the prompt's 4 letters ascending, rejected descending."""
+    rng, out = random.Random(seed), []
+    while len(out) < n:
+        s = "".join(rng.choice(LETTERS) for _ in range(4))
+        c, r = "".join(sorted(s)), "".join(sorted(s, reverse=True))
+        if c == r:
+            continue
+        if layout == "hh":
+            out.append({k: f"\n\nHuman: {s}\n\nAssistant: {v}." for k, v in (("chosen", c), ("rejected", r))})
+        else:
+            out.append({"prompt": s + "=", "chosen": c + ".", "rejected": r + "."})
+    return out
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return str(path)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    tok = CharTokenizer.from_text(VOCAB)
+    return GPT(GPTConfig(block_size=32, vocab_size=tok.n_vocab, n_layer=2, n_head=2, n_embd=32)), tok
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Synthetic pairs in both layouts and a starting checkpoint (a randomly initialised tiny model)."""
+    d = tmp_path_factory.mktemp("align")
+    model, tok = tiny_model()
+    save_checkpoint({"model": model.state_dict(), "model_args": dataclasses.asdict(model.config), "iter_num": 0,
+                     "best_val_loss": 9.9, "config": {}, "tokenizer": tok.meta()}, str(d / "start" / "ckpt.pt"))
+    write_jsonl(d / "train.jsonl", synthetic(400, 0, "explicit"))
+    write_jsonl(d / "val.jsonl", synthetic(64, 1, "explicit"))
+    os.makedirs(d / "hh")  # a dataset folder, read like a Hub dataset: train and test splits from the file names
+    same = "\n\nHuman: ab\n\nAssistant: ab."
+    write_jsonl(d / "hh" / "train.jsonl", synthetic(200, 2, "hh") + [{"chosen": same, "rejected": same}] * 3)
+    write_jsonl(d / "hh" / "test.jsonl", synthetic(32, 3, "hh"))
+    return d
+
+
+def run(args, hf_home):
+    """Run align.py as a user would; return its output (stdout + stderr), failing with it on a non-zero exit."""
+    env = {**ENV, "HF_HOME": str(hf_home), "HF_DATASETS_OFFLINE": "1"}  # no home-directory cache, no network
+    p = subprocess.run([sys.executable, "align.py", *args, "--device=cpu", "--compile=False"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout + p.stderr
+
+
+def records(out_dir, split):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see ENV
+    yield
+    torch.set_num_threads(threads)
+
+# ----------------------------------------------------------------------------------------------
+# losses
+
+
+def test_losses_match_hand_computation():
+    pc, pr = torch.tensor([-5.0, -9.0, -3.0]), torch.tensor([-7.0, -8.0, -3.0])
+    rc, rr = torch.tensor([-6.0, -8.5, -4.0]), torch.tensor([-6.5, -8.0, -4.0])
+    beta = 0.2
+    h = [(-5 + 6) - (-7 + 6.5), (-9 + 8.5) - (-8 + 8), (-3 + 4) - (-3 + 4)]  # 1.5, -0.5, 0
+    sig = lambda z: 1 / (1 + math.exp(-z))
+    for loss_type, ls, want in (
+            ("dpo", 0.0, [-math.log(sig(beta * v)) for v in h]),
+            ("cdpo", 0.1, [-0.9 * math.log(sig(beta * v)) - 0.1 * math.log(sig(-beta * v)) for v in h]),
+            ("ipo", 0.0, [(v - 1 / (2 * beta)) ** 2 for v in h])):
+        losses, cr, rj = align.preference_loss(pc, pr, rc, rr, loss_type, beta, ls)
+        assert losses.tolist() == pytest.approx(want, abs=1e-6), loss_type
+        assert cr.tolist() == pytest.approx([0.2, -0.1, 0.2]) and rj.tolist() == pytest.approx([-0.1, 0.0, 0.2])
+    m = align.preference_metrics(torch.stack([pc, pr], 1), torch.stack([rc, rr], 1), torch.full((3, 2), 2.0),
+                                 "dpo", beta, 0.0)
+    assert m["reward_acc"] == pytest.approx((1 + 0 + 0.5) / 3)  # a tie counts one half
+    assert m["reward_margin"] == pytest.approx(beta * sum(h) / 3)
+    assert m["logp_margin"] == pytest.approx((2 - 1 + 0) / 3)
+    assert m["logp_drift"] == pytest.approx((1 - 0.5 + 1 - 0.5 + 0 + 1) / 12)  # per response token
+
+
+def test_step0_policy_equals_reference_gives_log2_and_half_accuracy():
+    """At step 0 the policy is the reference: every implicit reward is 0, the DPO loss is log 2 and, ties counting
+    one half, the reward accuracy is exactly 0.5."""
+    model, tok = tiny_model()
+    ref = copy.deepcopy(model)
+    pairs, _, _ = align.encode_triples(tok, [(i, r["prompt"], r["chosen"], r["rejected"]) for i, r in
+                                             enumerate(synthetic(20, 5, "explicit"))], 32, "t", verbose=False)
+    rt = align.setup_runtime("cpu", "float32")
+    pol, refl = align.pair_logps(model, pairs, 8, rt), align.pair_logps(ref, pairs, 8, rt)
+    m = align.preference_metrics(pol, refl, align.response_tokens(pairs), "dpo", 0.1, 0.0)
+    assert m["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    assert m["reward_acc"] == 0.5 and m["reward_margin"] == 0.0 and m["logp_drift"] == 0.0
+
+
+def test_reference_never_changes_and_precomputed_logps_match():
+    """A few DPO steps move the policy but not the frozen reference; precomputed reference log-probs equal the
+    ones computed on the fly in a training batch (to float rounding: the batches differ in shape)."""
+    model, tok = tiny_model()
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    pairs, _, _ = align.encode_triples(tok, [(i, r["prompt"], r["chosen"], r["rejected"]) for i, r in
+                                             enumerate(synthetic(32, 6, "explicit"))], 32, "t", verbose=False)
+    rt = align.setup_runtime("cpu", "float32")
+    precomputed = align.pair_logps(ref, pairs, 5, rt)
+    opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+    for step in range(5):
+        idx = list(range(step * 6, step * 6 + 6))
+        x, y = align.collate(pairs, idx, "cpu")
+        lp = align.sequence_logps(model, x, y, rt)
+        with torch.no_grad():
+            rl = align.sequence_logps(ref, x, y, rt)
+        assert torch.allclose(rl, torch.cat([precomputed[idx, 0], precomputed[idx, 1]]), atol=1e-5)
+        losses, _, _ = align.preference_loss(lp[:6], lp[6:], rl[:6], rl[6:])
+        losses.mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items()), "the reference model changed"
+    assert not torch.equal(model.lm_head.weight, ref.lm_head.weight), "the policy did not move"
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def test_hh_split_multi_turn_and_errors():
+    prompt, response = align.split_hh(HH_PROMPT + HH_CHOSEN, "r")
+    assert (prompt, response) == (HH_PROMPT, HH_CHOSEN)  # earlier Assistant turns stay in the prompt
+    cols = {"chosen": [HH_PROMPT + HH_CHOSEN, HH_PROMPT + " Same.", HH_PROMPT + HH_CHOSEN],
+            "rejected": [HH_PROMPT + HH_REJECTED, HH_PROMPT + " Same.", HH_PROMPT.replace("grey", "black") + " x"]}
+    with pytest.raises(ValueError, match=r"pairs\.jsonl record 2: 'chosen' and 'rejected' differ before their "
+                                         r"last .*at character 34: 'grey.*drop_mismatched=True"):
+        align.preference_triples(cols, "pairs.jsonl")
+    triples, identical, mismatched = align.preference_triples(cols, "pairs.jsonl", drop_mismatched=True)
+    assert triples == [(0, HH_PROMPT, HH_CHOSEN, HH_REJECTED)] and (identical, mismatched) == (1, 1)
+    with pytest.raises(ValueError, match=r"d record 0, field 'rejected': no '\\n\\nAssistant:' turn"):
+        align.preference_triples({"chosen": [HH_PROMPT + "a"], "rejected": ["\n\nHuman: hi"]}, "d")
+    with pytest.raises(TypeError, match=r"d record 1: field 'chosen' must be a string, got NoneType None"):
+        align.preference_triples({"chosen": [HH_PROMPT + "a", None], "rejected": [HH_PROMPT + "b"] * 2}, "d")
+    with pytest.raises(ValueError, match=r"need 'chosen' and 'rejected' fields .* found fields \['prompt', 'text'\]"):
+        align.preference_triples({"prompt": ["p"], "text": ["t"]}, "d")
+    with pytest.raises(ValueError, match=r"prompt_template='alpaca' needs records with a 'prompt' field"):
+        align.preference_triples({"chosen": [HH_PROMPT + "a"], "rejected": [HH_PROMPT + "b"]}, "d", "alpaca")
+    # the explicit layout, wrapped in finetune.py's template on request
+    triples, _, _ = align.preference_triples({"prompt": ["Name a colour."], "chosen": ["Red."], "rejected": ["No."]},
+                                             "d", "alpaca")
+    assert triples == [(0, format_prompt("Name a colour."), "Red.", "No.")]
+    with pytest.raises(ValueError, match=r"d record 0: empty 'prompt'"):
+        align.preference_triples({"prompt": [""], "chosen": ["a"], "rejected": ["b"]}, "d")
+
+
+def test_encoding_truncates_prompt_first_with_a_shared_prompt():
+    tok = CharTokenizer.from_text(VOCAB)
+    long_prompt = "abcdefgh" * 3 + "="  # 25 chars
+    triples = [(0, "ab=", "ab.", "ba."), (1, long_prompt, "abcdefgh.", "a."), (2, "ab=", "", "a."),
+               (3, "hh=", "a", "b")]
+    pairs, truncated, empty = align.encode_triples(tok, triples, 16, "t", verbose=False)
+    assert (len(pairs), truncated, empty) == (3, 1, 1)  # an empty response has no token to score (no EOT here)
+    # untruncated: collate reproduces encode_pair's x and y exactly
+    x, y = align.collate(pairs, [0], "cpu")
+    for row, resp in ((0, "ab."), (1, "ba.")):
+        ex, ey, _ = encode_pair(tok, "ab=", resp, 16, truncate="prompt")
+        assert x[row, :len(ex)].tolist() == ex and y[row, :len(ey)].tolist() == ey
+    # truncated: the longer response keeps its 9 tokens, both sides keep the same last 16 + 1 - 9 prompt tokens
+    c, r, k = pairs[1]
+    assert k == 8 and tok.decode(c) == long_prompt[-8:] + "abcdefgh." and tok.decode(r) == long_prompt[-8:] + "a."
+    x, y = align.collate(pairs, [1], "cpu")  # (2, 16): padding is masked too
+    assert (y[0] != -1).sum() == 9 and (y[1] != -1).sum() == 2 and x.shape == (2, 16)
+    with pytest.raises(ValueError, match=r"t record 4: characters '!' are not in this character-level vocabulary"):
+        align.encode_triples(tok, [(4, "ab=", "a!", "b")], 16, "t", verbose=False)
+
+
+def test_read_split_local_files_and_dataset_folder(workdir, tmp_path):
+    cols = align.read_split(str(workdir / "train.jsonl"), "train", cache_dir=str(tmp_path), max_records=5)
+    assert sorted(cols) == ["chosen", "prompt", "rejected"] and len(cols["chosen"]) == 5
+    cols = align.read_split(str(workdir / "hh"), "test", cache_dir=str(tmp_path))  # the Hub code path, offline
+    assert sorted(cols) == ["chosen", "rejected"] and len(cols["chosen"]) == 32
+    with pytest.raises(FileNotFoundError, match=r"preference data file 'nope.jsonl' does not exist"):
+        align.read_split("nope.jsonl", "train")
+    with pytest.raises(ValueError, match=r"could not load split 'validation' of the dataset .*--dataset=pairs.jsonl"):
+        align.read_split(str(workdir / "hh"), "validation", cache_dir=str(tmp_path))
+
+
+@pytest.fixture
+def main(monkeypatch, capsys):
+    """align.main() in this process (no second start-up of torch and datasets) with the given flags -> its output.
+    main() writes the resolved config into align's globals and installs signal handlers: both are put back."""
+    def call(args):
+        saved = dict(vars(align))
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        monkeypatch.setattr(sys, "argv", ["align.py", *args])
+        capsys.readouterr()
+        try:
+            align.main()
+        finally:
+            vars(align).update(saved)
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        out = capsys.readouterr()
+        return out.out + out.err
+    return call
+
+
+@pytest.mark.parametrize("args, error, match", [
+    (["--loss_type=kto"], ValueError, r"loss_type must be one of \('dpo', 'cdpo', 'ipo'\), got 'kto'"),
+    (["--loss_type=cdpo"], ValueError, r"needs 0 < label_smoothing < 0.5, got 0.0; e.g. --label_smoothing=0.1"),
+    (["--label_smoothing=0.1"], ValueError, r"only applies to loss_type='cdpo'"),
+    (["--beta=0"], ValueError, r"beta must be > 0"),
+    (["--dataset=missing.jsonl"], FileNotFoundError, r"'missing.jsonl' does not exist"),
+    (["--batch_size=3", "--total_batch_pairs=64", "--device=cpu"], ValueError,
+     r"total_batch_pairs=64 must be a multiple of batch_size \* processes = 3 \* 1; e.g. --total_batch_pairs=24"),
+])
+def test_config_errors(args, error, match, main):
+    with pytest.raises(error, match=match):
+        main(args)
+
+
+def test_checkpoint_and_data_errors(workdir, main):
+    start = str(workdir / "start")
+    for args, match in (([f"--init_from={start}", f"--out_dir={start}"], r"is this run's own checkpoint"),
+                        ([f"--init_from=resume", f"--out_dir={start}"], r"was not written by align.py .*--init_from="),
+                        ([f"--init_from={start}", "--block_size=64"], r"block_size=64 exceeds the model's context"),
+                        ([f"--init_from={start}", "--block_size=32", "--val_pairs=500", f"--cache_dir={workdir}/cache"],
+                         r"train.jsonl has 400 usable pairs, too few to hold out val_pairs=500 .*--val_split=val.jsonl")):
+        with pytest.raises(ValueError, match=match):
+            main([*args, "--device=cpu", f"--dataset={workdir / 'train.jsonl'}"])
+
+# ----------------------------------------------------------------------------------------------
+# end to end
+
+
+CONFIG = """# DPO on the synthetic pairs
+block_size = 32
+batch_size = 16
+total_batch_pairs = 16
+val_pairs = 64
+warmup_iters = 5
+learning_rate = 1e-2  # a tiny model from scratch: large steps
+eval_interval = 20
+log_interval = 5
+dropout = 0.1
+cache_dir = {cache!r}  # datasets' cache, inside the test's folder
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(workdir):
+    """A run from a config file, in a subprocess as a user starts it."""
+    out, config = str(workdir / "out"), workdir / "align_synthetic.py"
+    config.write_text(CONFIG.format(cache=str(workdir / "cache")))
+    log = run([str(config), f"--init_from={workdir / 'start'}", f"--dataset={workdir / 'train.jsonl'}",
+               f"--val_split={workdir / 'val.jsonl'}", f"--out_dir={out}", "--max_iters=40"], workdir / "hf")
+    return out, log
+
+
+def test_dpo_learns_the_synthetic_preference(trained, workdir):
+    """From policy == reference (loss log 2, accuracy 0.5), 40 steps of DPO make the held-out chosen responses
+    (the prompt's letters in ascending order) clearly likelier than the rejected ones (descending): the rule is
+    learnt in about 20 steps (reward accuracy 1.0 at lr 1e-2 in trial runs), so >= 0.9 leaves a wide margin, and
+    the policy's chosen-minus-rejected log-prob margin grows by several nats (> 2 required)."""
+    out, log = trained
+    val = records(out, "val")
+    assert [r["iter"] for r in val] == [0, 20, 40]
+    assert val[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and val[0]["reward_acc"] == 0.5
+    assert val[-1]["reward_acc"] >= 0.9, val
+    assert val[-1]["logp_margin"] > val[0]["logp_margin"] + 2, val
+    assert val[-1]["reward_chosen"] > val[-1]["reward_rejected"]
+    assert "reference model: frozen copy in memory" in log and "64 held-out pairs" in log
+    train = records(out, "train")
+    assert [r["iter"] for r in train] == list(range(5, 45, 5)) and all(r["tok_per_s"] > 0 for r in train)
+    assert os.path.getsize(os.path.join(out, "align.png")) > 0
+    # the checkpoint has train.py's keys, and sample.py's loader opens it with the char tokenizer
+    ckpt = load_checkpoint(out)
+    assert {"model", "model_args", "optimizer", "iter_num", "best_val_loss", "config", "tokenizer"} <= set(ckpt)
+    assert ckpt["iter_num"] == 40 and ckpt["config"]["loss_type"] == "dpo"
+    model, _, tok = load_model("resume", out)
+    assert tok.decode(tok.encode("abc=")) == "abc=" and model.config.n_layer == 2
+
+
+def test_resume_continues_exactly(trained, workdir, main):
+    """20 steps, then a resumed run to 40, log the same training losses and end on the same held-out metrics as
+    the uninterrupted 40 steps (CPU, float32, one thread: bit-identical; dropout 0.1 checks that the RNG state is
+    restored)."""
+    out = str(workdir / "resumed")
+    common = [str(workdir / "align_synthetic.py"), f"--dataset={workdir / 'train.jsonl'}",
+              f"--val_split={workdir / 'val.jsonl'}", f"--out_dir={out}", "--device=cpu"]
+    main([*common, f"--init_from={workdir / 'start'}", "--max_iters=20"])
+    log = main([*common, "--init_from=resume", "--max_iters=40"])
+    assert "loading the reference model from" in log
+    full = {r["iter"]: r["loss"] for r in records(trained[0], "train")}
+    resumed = {r["iter"]: r["loss"] for r in records(out, "train")}
+    assert resumed == full
+    assert records(out, "val")[-1] == records(trained[0], "val")[-1]
+
+
+def test_hh_layout_from_a_dataset_folder_with_precomputed_reference(workdir, main):
+    """hh-rlhf conversations read through the Hub code path (a local dataset folder with train/test files), the
+    reference's log-probs precomputed; a block of 24 tokens truncates every pair prompt-first."""
+    out = str(workdir / "hh_out")
+    log = main(["--device=cpu", f"--init_from={workdir / 'start'}", f"--dataset={workdir / 'hh'}", f"--out_dir={out}",
+                f"--cache_dir={workdir / 'cache'}",
+               "--precompute_ref=True", "--max_iters=10", "--block_size=24", "--batch_size=8", "--total_batch_pairs=16",
+               "--val_pairs=32", "--learning_rate=1e-2", "--warmup_iters=2", "--eval_interval=10", "--log_interval=5"])
+    assert "200 training pairs" in log and "32 held-out pairs" in log and "dropped 3 with identical responses" in log
+    assert "232 (100.0%) truncated prompt-first to block_size 24" in log  # 26 prompt + 6 response chars > 25
+    assert "reference log-probs: precomputed for 232 pairs; no reference model held" in log
+    val = records(out, "val")
+    assert val[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and val[0]["reward_acc"] == 0.5
+    ckpt = load_checkpoint(out)
+    assert ckpt["ref_logps"]["train"].shape == (200, 2) and ckpt["ref_logps"]["val"].shape == (32, 2)
+
+
+def test_eval_only_scores_the_starting_model_with_ipo(workdir, main):
+    """eval_only evaluates and exits without writing a checkpoint; IPO's loss at policy == reference is
+    (0 - 1 / (2 beta))^2 = 1 for beta 0.5."""
+    out = workdir / "eval_only"
+    log = main(["--device=cpu", f"--init_from={workdir / 'start'}", f"--dataset={workdir / 'train.jsonl'}",
+                f"--val_split={workdir / 'val.jsonl'}", f"--out_dir={out}", f"--cache_dir={workdir / 'cache'}",
+                "--eval_only=True", "--loss_type=ipo", "--beta=0.5", "--block_size=32", "--total_batch_pairs=8"])
+    assert "eval iter 0: val loss 1.0000, reward acc 0.500" in log and "done: 0 iterations" in log
+    assert not (out / "ckpt.pt").exists() and len(records(out, "val")) == 1
