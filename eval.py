@@ -1,0 +1,483 @@
+"""
+Measure a language model the way papers do: perplexity of a long text (sliding window), LAMBADA (last-word
+accuracy and perplexity) and HellaSwag (4-way sentence completion).
+
+    python eval.py --init_from=gpt2 --task=hellaswag        # downloads the official jsonl once (12 MB)
+    python eval.py --init_from=gpt2-xl --task=lambada --batch_size=32
+    python eval.py --init_from=gpt2 --task=perplexity --text_file=book.txt --stride=512
+    python eval.py --init_from=resume --out_dir=out-shakespeare-char --task=perplexity --dataset=shakespeare_char
+    python eval.py --init_from=resume --out_dir=out-gpt2 --ckpt_name=ckpt_int8.pt --task=hellaswag --limit=500
+    torchrun --standalone --nproc_per_node=8 eval.py --init_from=gpt2-xl --task=hellaswag  # items split by rank
+
+Results are printed as a table and appended to out_dir/eval.jsonl. Downloads are cached in $LLM_E2E_CACHE
+(default ~/.cache/llm-e2e); --data_file=F reads a local copy instead, --source=hf Hugging Face's copy.
+"""
+
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from common import append_jsonl, load_model, print0, read_tokens, setup_runtime
+from configurator import configure
+
+# The official files. The checksums come from public records, not from a download of ours: HellaSwag's from
+# TensorFlow Datasets (tensorflow/datasets, url_checksums/hellaswag.txt: 12,246,618 bytes), LAMBADA's from the
+# dataset card of EleutherAI/lambada_openai (the value lm-evaluation-harness's first LAMBADA task checked too).
+DATASETS = {
+    "hellaswag": {"url": "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl",
+                  "sha256": "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588",
+                  "items": 10042, "hf": ("Rowan/hellaswag", None, "validation")},
+    "lambada": {"url": "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl",
+                "sha256": "4aa8d02cd17c719165fc8a7887fddd641f43fcafa4b1c806ca8abc31fabdb226",
+                "items": 5153, "hf": ("EleutherAI/lambada_openai", "default", "test")},
+}
+
+# -----------------------------------------------------------------------------
+# what to measure
+task = "hellaswag"  # 'hellaswag' | 'lambada' | 'perplexity'
+limit = 0  # evaluate the first N items (hellaswag, lambada) or N tokens (perplexity); 0 = all
+source = "url"  # hellaswag/lambada data: 'url' (official jsonl, checksummed, cached) or 'hf' (Hugging Face datasets)
+data_url = ""  # download from this mirror instead of the official URL (the checksum must still match)
+data_file = ""  # read this local jsonl in the official format instead (not checksummed: subsets, your own items)
+hellaswag_prompt = "ctx"  # 'ctx': ctx + ' ' + ending (completion style, build-nanogpt); 'harness': lm-eval-harness's
+text_file = ""  # perplexity: a UTF-8 text file ...
+dataset = ""  # ... or a prepared dataset: data/<dataset>/<split>.bin (or its shards)
+split = "val"  # split of --dataset
+stride = 0  # perplexity: tokens the window moves per step; 0 = half the window; = window for plain chunks
+# model
+init_from = "resume"  # 'resume' (out_dir/ckpt_name), 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl', or a path
+out_dir = "out"  # checkpoint folder for 'resume'; eval.jsonl is appended here
+ckpt_name = "ckpt.pt"  # e.g. 'ckpt_int8.pt' for a quantized checkpoint
+block_size = 0  # context window in tokens; 0 = the model's block_size
+batch_size = 16  # sequences per forward pass (a HellaSwag item is 4 sequences)
+# system
+device = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
+dtype = "auto"  # 'auto' | 'float32' | 'bfloat16' | 'float16' (autocast; scores are computed in float32)
+compile = False  # torch.compile the model (pays off for long runs on a GPU; lengths vary, so expect recompiles)
+# -----------------------------------------------------------------------------
+
+# -----------------------------------------------------------------------------
+# data: download, read, validate
+
+
+def sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url: str, path: str, sha256: str = "", timeout: float = 60.0):
+    """Stream url to path with a progress bar. The bytes go to a temporary name, renamed to path only once
+    complete (Content-Length) and matching sha256: an interrupted or corrupt download never looks finished."""
+    import requests
+    from tqdm import tqdm
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp, h, n = path + ".tmp", hashlib.sha256(), 0
+    try:
+        with requests.get(url, stream=True, timeout=timeout) as r, open(tmp, "wb") as f:
+            r.raise_for_status()
+            total = int(r.headers.get("content-length", 0)) or None
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=os.path.basename(path)) as bar:
+                for chunk in r.iter_content(chunk_size=1 << 16):
+                    f.write(chunk)
+                    h.update(chunk)
+                    n += len(chunk)
+                    bar.update(len(chunk))
+        if total is not None and n != total:
+            raise ValueError(f"incomplete download of {url!r}: got {n:,} of {total:,} bytes; run the command again")
+        if sha256 and h.hexdigest() != sha256:
+            raise ValueError(f"the file downloaded from {url!r} has sha256 {h.hexdigest()}, expected {sha256}: "
+                             f"corrupted, or changed upstream. Retry, or pass --data_file=PATH with a copy you trust")
+        os.replace(tmp, path)
+    except requests.RequestException as e:
+        raise OSError(f"could not download {url!r} ({type(e).__name__}: {e}). Without network: put a copy at "
+                      f"{path!r}, or pass --data_file=PATH, or --source=hf with a filled Hugging Face cache") from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_jsonl(path: str):
+    """Yield (where, object) for each non-empty line; where = 'path:line' for error messages."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path!r} does not exist (--data_file expects a jsonl in the official "
+                                f"format; leave it empty to download the official file)")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield f"{path}:{lineno}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e}): {line[:80]!r}") from e
+
+
+def load_rows(name: str) -> list:
+    """The task's raw rows as [(where, dict)] from --data_file, the official URL (cached) or Hugging Face."""
+    spec = DATASETS[name]
+    if data_file:
+        return list(read_jsonl(data_file))
+    if source == "hf":
+        import datasets
+        repo, config_name, hf_split = spec["hf"]
+        try:
+            ds = datasets.load_dataset(repo, config_name, split=hf_split)
+        except RuntimeError as e:  # datasets >= 4 runs no loading scripts: take the Hub's parquet conversion
+            if "scripts are no longer supported" not in str(e):
+                raise
+            ds = datasets.load_dataset(repo, config_name, split=hf_split, revision="refs/convert/parquet")
+        return [(f"{repo} [{hf_split}] row {i + 1}", dict(row)) for i, row in enumerate(ds)]
+    if source != "url":
+        raise ValueError(f"source must be 'url' or 'hf', got {source!r}")
+    cache = os.environ.get("LLM_E2E_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llm-e2e")
+    path = os.path.join(cache, os.path.basename(spec["url"]))
+    if not os.path.exists(path) or sha256_of(path) != spec["sha256"]:
+        if os.path.exists(path):
+            print0(f"WARNING: {path} does not match its sha256 {spec['sha256']}; downloading it again")
+        download(data_url or spec["url"], path, spec["sha256"])
+    rows = list(read_jsonl(path))
+    assert len(rows) == spec["items"], f"{path} has {len(rows)} items, expected {spec['items']}"
+    return rows
+
+
+def hellaswag_item(where: str, row: dict, prompt: str):
+    """-> (context, endings, label). prompt 'ctx': the context and endings as given (build-nanogpt's
+    hellaswag.py); 'harness': lm-evaluation-harness's lm_eval/tasks/hellaswag/utils.py, the context
+    'activity_label: ctx_a Ctx_b' and the endings cleaned of WikiHow's [header] markers."""
+    fmt = "the official format {'ctx': str, 'endings': [4 strings], 'label': 0-3} of rowanz/hellaswag"
+    keys = ("ctx",) if prompt == "ctx" else ("activity_label", "ctx_a", "ctx_b")
+    if not isinstance(row, dict) or any(k not in row for k in keys + ("endings", "label")):
+        got = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise ValueError(f"{where}: a HellaSwag item needs the keys {list(keys + ('endings', 'label'))}, found "
+                         f"{got}; expected {fmt}")
+    bad = [k for k in keys if not isinstance(row[k], str)]
+    if bad:
+        raise ValueError(f"{where}: {bad[0]!r} must be a string, got {row[bad[0]]!r}; expected {fmt}")
+    endings, label = row["endings"], row["label"]
+    if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) for e in endings):
+        raise ValueError(f"{where}: 'endings' must be a list of at least 2 strings, got {endings!r}; expected {fmt}")
+    if isinstance(label, str) and label.strip().isdigit():
+        label = int(label)  # Hugging Face's copy stores the label as a string
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(endings):
+        raise ValueError(f"{where}: 'label' {row['label']!r} is out of range for {len(endings)} endings; expected "
+                         f"an int in 0..{len(endings) - 1}")
+    if prompt == "ctx":
+        return row["ctx"], endings, label
+    context = harness_clean(f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}")
+    return context, [harness_clean(e) for e in endings], label
+
+
+def harness_clean(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")  # WikiHow's [header], [step] ... markers
+
+
+def lambada_item(where: str, row: dict):
+    """-> (context, last word): the word is the text after the last space, scored as ' ' + word."""
+    text = row.get("text") if isinstance(row, dict) else None
+    if not isinstance(text, str):
+        got = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise ValueError(f"{where}: a LAMBADA item needs a 'text' string, found {got}; expected OpenAI's format "
+                         f"{{'text': 'passage ... last word'}} (lambada_test.jsonl)")
+    context, _, word = text.rpartition(" ")
+    if not context or not word:
+        raise ValueError(f"{where}: cannot split {text[-60:]!r} into a context and a last word after a space")
+    return context, word
+
+# -----------------------------------------------------------------------------
+# scoring
+
+
+def split_lm_head(model):
+    """Take the LM head off the model and return it: model(x) then gives the final hidden states (B, T, C) and
+    the head is applied only where a token is scored. A hack on model.py's forward, which ends with
+    self.lm_head(x): the 50,257 logits of every position cost a small model more time and memory than the rest
+    (LAMBADA scores 1-3 of ~100 positions). The tied weight stays shared with wte."""
+    head = model.lm_head
+    model.lm_head = torch.nn.Identity()
+    return head
+
+
+@torch.no_grad()
+def score_batch(model, head, rows: list, n_vocab: int, rt) -> list:
+    """rows: [(ids, n)] token sequences whose last n tokens are scored given everything before them; model
+    and head from split_lm_head. Returns [(log-probs (n,) float64, greedy (n,) bool: the target was the argmax)]."""
+    T = max(len(ids) for ids, _ in rows) - 1
+    x = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T) right-padded with token 0
+    for r, (ids, _) in enumerate(rows):
+        x[r, :len(ids) - 1] = torch.as_tensor(np.asarray(ids[:-1], dtype=np.int64))
+    counts = [n for _, n in rows]
+    row = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(counts))  # (N,) row of each scored token
+    pos = torch.cat([torch.arange(len(ids) - 1 - n, len(ids) - 1) for ids, n in rows])  # (N,) its input position
+    targets = torch.as_tensor(np.concatenate([np.asarray(ids[-n:], dtype=np.int64) for ids, n in rows]))
+    with rt.autocast():
+        # padding only at the right end needs no attention mask: causal attention never lets a real position
+        # see a later (pad) one, so a row's scores are the same alone or in any batch
+        h, _ = model(x.to(rt.device))  # (B, T, C) final hidden states
+    assert h.size(-1) == model.config.n_embd, f"expected hidden states, got shape {tuple(h.shape)}"
+    # the logits of the scored tokens in float32, also under bf16 autocast: close calls between endings stay exact
+    h = h[row.to(h.device), pos.to(h.device)].float()  # (N, C) where the scored tokens are predicted
+    logp, greedy = [], []
+    for k in range(0, len(h), 1024):  # at most 1024 x 50257 float32 logits (200 MB) at a time
+        # ids beyond the tokenizer's (GPT-2's 50257 in a 50304 table) are never text: normalise over real ids
+        lg = head(h[k:k + 1024])[:, :n_vocab].float()  # (<= 1024, n_vocab)
+        tg = targets[k:k + 1024].to(lg.device)
+        logp.append(-F.cross_entropy(lg, tg, reduction="none"))
+        greedy.append(lg.argmax(dim=-1) == tg)
+    logp, greedy = torch.cat(logp).double().cpu(), torch.cat(greedy).cpu()
+    return list(zip(logp.split(counts), greedy.split(counts)))
+
+
+def score_items(model, head, items: list, window: int, batch_size: int, n_vocab: int, rt):
+    """items: [(context ids, [continuation ids, ...])]. Yields (item index, [(log-probs, greedy)] for each
+    continuation), longest items first: out-of-memory shows at once, and neighbours need little padding
+    (lm-evaluation-harness's order). The context is cut from the left to fit the window."""
+    order = sorted(range(len(items)), key=lambda i: -min(max(len(items[i][0]) + len(c) for c in items[i][1]),
+                                                          window + 1))
+    batch, n_rows = [], 0
+    for k, i in enumerate(order):
+        batch.append(i)
+        n_rows += len(items[i][1])
+        if n_rows < batch_size and k < len(order) - 1:
+            continue
+        rows = [((ctx + c)[-(window + 1):], len(c)) for ctx, conts in (items[j] for j in batch) for c in conts]
+        scores = score_batch(model, head, rows, n_vocab, rt)
+        for j in batch:
+            yield j, scores[:len(items[j][1])]
+            scores = scores[len(items[j][1]):]
+        batch, n_rows = [], 0
+
+
+def encode_items(pairs: list, tokenizer, window: int):
+    """[(context, [continuation strings])] -> ([(context ids, [continuation ids])], kept indices). Items the
+    tokenizer cannot encode (a character-level vocabulary) or whose continuation alone fills the window are
+    left out."""
+    items, kept = [], []
+    for i, (context, conts) in enumerate(pairs):
+        try:
+            ctx = tokenizer.encode_ordinary(context)
+            ids = [tokenizer.encode_ordinary(" " + c) for c in conts]
+        except ValueError:  # characters outside a character-level vocabulary
+            continue
+        if not ctx and tokenizer.eot_token is not None:
+            ctx = [tokenizer.eot_token]  # nothing to condition on: start from <|endoftext|> like GPT-2's documents
+        if ctx and all(len(c) <= window for c in ids):
+            items.append((ctx, ids))
+            kept.append(i)
+    return items, kept
+
+
+def sliding_windows(n: int, window: int, stride: int) -> list:
+    """Windows over n tokens for perplexity -> [(begin, end, n_new)]: tokens[begin:end] (at most window + 1:
+    the model reads the first `window`) with the last n_new scored. Windows start every `stride` tokens and
+    each scores only the tokens the previous ones did not, so every token but the first is scored exactly once,
+    past the first window with at least window - stride + 1 tokens of context (Hugging Face's "Perplexity of
+    fixed-length models" recipe). stride == window is plain chunking."""
+    spans, done, begin = [], 0, 0  # done: index of the last token scored so far (token 0 never is)
+    while done < n - 1:
+        end = min(begin + window + 1, n)
+        spans.append((begin, end, end - 1 - done))
+        done, begin = end - 1, begin + stride
+    return spans
+
+
+def token_bytes(tokenizer, ids) -> int:
+    """UTF-8 bytes that token ids stand for (tiktoken's exact bytes for BPE, whose tokens may split characters)."""
+    enc = getattr(tokenizer, "enc", None)
+    if enc is not None:
+        return len(enc.decode_bytes([int(i) for i in ids]))
+    return len(tokenizer.decode(ids).encode("utf-8"))
+
+
+def all_reduce_sums(sums: dict, rt) -> dict:
+    """Add up every rank's sums (DDP), in float64."""
+    if not rt.ddp:
+        return sums
+    t = torch.tensor(list(sums.values()), dtype=torch.float64, device=rt.device)
+    torch.distributed.all_reduce(t)
+    return dict(zip(sums, t.tolist()))
+
+# -----------------------------------------------------------------------------
+# tasks: each returns (number of items or tokens scored, metrics {name: value}, extra record fields)
+
+
+def eval_choices(parsed, model, head, tokenizer, window: int, n_vocab: int, rt):
+    """HellaSwag, or LAMBADA with the last word as the only continuation. parsed: [(context, continuations,
+    label)] (label None for LAMBADA)."""
+    from tqdm import tqdm
+    parsed = parsed[:limit or None][rt.ddp_rank::rt.ddp_world_size]
+    items, kept = encode_items([(c, e) for c, e, _ in parsed], tokenizer, window)
+    s = {"n": 0, "acc": 0, "acc_norm": 0, "acc_norm_chars": 0, "nll": 0.0, "tokens": 0,
+         "skipped": len(parsed) - len(items)}
+    shown = "acc" if task == "lambada" else "acc_norm"
+    bar = tqdm(total=len(items), desc=task, disable=not rt.master_process)
+    for j, scores in score_items(model, head, items, window, batch_size, n_vocab, rt):
+        _, conts, label = parsed[kept[j]]
+        ll = [float(lp.sum()) for lp, _ in scores]
+        if task == "lambada":
+            s["acc"] += int(bool(scores[0][1].all()))  # every token of the word predicted greedily
+            s["nll"] -= ll[0]
+            s["tokens"] += len(scores[0][0])
+        else:
+            for name, values in {"acc": ll,  # the ending with the highest log-likelihood ...
+                                 "acc_norm": [v / len(lp) for v, (lp, _) in zip(ll, scores)],  # ... per token
+                                 "acc_norm_chars": [v / max(len(e), 1) for v, e in zip(ll, conts)]}.items():
+                s[name] += int(max(range(len(values)), key=values.__getitem__) == label)  # ties: the first
+        s["n"] += 1
+        bar.update()
+        bar.set_postfix({shown: f"{s[shown] / s['n']:.4f}"})
+    bar.close()
+    s = all_reduce_sums(s, rt)
+    n = int(s["n"])
+    if n == 0:
+        raise ValueError("no item could be scored: each has characters outside the model's vocabulary or a "
+                         "continuation longer than its window; use a model with GPT-2's tokenizer")
+    if task == "lambada":  # perplexity per word, exp(mean NLL of the last word), as lm-eval-harness's lambada_openai
+        return n, {"acc": s["acc"] / n, "ppl": math.exp(s["nll"] / n)}, \
+            {"skipped": int(s["skipped"]), "tokens_per_word": s["tokens"] / n}
+    return n, {k: s[k] / n for k in ("acc", "acc_norm", "acc_norm_chars")}, \
+        {"skipped": int(s["skipped"]), "hellaswag_prompt": hellaswag_prompt}
+
+
+def perplexity_tokens(tokenizer) -> list:
+    """-> [(name, token array)]: the text file (after <|endoftext|>, so that its first token is scored too) or
+    the prepared split's token files, cut to --limit tokens in total."""
+    if text_file:
+        with open(text_file, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            ids = tokenizer.encode_ordinary(text)
+        except ValueError as e:
+            raise ValueError(f"{text_file!r} cannot be encoded with this model's tokenizer: {e}") from e
+        files = [(text_file, np.asarray([tokenizer.eot_token] * (tokenizer.eot_token is not None) + ids))]
+    else:
+        from dataloader import token_files
+        from tokenizer import CharTokenizer
+        data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
+        meta = os.path.join(data_dir, "meta.pkl")
+        if os.path.exists(meta) and getattr(tokenizer, "chars", None) != CharTokenizer.load(meta).chars:
+            raise ValueError(f"{data_dir!r} holds ids of the characters in {meta!r}, but the model reads other ids "
+                             f"({tokenizer.name}, {tokenizer.n_vocab:,}); evaluate a model trained on it")
+        files = [(p, read_tokens(p)) for p in token_files(data_dir, split)]
+    out, left = [], limit or sum(len(t) for _, t in files)
+    for name, tokens in files:
+        if left >= 2 and len(tokens) >= 2:
+            out.append((name, tokens[:left]))
+            left -= len(out[-1][1])
+    if not out:
+        raise ValueError(f"no text to score: {text_file or dataset!r} has fewer than 2 tokens (limit={limit})")
+    return out
+
+
+def eval_perplexity(model, head, tokenizer, window: int, n_vocab: int, rt):
+    from tqdm import tqdm
+    step = stride or max(window // 2, 1)
+    if not 1 <= step <= window:
+        raise ValueError(f"stride must be in 1..{window} (the window), got {stride!r}; --stride=0 is half the window")
+    if bool(text_file) == bool(dataset):
+        raise ValueError(f"--task=perplexity needs exactly one of --text_file=PATH or --dataset=NAME (data/NAME/"
+                         f"{split}.bin), got text_file={text_file!r}, dataset={dataset!r}")
+    files = perplexity_tokens(tokenizer)
+    for name, tokens in files:
+        if int(tokens.max()) >= n_vocab:
+            raise ValueError(f"{name!r} holds token id {int(tokens.max())}, beyond this model's tokenizer "
+                             f"({n_vocab:,} ids): it was prepared with another tokenizer")
+    jobs = [(tokens, span) for _, tokens in files for span in sliding_windows(len(tokens), window, step)]
+    print0(f"perplexity: {sum(len(t) for _, t in files):,} tokens of {', '.join(name for name, _ in files)}; "
+           f"{len(jobs):,} windows of {window} tokens, one every {step}")
+    jobs = jobs[rt.ddp_rank::rt.ddp_world_size]
+    eot = tokenizer.eot_token
+    s = {"tokens": 0, "nll": 0.0, "text_nll": 0.0, "bytes": 0}
+    bar = tqdm(total=len(jobs), desc="perplexity", unit="window", disable=not rt.master_process)
+    for k in range(0, len(jobs), batch_size):
+        rows = [(np.asarray(t[b:e], dtype=np.int64), n) for t, (b, e, n) in jobs[k:k + batch_size]]
+        for (ids, n), (logp, _) in zip(rows, score_batch(model, head, rows, n_vocab, rt)):
+            text = ids[-n:] != eot  # bits per byte leaves <|endoftext|> out: it stands for no text
+            s["tokens"] += n
+            s["nll"] -= float(logp.sum())
+            s["text_nll"] -= float(logp[torch.from_numpy(text)].sum())
+            s["bytes"] += token_bytes(tokenizer, ids[-n:][text])
+        bar.update(len(rows))
+        bar.set_postfix(ppl=f"{math.exp(s['nll'] / max(s['tokens'], 1)):.3f}")
+    bar.close()
+    s = all_reduce_sums(s, rt)
+    nll = s["nll"] / s["tokens"]
+    return int(s["tokens"]), {"nll": nll, "ppl": math.exp(nll), "bits_per_byte": s["text_nll"] / math.log(2) /
+                              max(s["bytes"], 1)}, \
+        {"window": window, "stride": step, "bytes": int(s["bytes"]), "text": [name for name, _ in files]}
+
+# -----------------------------------------------------------------------------
+
+
+if __name__ == "__main__":
+    config = configure(globals(), sys.argv[1:]); globals().update(config)
+    if task not in ("hellaswag", "lambada", "perplexity"):
+        raise ValueError(f"task must be 'hellaswag', 'lambada' or 'perplexity', got {task!r}; e.g. --task=hellaswag")
+    if limit < 0 or batch_size < 1 or block_size < 0:
+        raise ValueError(f"limit and block_size must be >= 0 and batch_size >= 1, got limit={limit!r}, "
+                         f"block_size={block_size!r}, batch_size={batch_size!r}")
+    if hellaswag_prompt not in ("ctx", "harness"):
+        raise ValueError(f"hellaswag_prompt must be 'ctx' or 'harness', got {hellaswag_prompt!r}")
+    # read and check the data before the model loads: a bad row should not wait for gpt2-xl
+    if task == "hellaswag":
+        parsed = [hellaswag_item(w, row, hellaswag_prompt) for w, row in load_rows("hellaswag")]
+    elif task == "lambada":
+        parsed = [(context, [word], None) for context, word in (lambada_item(w, r) for w, r in load_rows("lambada"))]
+    elif data_file or source != "url":
+        raise ValueError("--data_file and --source are for hellaswag and lambada; perplexity reads --text_file or "
+                         "--dataset")
+    elif text_file and not os.path.isfile(text_file):
+        raise FileNotFoundError(f"text file {text_file!r} does not exist")
+    if task != "perplexity":
+        print0(f"{task}: {len(parsed):,} items" + (f", evaluating the first {limit:,}" if limit else ""))
+    rt = setup_runtime(device, dtype)
+    model, ckpt, tokenizer = load_model(init_from, out_dir, rt.device, ckpt_name=ckpt_name)
+    model.eval()
+    head = split_lm_head(model)
+    n_vocab, window = tokenizer.n_vocab, block_size or model.config.block_size
+    if n_vocab > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {n_vocab:,} ids but the model only {model.config.vocab_size:,} "
+                         f"outputs: the checkpoint's tokenizer does not belong to it")
+    if window > model.config.block_size:
+        raise ValueError(f"block_size={block_size} exceeds the model's context of {model.config.block_size} "
+                         f"tokens; use --block_size=0")
+    name = os.path.join(out_dir, ckpt_name) if init_from == "resume" else init_from
+    print0(f"model: {name} ({model.num_params() / 1e6:.1f}M parameters), tokenizer {tokenizer.name} "
+           f"({n_vocab:,} ids), window {window} tokens, batch {batch_size}")
+    if compile:
+        print0("compiling the model... (about a minute)")
+        model = torch.compile(model)
+
+    t0 = time.time()
+    if task == "perplexity":
+        n, metrics, extra = eval_perplexity(model, head, tokenizer, window, n_vocab, rt)
+    else:
+        n, metrics, extra = eval_choices(parsed, model, head, tokenizer, window, n_vocab, rt)
+    seconds = time.time() - t0
+    if extra.get("skipped"):
+        print0(f"WARNING: {extra['skipped']:,} items were left out: their text has characters outside the "
+               f"model's vocabulary, or a continuation longer than the {window}-token window")
+    unit = "tokens" if task == "perplexity" else "items"
+    print0(f"\n{task} | {name} | {n:,} {unit} | "
+           f"{seconds:.1f} s ({n / max(seconds, 1e-9):,.1f} {unit}/s)\n| metric | value |\n|---|---|")
+    for k, v in metrics.items():
+        print0(f"| {k} | {v:.4f} |")
+    if rt.master_process:
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "task": task, "init_from": init_from,
+                  "ckpt_name": ckpt_name if ckpt is not None else None,
+                  "iter_num": ckpt.get("iter_num") if ckpt is not None else None, unit: n, **metrics, **extra,
+                  "limit": limit, "data": data_file or (source if task != "perplexity" else None),
+                  "seconds": round(seconds, 2), "device": rt.device, "dtype": rt.dtype}
+        append_jsonl(os.path.join(out_dir, "eval.jsonl"), record)
+        print0(f"appended to {os.path.join(out_dir, 'eval.jsonl')}")
+    if rt.ddp:
+        torch.distributed.destroy_process_group()
