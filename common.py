@@ -128,6 +128,7 @@ def save_checkpoint(obj: dict, path: str):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is an ordinary readable file
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -49,7 +49,8 @@ def configure(defaults: dict, argv: list, verbose: Optional[bool] = None) -> dic
     resolved config {key: value}. Prints each override with its source on rank 0 unless verbose=False."""
     if verbose is None:
         verbose = int(os.environ.get("RANK", "0")) == 0  # torchrun's rank: print once per job
-    config = {k: v for k, v in defaults.items() if not k.startswith("_") and isinstance(v, SIMPLE)}
+    # config keys: public lower-case names of simple type (UPPER_CASE names are constants, not settings)
+    config = {k: v for k, v in defaults.items() if not k.startswith("_") and not k.isupper() and isinstance(v, SIMPLE)}
     for arg in argv:
         if not arg.startswith("--"):
             # a config file: plain Python assignments, run with the current config visible
@@ -61,7 +62,7 @@ def configure(defaults: dict, argv: list, verbose: Optional[bool] = None) -> dic
                 code = compile(f.read(), arg, "exec")
             exec(code, namespace)
             for key, value in namespace.items():
-                if key.startswith("_") or not isinstance(value, SIMPLE) or key == "__builtins__":
+                if key.startswith("_") or key.isupper() or not isinstance(value, SIMPLE):
                     continue
                 if key not in config:
                     raise _unknown(key, config, f"config file {arg}")
