@@ -1,0 +1,223 @@
+"""
+quantize.py: int8 / int4 weight-only quantization. Rounding error bounds, the int4 packing, the fused kernels
+against the dequantized weights, checkpoint sizes, logits close to fp32, bad input, and the script end to end
+(report, then sample.py loading the quantized checkpoint). Tiny models (2 layers, 2 heads, 32 dims), CPU.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+import quantize as Q
+from common import load_checkpoint, save_checkpoint, write_tokens
+from model import GPT, GPTConfig
+from tokenizer import CharTokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 20
+# tiny models need no threads; a busy machine makes extra threads wait on each other
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def tiny(n_embd=32, vocab_size=64, seed=0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=32, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=n_embd)).eval()
+
+
+def quantized(model: GPT, mode: str, group_size: int = 32, quantize_head: bool = True) -> GPT:
+    """Quantize, then rebuild from the checkpoint entries, as loading a saved file does."""
+    q = Q.WeightOnlyQuantizer(mode, group_size, quantize_head)
+    ckpt = {"model_args": asdict(model.config), "model": q.quantize(model),
+            "quantization": {"mode": mode, "group_size": group_size, "quantize_head": quantize_head}}
+    return Q.quantized_model_from_checkpoint(ckpt).eval()
+
+
+def weights(seed=0):
+    """Weight matrices (32, 128) with a zero row, an outlier and a wide spread of row scales."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(32, 128, generator=g) * torch.logspace(-3, 1, 32)[:, None]
+    w[3] = 0.0
+    w[5, 7] = 50.0
+    return w
+
+
+def test_int8_error_is_at_most_half_a_step():
+    w = weights()
+    q, s = Q.quantize_int8(w)
+    assert q.dtype == torch.int8 and s.shape == (32,) and int(q.abs().max()) <= 127
+    err = (w - q.float() * s[:, None]).abs()
+    assert bool((err <= s[:, None] / 2 * (1 + 1e-6)).all()), f"worst error / step: {(err / s[:, None]).max():.4f}"
+    assert bool((q[3] == 0).all())  # a zero row stays exactly zero
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_error_is_at_most_half_a_step(group_size):
+    w = weights(1)
+    packed, s, z = Q.quantize_int4(w, group_size)
+    assert packed.dtype == torch.uint8 and packed.shape == (32, 64)  # two codes per byte
+    assert s.shape == z.shape == (32, 128 // group_size)
+    err = (w - Q.dequantize_int4(packed, s, z)).abs().view(32, -1, group_size)
+    step = s[..., None]
+    # float rounding of (q - 8) * s + z adds a few ulps of the group's largest value
+    slack = 1e-6 * w.abs().view(32, -1, group_size).amax(-1, keepdim=True)
+    assert bool((err <= step / 2 + slack).all()), f"worst error / step: {(err / step).max():.4f}"
+
+
+def test_int4_packing_round_trips_all_16_values():
+    hi, lo = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    codes = torch.stack([hi.flatten(), lo.flatten()], dim=1).view(1, 512)  # every (even, odd) pair of codes
+    packed = Q.pack_int4(codes)
+    assert packed.shape == (1, 256) and sorted(packed[0].tolist()) == list(range(256))  # all byte values
+    assert torch.equal(Q.unpack_int4(packed), codes.to(torch.uint8))
+
+
+@pytest.mark.parametrize("out_features", [48, 40])  # 40: not a multiple of 16, the plain dequantize path
+def test_kernels_match_the_dequantized_weights(out_features):
+    """The CPU kernels take bf16 activations and return bf16 sums: compared with the fp32 matmul of the same
+    (bf16-rounded) inputs and dequantized weights, to bf16's precision, 2^-8 of the largest output."""
+    torch.manual_seed(0)
+    w, b = torch.randn(out_features, 64) * 0.05, torch.randn(out_features)
+    x = torch.randn(2, 5, 64)  # (B, T, C)
+    xr = x.bfloat16().float()
+    q8, s8 = Q.quantize_int8(w)
+    m8 = Q.Int8Linear(64, out_features, bias=True)
+    m8.weight, m8.scales, m8.bias = q8, s8, b
+    expected = F.linear(xr, q8.float() * s8[:, None], b)
+    torch.testing.assert_close(m8(x), expected, rtol=0, atol=2 ** -8 * float(expected.abs().max()))
+    packed, s4, z4 = Q.quantize_int4(w, 32)
+    m4 = Q.Int4Linear(64, out_features, bias=True, group_size=32)
+    m4.weight, m4.scales, m4.zeros, m4.bias = packed, s4, z4, b
+    fused = out_features % 16 == 0
+    expected = F.linear(xr if fused else x, Q.dequantize_int4(packed, s4, z4), b)
+    atol = 2 ** -8 * float(expected.abs().max()) if fused else 1e-5
+    torch.testing.assert_close(m4(x), expected, rtol=0, atol=atol)
+    torch.testing.assert_close(m4(x[:, :1]), expected[:, :1], rtol=0, atol=atol)  # again, after re-packing
+    assert Q.int4_kernel(torch.device("cpu"), out_features, 64) == ("cpu-int4pack" if fused else "dequantize")
+    assert m4.layout == ("cpu-int4pack" if fused else "plain")
+
+
+@pytest.mark.parametrize("mode,tolerance", [("int8", 0.02), ("int4", 0.10)])
+def test_quantized_logits_stay_close_to_fp32(mode, tolerance):
+    """Tolerance on ||logits_q - logits|| / ||logits||, over 64 positions and 3 seeds: int8's step is 1/127 of a
+    row's largest weight and int4's (group of 32) 1/15 of its range; measured about 0.7% and 4%."""
+    for seed in range(3):
+        model = tiny(seed=seed)
+        idx = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            ref, _ = model(idx)
+            for head in (True, False):
+                out, _ = quantized(model, mode, quantize_head=head)(idx)
+                rel = ((out - ref).norm() / ref.norm()).item()
+                assert rel < tolerance, f"{mode} seed {seed} quantize_head={head}: relative error {rel:.4f}"
+
+
+def test_quantized_model_layout_and_generation():
+    model = tiny()
+    qm = quantized(model, "int4")
+    assert qm.transformer.wte is qm.lm_head and isinstance(qm.lm_head, Q.Int8Linear)  # still tied
+    assert sum(isinstance(m, Q.Int4Linear) for m in qm.modules()) == 8  # 4 Linears in each of 2 blocks
+    assert not any(t.is_meta for t in qm.state_dict().values())
+    assert Q.memory_bytes(qm) < Q.memory_bytes(model) / 3
+    prompt = torch.tensor([[1, 2, 3]])
+    out = qm.generate(prompt, 10, temperature=0.0)
+    assert torch.equal(out, qm.generate(prompt, 10, temperature=0.0, use_cache=False))  # cache == no cache
+    tied = quantized(model, "int8", quantize_head=False)
+    assert tied.lm_head.weight is tied.transformer.wte.weight and tied.lm_head.weight.dtype == torch.float32
+
+
+def test_saved_checkpoints_are_smaller_by_the_expected_factor(tmp_path):
+    model = tiny(n_embd=128)
+    meta = {"model_args": asdict(model.config), "config": {}, "tokenizer": {"tokenizer": "gpt2"}, "iter_num": 7}
+    save_checkpoint({**meta, "model": model.state_dict()}, tmp_path / "ckpt.pt")
+    fp32 = Q.linear_bytes(model.state_dict(), model)
+    assert fp32 == 4 * 2 * (128 * 384 + 128 * 128 + 128 * 512 + 512 * 128)
+    for mode in ("int8", "int4"):
+        q = Q.WeightOnlyQuantizer(mode, 64)
+        ckpt = Q.quantized_checkpoint(model, {**meta, "model": model.state_dict(), "optimizer": {}}, None, q,
+                                      "ckpt.pt")
+        assert "optimizer" not in ckpt and ckpt["quantization"]["source_iter"] == 7
+        save_checkpoint(ckpt, tmp_path / f"ckpt_{mode}.pt")
+        loaded = load_checkpoint(str(tmp_path / f"ckpt_{mode}.pt"))  # weights_only: plain tensors only
+        sd = loaded["model"]
+        qbytes = Q.linear_bytes(sd, model)
+        if mode == "int8":  # 1 byte a weight, a 4-byte scale a row
+            assert sd["transformer.h.0.mlp.c_fc.weight"].dtype == torch.int8
+            assert qbytes == fp32 // 4 + 4 * 2 * (384 + 128 + 512 + 128)
+        else:  # half a byte a weight, a 4-byte scale and zero per 64 weights: 5 bits instead of 32
+            assert sd["transformer.h.0.mlp.c_fc.weight"].dtype == torch.uint8
+            assert qbytes == fp32 // 8 + fp32 // 32
+            assert fp32 / qbytes == pytest.approx(6.4)
+        ratio = os.path.getsize(tmp_path / "ckpt.pt") / os.path.getsize(tmp_path / f"ckpt_{mode}.pt")
+        assert ratio > (3.5 if mode == "int8" else 5.0), f"{mode}: file only {ratio:.2f}x smaller"
+
+
+def test_bad_input_is_refused_clearly():
+    with pytest.raises(ValueError, match=r"mode must be one of \('int8', 'int4'\), got 'int3'"):
+        Q.WeightOnlyQuantizer("int3")
+    with pytest.raises(ValueError, match=r"group_size must be one of .* for int4, got 48"):
+        Q.WeightOnlyQuantizer("int4", 48)
+    wide = tiny(n_embd=96)  # 96 input columns: groups of 64 do not fit
+    with pytest.raises(ValueError, match=r"--group_size=64 does not divide the width of transformer.h.0.attn.c_attn "
+                                         r"\(in_features=96\)"):
+        Q.WeightOnlyQuantizer("int4", 64).quantize(wide)
+    model = tiny()
+    done = {"model_args": asdict(model.config), "model": {}, "quantization": {"mode": "int8"}}
+    with pytest.raises(ValueError, match=r"'ckpt_int8.pt' is already quantized \('int8'\); quantize the float"):
+        Q.quantized_checkpoint(model, done, None, Q.WeightOnlyQuantizer("int4"), "ckpt_int8.pt")
+    with pytest.raises(ValueError, match=r"'quantization' entry should be a dict with mode in .* got \{'mode': 'fp8'\}"):
+        Q.quantized_model_from_checkpoint({**done, "quantization": {"mode": "fp8"}})
+
+
+def test_perplexity_windows_of_a_text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT)
+    tok = CharTokenizer.from_text(TEXT)
+    batches = Q.eval_batches(tok, "", str(path), batch_size=4, block_size=16, n_batches=2, seed=0)
+    ids = torch.tensor(tok.encode(TEXT))
+    assert [x.shape for x, _ in batches] == [(4, 16), (4, 16)]
+    assert torch.equal(batches[1][0][0], ids[64:80]) and torch.equal(batches[1][1][0], ids[65:81])
+    (tmp_path / "one.txt").write_text("F")
+    with pytest.raises(ValueError, match=r"encodes to 1 token\(s\); perplexity needs at least 2"):
+        Q.eval_batches(tok, "", str(tmp_path / "one.txt"), 4, 16, 2, 0)
+
+
+def test_script_quantizes_reports_and_sample_loads_it(tmp_path):
+    tok = CharTokenizer.from_text(TEXT)
+    ids = np.array(tok.encode(TEXT), dtype=np.uint16)
+    data = tmp_path / "data"
+    data.mkdir()
+    write_tokens(str(data / "val.bin"), ids)
+    model = tiny(vocab_size=tok.n_vocab)
+    save_checkpoint({"model": model.state_dict(), "model_args": asdict(model.config), "optimizer": {},
+                     "iter_num": 3, "best_val_loss": 9.0, "config": {}, "tokenizer": tok.meta()}, tmp_path / "ckpt.pt")
+    run = [sys.executable, "quantize.py", f"--out_dir={tmp_path}", "--device=cpu"]
+    r = subprocess.run(run + ["--mode=int8"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "block Linear weights:" in r.stdout and (tmp_path / "ckpt_int8.pt").exists()
+    r = subprocess.run(run + ["--mode=int4", "--group_size=32", "--report=True", f"--dataset={data}",
+                              "--eval_iters=2", "--batch_size=2", "--decode_tokens=4", "--decode_repeats=1"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    table = r.stdout[r.stdout.index("\nmode"):]
+    for row in ("fp32", "int8", "int4 g32", "val loss", "decode tok/s", "int8 kernel, bf16", "int4 kernel, bf16"):
+        assert row in table, table
+    report = json.loads((tmp_path / "quant_report.json").read_text())
+    assert [row["mode"] for row in report["rows"]] == ["fp32", "int8", "int4 g32"]
+    for row in report["rows"]:
+        assert row["loss"] > 0 and row["decode_tok_s"] > 0 and row["disk_bytes"] > 0 and row["memory_bytes"] > 0
+    assert report["rows"][1]["linear_ratio"] > 3.5 and report["rows"][2]["linear_ratio"] > 5
+    assert abs(report["rows"][1]["loss_change_pct"]) < 1.0
+    # sample.py loads the quantized checkpoint by name, like any other
+    r = subprocess.run([sys.executable, "sample.py", "--init_from=resume", f"--out_dir={tmp_path}",
+                        "--ckpt_name=ckpt_int4.pt", "--start=All:", "--num_samples=1", "--max_new_tokens=12",
+                        "--device=cpu", "--temperature=0"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "All:" in r.stdout

@@ -1,0 +1,535 @@
+"""
+Pre-train a GPT: on one CPU or many GPUs, from scratch, from a checkpoint or from OpenAI's GPT-2 weights.
+
+A baby GPT on Shakespeare's plays, on a laptop CPU in about a minute (what `make demo` runs):
+    python data/shakespeare_char/prepare.py
+    python train.py config/train_shakespeare_char.py
+    python sample.py --init_from=resume --out_dir=out-shakespeare-char
+
+GPT-2 (124M) on FineWeb-Edu with 8 GPUs on one node (DDP):
+    python data/fineweb/prepare.py
+    torchrun --standalone --nproc_per_node=8 train.py config/train_fineweb.py
+
+The same on 2 nodes of 8 GPUs: run this on both, with --node_rank=1 on the second:
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \
+        train.py config/train_fineweb.py
+
+Continue a run exactly where it stopped (Ctrl-C or SIGTERM first saves a checkpoint):
+    python train.py config/train_shakespeare_char.py --init_from=resume
+
+Every default below can be changed by config files and --key=value, in that order.
+"""
+
+import io
+import json
+import math
+import os
+import resource
+import shlex
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from common import (GPT2_NAMES, append_jsonl, init_wandb, load_model, plot_curves, print0, rng_state,
+                    save_checkpoint, set_rng_state, setup_runtime)
+from configurator import configure
+from dataloader import BinLoader
+from model import GPT, GPTConfig
+from tokenizer import CharTokenizer, load_tokenizer
+
+# ----------------------------------------------------------------------------------------------
+# defaults: GPT-2 (124M) on FineWeb-Edu, as in config/train_fineweb.py, which says where each number comes from
+# I/O
+out_dir = "out"  # ckpt.pt, log.jsonl and loss.png are written here
+eval_interval = 1000  # iterations between evaluations (and checkpoints)
+eval_iters = 100  # batches per split in each evaluation (0: no evaluation, checkpoints only)
+eval_only = False  # evaluate once and exit
+log_interval = 10  # iterations between log lines (each one waits for the device to catch up)
+always_save_checkpoint = True  # True: save at every evaluation; False: only when the val loss improves
+save_best = False  # also keep the model with the lowest val loss in out_dir/ckpt_best.pt
+init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt_name), 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a checkpoint
+ckpt_name = "ckpt.pt"  # checkpoint file in out_dir
+sample_interval = 0  # iterations between text samples from sample_prompt (0: off)
+sample_prompt = "\n"  # a fixed prompt, so that successive samples show what the model learned
+sample_tokens = 200  # tokens per sample
+# Weights & Biases
+wandb_log = False  # log config, metrics and samples to Weights & Biases
+wandb_project = "llm-e2e"
+wandb_run_name = "gpt2-124m"
+wandb_mode = "online"  # 'online', 'offline' (no network; later: wandb sync DIR) or 'disabled'
+# data
+dataset = "fineweb"  # data/<dataset>/ holds the token files written by data/<dataset>/prepare.py
+data_dir = ""  # '' = data/<dataset> next to this script; or any folder with train/val token files
+data_source = "bin"  # 'bin': the prepared token files; 'stream': tokenize stream_dataset while training
+data_order = "sequential"  # 'random' windows (small corpora, many epochs) or 'sequential' (sharded corpora)
+stream_dataset = "HuggingFaceFW/fineweb-edu"  # for 'stream': a Hugging Face dataset or local .jsonl/.parquet/.txt
+stream_name = "sample-10BT"  # its configuration ('' = none)
+stream_text_field = "text"  # the record field holding the text
+shuffle_buffer = 10000  # documents in the streaming shuffle buffer
+total_batch_size = 524288  # tokens per optimizer step over all ranks; 0 = batch_size * block_size * ranks
+batch_size = 16  # sequences per micro-step and rank; gradient accumulation makes up total_batch_size
+block_size = 1024  # context length in tokens
+# model (from scratch only: 'resume' and 'gpt2*' take the shape from the checkpoint)
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0  # 0 for pre-training, 0.1+ for fine-tuning
+bias = True  # biases in Linears and LayerNorms, as in GPT-2; False is a little faster
+# AdamW and the learning-rate schedule
+learning_rate = 6e-4  # peak learning rate
+max_iters = 19073  # optimizer steps in total
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip the global gradient norm to this (0: no clipping; the norm is logged either way)
+decay_lr = True  # linear warmup, then cosine decay to min_lr; False: constant learning_rate
+warmup_iters = 715  # iterations of linear warmup
+lr_decay_iters = 19073  # where the cosine reaches min_lr (usually max_iters)
+min_lr = 6e-5  # usually learning_rate / 10
+# system
+device = "auto"  # 'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'
+dtype = "auto"  # 'auto' (bf16 on CUDA, fp16 + loss scaling on GPUs without bf16, fp32 elsewhere), 'float32', 'bfloat16', 'float16'
+compile = True  # torch.compile the model for training steps (the first steps are slow while it compiles)
+seed = 1337
+peak_flops = 0.0  # FLOP/s of one device for MFU; 0: a guess (GPU: its bf16 datasheet peak; CPU: rough, set it)
+_shape_defaults = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias)
+config = configure(globals(), sys.argv[1:]); globals().update(config)
+# ----------------------------------------------------------------------------------------------
+# checks that need neither data nor model: a typo fails in a second, not after loading
+
+for key, allowed in dict(data_source=("bin", "stream"), data_order=("random", "sequential"),
+                         wandb_mode=("online", "offline", "disabled")).items():
+    if config[key] not in allowed:
+        raise ValueError(f"{key} must be one of {allowed}, got {config[key]!r}; e.g. --{key}={allowed[0]}")
+for key in ("batch_size", "block_size", "eval_interval", "log_interval", "sample_tokens"):
+    if config[key] < 1:
+        raise ValueError(f"{key} must be at least 1, got {config[key]!r}")
+for key in ("max_iters", "eval_iters", "sample_interval", "warmup_iters", "total_batch_size"):
+    if config[key] < 0:
+        raise ValueError(f"{key} must be 0 or more, got {config[key]!r}")
+if init_from not in ("scratch", "resume") + GPT2_NAMES and not os.path.exists(init_from):
+    raise ValueError(f"init_from must be 'scratch', 'resume', one of {GPT2_NAMES} or an existing checkpoint "
+                     f"file or folder, got {init_from!r}")
+if decay_lr and lr_decay_iters <= warmup_iters:
+    raise ValueError(f"lr_decay_iters ({lr_decay_iters}) must be larger than warmup_iters ({warmup_iters}); "
+                     f"e.g. --lr_decay_iters={max(max_iters, warmup_iters + 1)}")
+
+rt = setup_runtime(device, dtype)
+master, W = rt.master_process, rt.ddp_world_size
+# Gradient accumulation is derived, not configured: total = batch_size * block_size * ranks * grad_accum
+tokens_per_micro = batch_size * block_size * W
+total_batch_size = config["total_batch_size"] = total_batch_size or tokens_per_micro
+if total_batch_size % tokens_per_micro:
+    fix = max(1, round(total_batch_size / tokens_per_micro)) * tokens_per_micro
+    raise ValueError(f"total_batch_size={total_batch_size:,} tokens is not a multiple of batch_size * block_size * "
+                     f"ranks = {batch_size} * {block_size} * {W} = {tokens_per_micro:,}; use e.g. "
+                     f"--total_batch_size={fix} or change batch_size")
+grad_accum = total_batch_size // tokens_per_micro
+torch.manual_seed(seed + rt.ddp_rank)  # dropout differs per rank; DDP copies rank 0's initial weights to all
+
+# ----------------------------------------------------------------------------------------------
+# data: prepared token files (BinLoader) or a text dataset tokenized on the fly (StreamingLoader)
+
+data_dir = data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
+meta_path = os.path.join(data_dir, "meta.pkl")  # written by character-level prepare scripts only
+if data_source == "bin" and os.path.exists(meta_path):
+    tok_meta = CharTokenizer.load(meta_path).meta()
+    data_vocab = tok_meta["vocab_size"]
+else:
+    tok_meta, data_vocab = {"tokenizer": "gpt2"}, 50304  # GPT-2's 50257 ids in a table padded to a multiple of 64
+
+
+def bin_loader(split: str, seed_: int) -> BinLoader:
+    return BinLoader(data_dir, split, batch_size, block_size, rt.ddp_rank, W, seed_, data_order, rt.device)
+
+
+if data_source == "bin":
+    train_loader = bin_loader("train", seed)
+else:
+    from dataloader import StreamingLoader  # imports `datasets`: only on this path
+    train_loader = StreamingLoader(stream_dataset, name=stream_name or None, split="train",
+                                   text_field=stream_text_field, batch_size=batch_size, block_size=block_size,
+                                   rank=rt.ddp_rank, world_size=W, seed=seed, shuffle_buffer=shuffle_buffer,
+                                   device=rt.device)
+# Evaluation reads the same batches every time (a fixed sample of each split; seed + 1: not the first training
+# batches), so successive evaluations differ only by the model. The ranks share the batches out.
+eval_loaders = {}
+for split in (("train", "val") if data_source == "bin" else ("val",)) if eval_iters else ():
+    try:
+        eval_loaders[split] = bin_loader(split, seed + 1)
+    except FileNotFoundError:
+        if data_source == "bin":
+            raise
+        print0(f"WARNING: no prepared validation split in {data_dir!r}, so no val loss; prepare one with "
+               f"python data/fineweb/prepare.py --max_tokens=100_000_000, or point --data_dir at one")
+eval_start = {split: loader.state_dict() for split, loader in eval_loaders.items()}
+sizes = {s: f"{s} {sum(l.lengths):,}" for s, l in {"train": train_loader, **eval_loaders}.items() if hasattr(l, "lengths")}
+print0(f"data: {'streaming ' + stream_dataset + ', ' if data_source == 'stream' else ''}{data_dir} "
+       f"({tok_meta['tokenizer']} tokens, vocab {data_vocab}): " + ", ".join(sizes.values()) + f" tokens, {data_order}")
+
+# ----------------------------------------------------------------------------------------------
+# model, optimizer, and the state of a resumed run
+
+iter_num, best_val_loss, ckpt = 0, float("inf"), None
+if init_from == "scratch":
+    model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                          vocab_size=data_vocab, dropout=dropout, bias=bias)).to(rt.device)
+else:
+    if init_from in GPT2_NAMES and tok_meta["tokenizer"] != "gpt2":
+        raise ValueError(f"init_from={init_from!r} needs GPT-2 token ids, but {data_dir!r} is character-level "
+                         f"(it has a meta.pkl); use a GPT-2-tokenized dataset, e.g. --dataset=shakespeare")
+    first = not rt.ddp or rt.ddp_local_rank == 0  # one download per node: the others wait, then read the cache
+    if not first:
+        dist.barrier()
+    model, ckpt, _ = load_model(init_from, out_dir, rt.device, dropout=dropout, ckpt_name=ckpt_name)
+    if rt.ddp and first:
+        dist.barrier()
+    saved_tok, vocab = (ckpt or {}).get("tokenizer") or {"tokenizer": "gpt2"}, model.config.vocab_size
+    # GPT-2 ids fit any table of at least 50257 rows; a character vocabulary must be the very same one
+    diff = []
+    if saved_tok != tok_meta or (vocab < 50257 if tok_meta["tokenizer"] == "gpt2" else vocab != data_vocab):
+        diff.append(f"vocabulary: checkpoint {saved_tok['tokenizer']} ({vocab} ids), data {tok_meta['tokenizer']} "
+                    f"({data_vocab} ids, {data_dir!r})")
+    if init_from == "resume":
+        # the shape comes from the checkpoint; a config that explicitly asks for another one is an error
+        saved = ckpt["model_args"]
+        diff = [f"{k}: checkpoint {saved.get(k)!r}, config {config[k]!r}" for k, v in _shape_defaults.items()
+                if config[k] != v and saved.get(k) != config[k]] + diff
+        if diff:
+            raise ValueError(f"cannot resume {os.path.join(out_dir, ckpt_name)!r} with a different model: "
+                             + "; ".join(diff) + ". Resume with the config the run started with, or start a new "
+                             "run with another --out_dir")
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        print0(f"resuming {os.path.join(out_dir, ckpt_name)} at iteration {iter_num:,} (best val loss "
+               f"{best_val_loss:.4f})")
+    elif diff:
+        raise ValueError(f"init_from={init_from!r} does not fit the data: {diff[0]}")
+    elif block_size < model.config.block_size:
+        model.crop_block_size(block_size)  # e.g. GPT-2's 1024 positions cut to 256 for faster fine-tuning
+model.train()
+model_args = asdict(model.config)
+
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), rt.device_type)
+scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")  # fp16 needs loss scaling
+if init_from == "resume":
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):  # empty unless the run used float16
+        scaler.load_state_dict(ckpt["scaler"])
+    if "loader" in ckpt:
+        train_loader.load_state_dict(ckpt["loader"])
+    rngs = ckpt.get("rng") or []
+    if len(rngs) == W:
+        set_rng_state(rngs[rt.ddp_rank])  # last: building the model above drew random numbers
+    else:
+        print0(f"WARNING: the checkpoint holds random states for {len(rngs)} ranks, this run has {W}: dropout "
+               f"continues with fresh random numbers, so the resumed run is not bit-identical")
+ckpt = None  # free the memory
+
+# the compiled model runs the training steps; evaluation and sampling use the plain module, whose varying
+# shapes (and eval mode) would otherwise make torch.compile recompile again and again
+train_model = model
+if compile:
+    print0("compiling the model with torch.compile (the first iterations are slow) ...")
+    train_model = torch.compile(model)
+if rt.ddp:
+    train_model = DDP(train_model, device_ids=[rt.ddp_local_rank] if rt.device_type == "cuda" else None)
+stop_group = dist.new_group(backend="gloo") if rt.ddp else None  # for flags on the CPU: no device sync
+
+# MFU: achieved FLOP/s (6N + attention per token, PaLM appendix B; model.flops_per_token) over peak FLOP/s
+peak, peak_why = peak_flops, "--peak_flops"
+if not peak and rt.device_type == "cuda":
+    name = torch.cuda.get_device_name(rt.device)
+    # dense bf16 tensor-core peaks from NVIDIA's datasheets (H100/H200: SXM); fp32 runs count against them too
+    peaks = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10", 125e12),
+             ("L4", 121e12), ("V100", 125e12), ("T4", 65e12), ("4090", 165e12), ("3090", 71e12))
+    peak, peak_why = next(((f, f"{name}, dense bf16") for k, f in peaks if k in name),
+                          (312e12, f"{name} not in the table, A100 assumed; set --peak_flops"))
+elif not peak and rt.device_type == "cpu":
+    # a rough guess: threads x fp32 FLOP per cycle (two FMA units of AVX-512 or AVX2) x 2.5 GHz
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    per_cycle = 64 if " avx512f" in flags else 32 if " avx2" in flags else 8
+    peak = torch.get_num_threads() * per_cycle * 2.5e9
+    peak_why = f"{torch.get_num_threads()} threads x {per_cycle} FLOP/cycle x 2.5 GHz, a rough guess; set --peak_flops"
+flops_per_token = model.flops_per_token(block_size)
+print0(f"model: {model.num_params() / 1e6:.2f}M parameters ({', '.join(f'{k}={v}' for k, v in model_args.items())})")
+print0(f"batch: {total_batch_size:,} tokens per iteration = {batch_size} sequences x {block_size} tokens x {W} "
+       f"rank(s) x {grad_accum} accumulation step(s); {max_iters:,} iterations = {max_iters * total_batch_size:,} "
+       f"tokens")
+print0(f"MFU against {peak / 1e12:.1f} TFLOP/s per device ({peak_why})" if peak else "MFU: no peak known, set "
+       "--peak_flops")
+
+# ----------------------------------------------------------------------------------------------
+# what the loop calls: learning rate, evaluation, samples, checkpoints, logs
+
+
+def get_lr(it: int) -> float:
+    """Linear warmup (Goyal et al. 2017, arXiv:1706.02677), then cosine decay to min_lr (Loshchilov & Hutter,
+    SGDR, arXiv:1608.03983), as GPT-3 was trained (Brown et al. 2020, arXiv:2005.14165, appendix B)."""
+    if not decay_lr:
+        return learning_rate
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+@torch.no_grad()
+def evaluate() -> dict:
+    """Mean loss over the same eval_iters batches of each split; rank r takes batches r, r + W, ..."""
+    model.eval()
+    out = {}
+    for split, loader in eval_loaders.items():
+        loader.load_state_dict(eval_start[split])
+        total = torch.zeros(2, device=rt.device)  # (sum of losses, batches)
+        for _ in range(rt.ddp_rank, eval_iters, W):
+            x, y = loader.next_batch()
+            with rt.autocast():
+                _, loss = model(x, y)
+            total += torch.stack([loss.float(), torch.ones((), device=rt.device)])
+        if rt.ddp:
+            dist.all_reduce(total)
+        out[split] = (total[0] / total[1]).item()
+    model.train()
+    return out
+
+
+if sample_interval and master:
+    tok = load_tokenizer(tok_meta)
+    prompt_ids = tok.encode(sample_prompt)  # fails now, not mid-run, on characters outside the vocabulary
+
+
+@torch.no_grad()
+def sample_text() -> str:
+    """A sample from the fixed prompt with fixed randomness: successive samples differ only by the model."""
+    model.eval()
+    gen = torch.Generator(device=rt.device).manual_seed(seed)  # its own generator: training's RNG is untouched
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=rt.device)
+    with rt.autocast():
+        out = model.generate(idx, sample_tokens, temperature=0.8, top_k=200, generator=gen)
+    model.train()
+    return tok.decode(out[0, idx.size(1):].tolist())
+
+
+def gather(obj) -> list:
+    """Every rank's obj, in rank order (a collective: all ranks call it at the same point)."""
+    if not rt.ddp:
+        return [obj]
+    # sent as torch.save bytes: all_gather_object fails to unpickle tensors itself (torch 2.13: "UntypedStorage
+    # has no attribute 'dtype'"), and weights_only=True reads back nothing but data
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    objs = [None] * W
+    dist.all_gather_object(objs, buf.getvalue())
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in objs]
+
+
+def save(name: str):
+    """Write out_dir/name atomically with everything an exact resume needs (a collective under DDP)."""
+    rngs = gather(rng_state())
+    loader_state = gather(train_loader.state_dict()) if data_source == "stream" else train_loader.state_dict()
+    if master:
+        path = os.path.join(out_dir, name)
+        save_checkpoint({"model": model.state_dict(), "model_args": model_args, "optimizer": optimizer.state_dict(),
+                         "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config, "tokenizer": tok_meta,
+                         "rng": rngs, "loader": loader_state, "scaler": scaler.state_dict()}, path)
+        print0(f"saved {path} (iteration {iter_num:,})")
+
+
+def resume_command() -> str:
+    args = [a for a in sys.argv[1:] if not a.startswith("--init_from=")] + ["--init_from=resume"]
+    launcher = (f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', W)} (and your other torchrun "
+                f"flags)" if rt.ddp else "python")
+    return f"{launcher} {sys.argv[0]} {' '.join(map(shlex.quote, args))}"
+
+
+def stop_non_finite(what: str, value: float, at: int):
+    """Exit at once: saving weights that produce nan/inf would only destroy the last good checkpoint."""
+    sys.exit(f"ERROR: the {what} became {value} (not finite) at iteration {at:,}: the weights are broken, so nothing "
+             f"was saved. The last good checkpoint (if any) is {os.path.join(out_dir, ckpt_name)!r}. Lower "
+             f"--learning_rate, check the data, or use --dtype=bfloat16 or float32, then resume: {resume_command()}")
+
+
+log_path, png_path = os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "loss.png")
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    if init_from == "resume" and os.path.exists(log_path):  # drop what was logged after the checkpoint
+        kept = [line for line in open(log_path) if json.loads(line)["iter"] <= iter_num]
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(log_path + ".tmp", log_path)
+    elif os.path.exists(log_path):
+        os.replace(log_path, os.path.join(out_dir, "log.prev.jsonl"))
+        print0(f"WARNING: {out_dir!r} holds an earlier run; this new one overwrites its checkpoint at the first save "
+               f"(its log is now log.prev.jsonl). To continue that run instead: --init_from=resume")
+wandb_run = init_wandb(wandb_project, wandb_run_name, config, wandb_mode, out_dir) if wandb_log and master else None
+samples, plotted_at = [], 0  # wandb's sample table; the iteration loss.png shows
+
+
+def record(rec: dict):
+    """A line of log.jsonl and the same numbers to wandb; loss.png redrawn after evaluations (except the first,
+    a single point) and at the end."""
+    global plotted_at
+    append_jsonl(log_path, rec)
+    if wandb_run is not None:
+        wandb_run.log({k: v for k, v in rec.items() if k not in ("type", "iter") and v is not None}, step=rec["iter"])
+    if rec["type"] in ("eval", "summary") and rec["iter"] > 0 and rec["iter"] != plotted_at:
+        recs = [json.loads(line) for line in open(log_path)]
+        curves = {name: ([r["iter"] for r in recs if r.get(key) is not None],
+                         [r[key] for r in recs if r.get(key) is not None])
+                  for name, key in (("train (log lines)", "loss"), ("train", "train_loss"), ("val", "val_loss"))}
+        plot_curves(png_path, curves, title=f"{out_dir}: loss")
+        plotted_at = rec["iter"]
+
+
+def run_eval() -> dict:
+    t = time.time()
+    losses = evaluate()
+    for split, value in losses.items():
+        if not math.isfinite(value):
+            stop_non_finite(f"evaluation's {split} loss", value, iter_num)
+    if master and losses:
+        best = min(best_val_loss, losses.get("val", float("inf")))
+        print0(f"eval {iter_num}: " + ", ".join(f"{s} loss {v:.4f}" for s, v in losses.items())
+               + (f" (best val {best:.4f})" if "val" in losses else "") + f", {time.time() - t:.1f} s", flush=True)
+        record({"type": "eval", "iter": iter_num, "train_loss": losses.get("train"), "val_loss": losses.get("val"),
+                "eval_s": time.time() - t})
+    return losses
+
+
+stop_signal = 0
+
+
+def request_stop(signum, frame):
+    global stop_signal
+    if stop_signal:
+        raise KeyboardInterrupt  # asked twice: stop now, without saving
+    stop_signal = signum
+    print0(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint (again to abort "
+           f"without saving)", flush=True)
+
+
+signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
+
+# ----------------------------------------------------------------------------------------------
+# training loop
+
+t_start = time.time()
+if eval_only or (iter_num == 0 and eval_iters):
+    run_eval()  # the untrained model's loss, a baseline (about ln(vocab) for a good initialisation)
+if eval_only:
+    sys.exit(0)
+if iter_num >= max_iters:
+    print0(f"nothing to do: the run is at iteration {iter_num:,} and max_iters is {max_iters:,}")
+if rt.device_type == "cuda":
+    torch.cuda.reset_peak_memory_stats(rt.device)
+BIG = 2 ** 62
+loss_sum = torch.zeros((), device=rt.device)  # summed micro-step losses since the last log line
+first_bad = torch.full((), BIG, dtype=torch.long, device=rt.device)  # first iteration with a non-finite loss
+t_log, iters_logged, train_time, saved_at = time.time(), 0, 0.0, -1
+while iter_num < max_iters:
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    step_loss = torch.zeros((), device=rt.device)
+    for micro in range(grad_accum):
+        x, y = train_loader.next_batch()
+        # DDP averages gradients over the ranks at the last micro-step only; before it they just accumulate
+        with train_model.no_sync() if rt.ddp and micro < grad_accum - 1 else nullcontext():
+            with rt.autocast():
+                _, loss = train_model(x, y)
+            scaler.scale(loss / grad_accum).backward()
+        step_loss += loss.detach()
+    scaler.unscale_(optimizer)  # clip and log the true gradient norm (a no-op unless fp16)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    # no host sync per step: the checks run on the device and are read at the next log line
+    first_bad = torch.where(torch.isfinite(step_loss), first_bad, first_bad.clamp(max=iter_num + 1))
+    loss_sum += step_loss
+    iter_num += 1
+    iters_logged += 1
+    stopping = stop_signal  # read once: the handler may set it at any moment
+    if rt.ddp:  # stop together: a rank that left the loop alone would leave the others waiting forever
+        flag = torch.tensor([stopping])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=stop_group)
+        stopping = int(flag)
+    last = iter_num == max_iters
+    eval_due = iter_num % eval_interval == 0 or last
+    sample_due = sample_interval and master and (iter_num % sample_interval == 0 or last)
+    if iter_num % log_interval == 0 or eval_due or stopping:
+        if rt.ddp:
+            dist.all_reduce(loss_sum)
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+        lossf = loss_sum.item() / (iters_logged * grad_accum * W)  # waits for the device: once per log line
+        if first_bad.item() < BIG:
+            stop_non_finite("loss", lossf, first_bad.item())
+        dt = time.time() - t_log
+        train_time += dt
+        tok_s = total_batch_size * iters_logged / dt
+        mfu = flops_per_token * tok_s / (peak * W) if peak else None
+        mem = torch.cuda.max_memory_allocated(rt.device) / 2 ** 30 if rt.device_type == "cuda" else None
+        print0(f"iter {iter_num}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | norm {norm.item():.4f} | "
+               f"{dt * 1000 / iters_logged:.1f} ms/iter | {tok_s:,.0f} tok/s | MFU "
+               + (f"{mfu * 100:.2f}%" if mfu is not None else "-") + (f" | mem {mem:.2f} GiB" if mem else ""),
+               flush=True)
+        if master:
+            record({"type": "train", "iter": iter_num, "loss": lossf, "lr": lr, "grad_norm": norm.item(),
+                    "ms_per_iter": dt * 1000 / iters_logged, "tok_per_s": tok_s, "mfu": mfu, "mem_gib": mem})
+        loss_sum.zero_()
+        iters_logged, t_log = 0, time.time()
+    if eval_due:
+        losses = run_eval()
+        improved = losses.get("val", float("inf")) < best_val_loss
+        best_val_loss = min(best_val_loss, losses.get("val", float("inf")))
+        if always_save_checkpoint or improved or "val" not in losses:
+            save(ckpt_name)
+            saved_at = iter_num
+        if save_best and improved:
+            save("ckpt_best.pt")
+    if sample_due:
+        text = sample_text()
+        print0(f"sample {iter_num}: {text!r}")
+        samples.append([iter_num, text])
+        append_jsonl(log_path, {"type": "sample", "iter": iter_num, "text": text})
+        if wandb_run is not None:
+            import wandb
+            wandb_run.log({"samples": wandb.Table(columns=["iter", "text"], data=samples)}, step=iter_num)
+    if stopping:
+        if saved_at != iter_num:
+            save(ckpt_name)
+        print0(f"stopped by {signal.Signals(stopping).name} after iteration {iter_num:,}. Resume with:\n  "
+               f"{resume_command()}")
+        if rt.ddp:
+            dist.destroy_process_group()
+        sys.exit(128 + stopping)
+    if eval_due or sample_due:
+        t_log = time.time()  # log lines time the training steps, not evaluations, samples and saves
+
+# ----------------------------------------------------------------------------------------------
+# summary
+
+total_time = time.time() - t_start
+mem = (f"{torch.cuda.max_memory_allocated(rt.device) / 2 ** 30:.2f} GiB on the GPU" if rt.device_type == "cuda"
+       else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB of RAM (max resident set)")
+if master:
+    best = f"{best_val_loss:.4f}" if best_val_loss < float("inf") else "-"
+    print0(f"done: {iter_num:,} iterations in {total_time:.1f} s ({train_time:.1f} s of training steps), best val "
+           f"loss {best}, peak memory {mem}")
+    record({"type": "summary", "iter": iter_num, "best_val_loss": best_val_loss if best != "-" else None,
+            "total_s": total_time, "train_s": train_time})
+    print0(f"written: {os.path.join(out_dir, ckpt_name)}, {log_path}, {png_path}")
+    if wandb_run is not None:
+        wandb_run.summary.update({"best_val_loss": best_val_loss, "total_s": total_time})
+        wandb_run.finish()
+if rt.ddp:
+    dist.destroy_process_group()
