@@ -55,7 +55,6 @@ warmup = 1  # untimed runs first (compilation, allocator, caches)
 device = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'
 dtype = "auto"  # 'auto' (bf16 on CUDA, fp32 on CPU where bf16 autocast measured ~4x slower), 'float32', 'bfloat16'
 compile = False  # torch.compile both models for the training steps (decoding stays eager: see below)
-threads = 0  # CPU threads for torch (0 = torch's default: one per core)
 seed = 1337
 json = ""  # also write every figure to this JSON file
 config = configure(globals(), sys.argv[1:]); globals().update(config)
@@ -80,8 +79,6 @@ if compare_hf:
         raise ImportError("--compare_hf needs transformers: pip install transformers") from e
 
 rt = setup_runtime(device, dtype)
-if threads > 0:
-    torch.set_num_threads(threads)
 torch.manual_seed(seed)
 cfg = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                 dropout=0.0, bias=bias)
@@ -145,7 +142,7 @@ def hf_model():
 # peak: the largest FLOP/s a plain matmul reaches in the working dtype; MFU is measured against it
 
 
-peak_flops = peak_bandwidth = None
+peak_flops = None
 if peak:
     n = peak_size or (2048 if rt.device_type == "cpu" else 8192)
     mm_dtype = rt.ptdtype  # what autocast would run the model's matmuls in
@@ -156,13 +153,6 @@ if peak:
     peak_flops = max(flops) * 1e12  # the best run is the device's capability; the median shows the noise
     add(f"peak matmul {rt.dtype} {n}^3", "TFLOP/s", flops, note="max is the MFU reference")
     del a, b
-    # decoding at batch 1 reads every weight once per token: memory bandwidth bounds it, not FLOP/s
-    big = torch.ones(64 * 2 ** 20, device=rt.device)  # 256 MiB, far larger than any cache
-    t = timed({"ours": lambda: big.sum()})["ours"]
-    gbs = [big.numel() * 4 / s / 1e9 for s in t]
-    peak_bandwidth = max(gbs) * 1e9
-    add("memory read bandwidth", "GB/s", gbs, note="max is the decoding bound")
-    del big
 
 # ----------------------------------------------------------------------------------------------
 # training: forward + backward + AdamW step on a fixed random batch
@@ -263,27 +253,18 @@ if decode:
     gen = f"decode {prompt_len}+{new_tokens}"
     t = timed(fns)
     rate = {k: [new_tokens / s for s in v] for k, v in t.items()}
-    from quantize import memory_bytes
-
-    def roofline(r, m):
-        """Bytes read per token / time per token, as a fraction of the bandwidth: the weights (the position
-        table aside, of which one row is read) dominate the traffic at batch 1."""
-        if not peak_bandwidth:
-            return ""
-        streamed = memory_bytes(m) - m.transformer.wpe.weight.numel() * m.transformer.wpe.weight.element_size()
-        return f"; {100 * streamed * r['ours']['median'] / peak_bandwidth:.0f}% of the bandwidth bound"
     base = add(f"{gen} KV cache", "tok/s", rate["ours"], rate.get("hf"))
     add(f"{gen} KV cache", "ms/token", [1e3 * s / new_tokens for s in t["ours"]],
         [1e3 * s / new_tokens for s in t["hf"]] if compare_hf else None, lower_is_better=True)
     for m in qmodels:
         r = add(f"{gen} KV cache {m}" + (f" g{group_size}" if m == "int4" else ""), "tok/s", rate[m], rate.get("hf"))
-        r["note"] = f"{r['ours']['median'] / base['ours']['median']:.2f}x fp32 weights" + roofline(r, qmodels[m])
+        r["note"] = f"{r['ours']['median'] / base['ours']['median']:.2f}x fp32 weights"
     t = timed({"ours": lambda: ours_gen(model, use_cache=False),
                **({"hf": lambda: hf_gen(use_cache=False)} if compare_hf else {})})
     nc = add(f"{gen} no cache", "tok/s", [new_tokens / s for s in t["ours"]],
              [new_tokens / s for s in t["hf"]] if compare_hf else None)
     base["note"] = f"{base['ours']['median'] / nc['ours']['median']:.2f}x no cache" + (
-        f" (HF: {base['hf']['median'] / nc['hf']['median']:.2f}x)" if compare_hf else "") + roofline(base, model)
+        f" (HF: {base['hf']['median'] / nc['hf']['median']:.2f}x)" if compare_hf else "")
 
 # ----------------------------------------------------------------------------------------------
 # the table (and JSON)
