@@ -7,6 +7,7 @@ GPT2LMHeadModel of the same shape, all in one process so that the ratios hold on
     python bench.py --compare_hf=True --json=bench.json
     python bench.py --compare_hf=True --train=False --new_tokens=256   # decoding only, longer generations
     python bench.py --device=cuda --compile=True       # bf16 autocast and torch.compile for training
+    python bench.py --compare_hf=True --threads=1      # one core: steadier figures on a shared machine
 
 Every figure is the median of --repeats runs with min and max; the runs of ours and of the reference (and of
 each quantization mode) take turns, so a load spike slows all of them alike. Weights are random (decoding is
@@ -55,6 +56,7 @@ warmup = 1  # untimed runs first (compilation, allocator, caches)
 device = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'
 dtype = "auto"  # 'auto' (bf16 on CUDA, fp32 on CPU where bf16 autocast measured ~4x slower), 'float32', 'bfloat16'
 compile = False  # torch.compile both models for the training steps (decoding stays eager: see below)
+threads = 0  # CPU threads for torch (0 = torch's default: one per core; 1 is steadier on a shared machine)
 seed = 1337
 json = ""  # also write every figure to this JSON file
 config = configure(globals(), sys.argv[1:]); globals().update(config)
@@ -79,10 +81,12 @@ if compare_hf:
         raise ImportError("--compare_hf needs transformers: pip install transformers") from e
 
 rt = setup_runtime(device, dtype)
+if threads > 0:
+    torch.set_num_threads(threads)
 torch.manual_seed(seed)
 cfg = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                 dropout=0.0, bias=bias)
-load = os.getloadavg()[0]
+load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0  # Unix only
 cores = os.cpu_count()
 print0(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
        f"load average {load:.2f} on {cores} cores")
@@ -142,7 +146,7 @@ def hf_model():
 # peak: the largest FLOP/s a plain matmul reaches in the working dtype; MFU is measured against it
 
 
-peak_flops = None
+peak_flops = peak_bandwidth = None
 if peak:
     n = peak_size or (2048 if rt.device_type == "cpu" else 8192)
     mm_dtype = rt.ptdtype  # what autocast would run the model's matmuls in
@@ -153,6 +157,15 @@ if peak:
     peak_flops = max(flops) * 1e12  # the best run is the device's capability; the median shows the noise
     add(f"peak matmul {rt.dtype} {n}^3", "TFLOP/s", flops, note="max is the MFU reference")
     del a, b
+    # decoding at batch 1 reads every weight once per token: memory bandwidth bounds it, not FLOP/s. Measured
+    # with the operation decoding is made of, a matrix-vector product, on a matrix far larger than any cache
+    big = torch.ones(8192, 8192, device=rt.device, dtype=mm_dtype)  # 256 MiB in fp32
+    vec = torch.randn(8192, device=rt.device, dtype=mm_dtype)
+    t = timed({"ours": lambda: big @ vec})["ours"]
+    gbs = [big.numel() * big.element_size() / s / 1e9 for s in t]
+    peak_bandwidth = max(gbs) * 1e9
+    add("memory bandwidth (matrix-vector)", "GB/s", gbs, note="max is the decoding bound")
+    del big, vec
 
 # ----------------------------------------------------------------------------------------------
 # training: forward + backward + AdamW step on a fixed random batch
@@ -253,18 +266,28 @@ if decode:
     gen = f"decode {prompt_len}+{new_tokens}"
     t = timed(fns)
     rate = {k: [new_tokens / s for s in v] for k, v in t.items()}
+    from quantize import memory_bytes
+
+    def roofline(r, m) -> str:
+        """Weight bytes read per token x tokens/s, as a fraction of the bandwidth: at batch 1 the weights
+        dominate the traffic (of the position table one row is read, so it is left out)."""
+        if not peak_bandwidth:
+            return ""
+        wpe = m.transformer.wpe.weight
+        streamed = memory_bytes(m) - wpe.numel() * wpe.element_size()
+        return f"; {100 * streamed * r['ours']['median'] / peak_bandwidth:.0f}% of the bandwidth bound"
     base = add(f"{gen} KV cache", "tok/s", rate["ours"], rate.get("hf"))
     add(f"{gen} KV cache", "ms/token", [1e3 * s / new_tokens for s in t["ours"]],
         [1e3 * s / new_tokens for s in t["hf"]] if compare_hf else None, lower_is_better=True)
     for m in qmodels:
         r = add(f"{gen} KV cache {m}" + (f" g{group_size}" if m == "int4" else ""), "tok/s", rate[m], rate.get("hf"))
-        r["note"] = f"{r['ours']['median'] / base['ours']['median']:.2f}x fp32 weights"
+        r["note"] = f"{r['ours']['median'] / base['ours']['median']:.2f}x fp32 weights" + roofline(r, qmodels[m])
     t = timed({"ours": lambda: ours_gen(model, use_cache=False),
                **({"hf": lambda: hf_gen(use_cache=False)} if compare_hf else {})})
     nc = add(f"{gen} no cache", "tok/s", [new_tokens / s for s in t["ours"]],
              [new_tokens / s for s in t["hf"]] if compare_hf else None)
     base["note"] = f"{base['ours']['median'] / nc['ours']['median']:.2f}x no cache" + (
-        f" (HF: {base['hf']['median'] / nc['hf']['median']:.2f}x)" if compare_hf else "")
+        f" (HF: {base['hf']['median'] / nc['hf']['median']:.2f}x)" if compare_hf else "") + roofline(base, model)
 
 # ----------------------------------------------------------------------------------------------
 # the table (and JSON)
@@ -277,7 +300,7 @@ def cell(s):
     return f"{fmt.format(s['median'])} [{fmt.format(s['min'])}-{fmt.format(s['max'])}]"
 
 
-end_load = os.getloadavg()[0]
+end_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
 print0(f"\n{cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} dims, vocab {cfg.vocab_size}, "
        f"{rt.device} {rt.dtype}, compile={compile}; median [min-max] of {repeats}; "
        f"load average {load:.2f} -> {end_load:.2f}")

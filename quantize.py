@@ -332,15 +332,8 @@ def quantized_checkpoint(model: GPT, ckpt, tok, quantizer: WeightOnlyQuantizer, 
     return {**keep, "model": quantizer.quantize(model), "quantization": quant}
 
 
-def checkpoint_bytes(ckpt: dict) -> int:
-    """Size torch.save gives a checkpoint (for the float model: weights and metadata, no optimizer state)."""
-    import io
-    buf = io.BytesIO()
-    torch.save(ckpt, buf)
-    return buf.tell()
-
-
 if __name__ == "__main__":
+    import io
     import json
 
     from common import load_checkpoint, load_model, print0, save_checkpoint, setup_runtime
@@ -352,12 +345,11 @@ if __name__ == "__main__":
     ckpt_name = "ckpt.pt"  # the float checkpoint to quantize (with init_from='resume')
     # quantization
     mode = "int8"  # 'int8' (per output channel, symmetric) or 'int4' (groups of input columns, affine)
-    group_size = 64  # int4 only: input columns sharing a scale and zero: 32, 64, 128 or 256 (smaller: more
-    # accurate, larger file)
-    quantize_head = True  # also the tied token embedding / LM head, as int8 in both modes (31% of GPT-2 124M's
-    # weights; False keeps it in float: bigger, and exact logits projection)
+    group_size = 64  # int4: input columns sharing a scale and zero, 32/64/128/256 (smaller: closer, bigger file)
+    quantize_head = True  # also the tied token embedding / LM head, in int8 for both modes (31% of GPT-2 124M's
+    # weights); False keeps it in fp32: a bigger file and slower decoding, the logits' projection exact
     # report
-    report = False  # compare the float model with every quantized checkpoint in out_dir made from it
+    report = False  # compare the fp32 model with every quantized checkpoint in out_dir made from it
     dataset = ""  # val loss on data/<dataset>/val.bin (a name under data/, or a folder holding val.bin)
     text_file = ""  # or perplexity on a UTF-8 text file
     eval_iters = 20  # batches of the loss evaluation
@@ -374,95 +366,85 @@ if __name__ == "__main__":
     # validate everything before the heavy work
     quantizer = WeightOnlyQuantizer(mode, group_size, quantize_head)
     data_dir = ""
-    if report:
-        if dataset and text_file:
-            raise ValueError(f"give --dataset or --text_file, not both (got {dataset!r} and {text_file!r})")
-        if dataset:
-            here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
-            data_dir = dataset if os.path.isdir(dataset) else here
-            from dataloader import token_files
-            token_files(data_dir, "val")  # raises with the prepare command when missing
-        elif text_file and not os.path.isfile(text_file):
-            raise FileNotFoundError(f"--text_file={text_file!r} does not exist; pass a UTF-8 text file")
-        elif not text_file:
-            print0("WARNING: --report without --dataset or --text_file measures no loss; add "
-                   "--dataset=shakespeare_char (data/<name>/val.bin) or --text_file=FILE")
+    if report and dataset and text_file:
+        raise ValueError(f"give --dataset or --text_file, not both (got {dataset!r} and {text_file!r})")
+    if report and dataset:
+        here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
+        data_dir = dataset if os.path.isdir(dataset) else here
+        from dataloader import token_files
+        token_files(data_dir, "val")  # raises with the prepare command when missing
+    elif report and text_file and not os.path.isfile(text_file):
+        raise FileNotFoundError(f"--text_file={text_file!r} does not exist; pass a UTF-8 text file")
+    elif report and not text_file:
+        print0("WARNING: --report without --dataset or --text_file measures no loss; add "
+               "--dataset=shakespeare_char (data/<name>/val.bin) or --text_file=FILE")
     torch.manual_seed(seed)
     # ------------------------------------------------------------------------------------------
-    # load the float model and quantize it
+    # load the float model, quantize, save
     model, ckpt, tok = load_model(init_from, out_dir, "cpu", ckpt_name=ckpt_name)
-    source = ckpt_name if init_from == "resume" else init_from
     model.eval()
+    source = ckpt_name if init_from == "resume" else init_from
     t0 = time.time()
     qckpt = quantized_checkpoint(model, ckpt, tok, quantizer, source)
     path = os.path.join(out_dir, f"ckpt_{mode}.pt")
     save_checkpoint(qckpt, path)
-    state, quant, float_state = qckpt["model"], qckpt["quantization"], model.state_dict()
-    keep = {k: v for k, v in qckpt.items() if k not in ("model", "quantization")}
-    n_layers = len(quantizer.targets(model))
-    fp32_linear = linear_bytes(float_state, model)
-    q_linear = linear_bytes(state, model)  # same layer names as the float model
-    print0(f"quantized {n_layers} Linear layers to {mode}" + (f" (groups of {group_size})" if mode == "int4" else "")
+    fp32_linear, q_linear = linear_bytes(model.state_dict(), model), linear_bytes(qckpt["model"], model)
+    print0(f"quantized {len(quantizer.targets(model))} Linear layers to {mode}"
+           + (f" (groups of {group_size})" if mode == "int4" else "")
            + (" and the tied embedding / LM head to int8" if quantize_head else "") + f" in {time.time() - t0:.1f}s")
     print0(f"block Linear weights: {fp32_linear / 1e6:.2f} MB fp32 -> {q_linear / 1e6:.2f} MB {mode} "
-           f"({fp32_linear / q_linear:.2f}x smaller)")
-    print0(f"wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB)")
-    if not report:
-        sys.exit(0)
+           f"({fp32_linear / q_linear:.2f}x smaller)\nwrote {path} ({os.path.getsize(path) / 1e6:.2f} MB)")
     # ------------------------------------------------------------------------------------------
-    # report: the float model and every quantized checkpoint of the same source in out_dir
-    rt = setup_runtime(device, dtype)
-    rows = [{"mode": "fp32", "kernel": "dense matmul", "model": model,
-             "disk_bytes": checkpoint_bytes({**keep, "model": float_state}), "linear_bytes": fp32_linear}]
-    for m in WeightOnlyQuantizer.modes:
-        p = os.path.join(out_dir, f"ckpt_{m}.pt")
-        if not os.path.exists(p):
-            continue
-        c = load_checkpoint(p)
-        q = c.get("quantization", {})
-        if (q.get("source"), q.get("source_iter")) != (source, quant["source_iter"]):
-            print0(f"WARNING: skipping {p}: made from {q.get('source')!r} at iter {q.get('source_iter')}, not "
-                   f"{source!r} at iter {quant['source_iter']}; re-run quantize.py --mode={m} to include it")
-            continue
-        qm = quantized_model_from_checkpoint(c).eval()
-        label = m + (f" g{q['group_size']}" if m == "int4" else "")
-        rows.append({"mode": label, "kernel": kernel_name(m, torch.device(rt.device), qm), "model": qm,
-                     "disk_bytes": os.path.getsize(p), "linear_bytes": linear_bytes(c["model"], qm)})
-    for r in rows:
-        r["model"].to(rt.device)
-        r["memory_bytes"] = memory_bytes(r["model"])
-    T = min(block_size or model.config.block_size, model.config.block_size)
-    batches = eval_batches(tok, data_dir, text_file, batch_size, T, eval_iters, seed) if data_dir or text_file else []
-    for r in rows:
-        r["loss"] = eval_loss(r["model"], batches, rt) if batches else None
-    prompt = batches[0][0][:1, :prompt_len] if batches else torch.randint(0, tok.n_vocab, (1, prompt_len))
-    new = min(decode_tokens, model.config.block_size - prompt.size(1))  # stay within one window
-    speeds = decode_speeds([r["model"] for r in rows], prompt.to(rt.device), new, decode_repeats, rt)
-    base = rows[0]
-    metric = "val loss" if data_dir else "ppl"
-    print0(f"\n{'mode':<9} {'kernel':<34} {'disk MB':>8} {'memory MB':>9} {'Linear MB':>15} "
-           f"{metric:>17} {'decode tok/s':>15}")
-    results = []
-    for r, s in zip(rows, speeds):
-        r["decode_tok_s"] = s
-        ratio = base["linear_bytes"] / r["linear_bytes"]
-        cell = "-"
-        if r["loss"] is not None:
-            value = r["loss"] if data_dir else math.exp(r["loss"])
-            ref = base["loss"] if data_dir else math.exp(base["loss"])
-            cell = f"{value:.4f} ({100 * (value / ref - 1):+.2f}%)"
-        print0(f"{r['mode']:<9} {r['kernel']:<34} {r['disk_bytes'] / 1e6:>8.2f} {r['memory_bytes'] / 1e6:>9.2f} "
-               f"{r['linear_bytes'] / 1e6:>8.2f} ({ratio:.1f}x) {cell:>17} {s:>8.1f} ({s / speeds[0]:.2f}x)")
-        results.append({k: v for k, v in r.items() if k != "model"} | {
-            "linear_ratio": ratio, "ppl": math.exp(r["loss"]) if r["loss"] is not None else None,
-            "loss_change_pct": 100 * (r["loss"] / base["loss"] - 1) if r["loss"] is not None else None,
-            "decode_speedup": s / speeds[0]})
-    report_path = os.path.join(out_dir, "quant_report.json")
-    with open(report_path + ".tmp", "w") as f:
-        json.dump({"device": rt.device, "dtype": rt.dtype, "threads": torch.get_num_threads(),
-                   "eval": {"dataset": dataset, "text_file": text_file, "batches": len(batches), "block_size": T},
-                   "decode": {"prompt_len": prompt.size(1), "new_tokens": new, "repeats": decode_repeats},
-                   "rows": results}, f, indent=2)
-    os.replace(report_path + ".tmp", report_path)
-    print0(f"(Linear MB: the blocks' Linear weights incl. scales; decode: greedy, batch 1, KV cache, {new} new "
-           f"tokens, median of {decode_repeats})\nwrote {report_path}")
+    # report: the fp32 model and every quantized checkpoint of the same source in out_dir
+    if report:
+        rt = setup_runtime(device, dtype)
+        buf = io.BytesIO()  # the fp32 checkpoint as it would be without optimizer state, like the quantized ones
+        torch.save({**qckpt, "model": model.state_dict()}, buf)
+        rows = [{"mode": "fp32", "kernel": "dense matmul", "model": model, "disk_bytes": buf.tell(),
+                 "linear_bytes": fp32_linear}]
+        for m in WeightOnlyQuantizer.modes:
+            p = os.path.join(out_dir, f"ckpt_{m}.pt")
+            c = load_checkpoint(p) if os.path.exists(p) else None
+            if c is None or (c["quantization"]["source"], c["quantization"]["source_iter"]) != \
+                    (source, qckpt["quantization"]["source_iter"]):
+                if c is not None:
+                    print0(f"WARNING: skipping {p}: made from another checkpoint; re-run quantize.py --mode={m}")
+                continue
+            qm = quantized_model_from_checkpoint(c).eval()
+            label = m + (f" g{c['quantization']['group_size']}" if m == "int4" else "")
+            rows.append({"mode": label, "kernel": kernel_name(m, torch.device(rt.device), qm), "model": qm,
+                         "disk_bytes": os.path.getsize(p), "linear_bytes": linear_bytes(c["model"], qm)})
+        T = min(block_size or model.config.block_size, model.config.block_size)
+        batches = eval_batches(tok, data_dir, text_file, batch_size, T, eval_iters, seed) if data_dir or text_file \
+            else []
+        for r in rows:
+            r["model"].to(rt.device)
+            r["memory_bytes"] = memory_bytes(r["model"])
+            r["loss"] = eval_loss(r["model"], batches, rt) if batches else None
+            r["ppl"] = math.exp(r["loss"]) if batches else None
+        prompt = batches[0][0][:1, :prompt_len] if batches else torch.randint(0, tok.n_vocab, (1, prompt_len))
+        new = min(decode_tokens, model.config.block_size - prompt.size(1))  # stay within one window
+        speeds = decode_speeds([r.pop("model") for r in rows], prompt.to(rt.device), new, decode_repeats, rt)
+        metric = "val loss" if data_dir else "ppl"
+        print0(f"\n{'mode':<9} {'kernel':<30} {'disk MB':>8} {'memory MB':>9} {'Linear MB':>15} "
+               f"{metric:>17} {'decode tok/s':>15}")
+        base = rows[0]
+        for r, speed in zip(rows, speeds):
+            r.update(decode_tok_s=speed, decode_speedup=speed / speeds[0],
+                     linear_ratio=base["linear_bytes"] / r["linear_bytes"])
+            value = r["loss"] if data_dir else r["ppl"]
+            if value is not None:
+                r["change_pct"] = 100 * (value / (base["loss"] if data_dir else base["ppl"]) - 1)
+            cell = f"{value:.4f} ({r['change_pct']:+.2f}%)" if value is not None else "-"
+            print0(f"{r['mode']:<9} {r['kernel']:<30} {r['disk_bytes'] / 1e6:>8.2f} {r['memory_bytes'] / 1e6:>9.2f} "
+                   f"{r['linear_bytes'] / 1e6:>8.2f} ({r['linear_ratio']:.1f}x) {cell:>17} {speed:>8.1f} "
+                   f"({r['decode_speedup']:.2f}x)")
+        report_path = os.path.join(out_dir, "quant_report.json")
+        with open(report_path + ".tmp", "w") as f:
+            json.dump({"device": rt.device, "dtype": rt.dtype, "threads": torch.get_num_threads(), "metric": metric,
+                       "eval": {"dataset": dataset, "text_file": text_file, "batches": len(batches), "block_size": T},
+                       "decode": {"prompt_len": prompt.size(1), "new_tokens": new, "repeats": decode_repeats},
+                       "rows": rows}, f, indent=2)
+        os.replace(report_path + ".tmp", report_path)
+        print0(f"(Linear MB: the blocks' Linear weights with their scales; decode: greedy, batch 1, KV cache, {new} "
+               f"new tokens, median of {decode_repeats})\nwrote {report_path}")

@@ -25,26 +25,26 @@ def bench(*args):
 
 def test_bench_prints_every_figure_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    r = bench("--compare_hf=True", "--peak_size=128",
-              "--repeats=2", "--warmup=0", "--group_size=32", f"--json={out}")
+    r = bench("--compare_hf=True", "--peak_size=128", "--repeats=2", "--warmup=0", "--group_size=32", f"--json={out}")
     assert r.returncode == 0, r.stderr
     table = r.stdout[r.stdout.index("metric"):]
-    lines = ["peak matmul float32 128^3", "train step 4x32 ", "train MFU 4x32", "prefill 32 tokens",
-             "decode 16+8 KV cache ", "decode 16+8 KV cache int8", "decode 16+8 KV cache int4 g32",
-             "decode 16+8 no cache"]
+    lines = ["peak matmul float32 128^3", "memory bandwidth (matrix-vector)", "train step 4x32 ", "train MFU 4x32",
+             "prefill 32 tokens", "decode 16+8 KV cache ", "decode 16+8 KV cache int8",
+             "decode 16+8 KV cache int4 g32", "decode 16+8 no cache"]
     for name in lines:
         assert name in table, f"{name!r} missing from\n{table}"
     assert "HF GPT2LMHeadModel" in table and "ms/iter" in table and "ms/token" in table
     result = json.loads(out.read_text())
     assert result["device"] == "cpu" and result["config"]["compare_hf"] is True
     rows = {(row["metric"], row["unit"]): row for row in result["rows"]}
-    assert len(rows) == 10
+    assert len(rows) == 11
     for (metric, unit), row in rows.items():
         assert 0 < row["ours"]["min"] <= row["ours"]["median"] <= row["ours"]["max"], row
-        if not metric.startswith("peak"):
+        if not metric.startswith(("peak", "memory")):
             assert row["hf"]["median"] > 0 and row["speedup_vs_hf"] > 0, row  # every line has its HF figure
     assert "x fp32 weights" in rows[("decode 16+8 KV cache int8", "tok/s")]["note"]
     assert "x no cache" in rows[("decode 16+8 KV cache", "tok/s")]["note"]
+    assert "of the bandwidth bound" in rows[("decode 16+8 KV cache int4 g32", "tok/s")]["note"]
 
 
 @pytest.mark.parametrize("flags,message", [
