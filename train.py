@@ -1,7 +1,7 @@
 """
 Pre-train a GPT: on one CPU or many GPUs, from scratch, from a checkpoint or from OpenAI's GPT-2 weights.
 
-A baby GPT on Shakespeare's plays, on a laptop CPU in about a minute (what `make demo` runs):
+A baby GPT on Shakespeare's plays, in about two minutes on a 2-core CPU (what `make demo` runs):
     python data/shakespeare_char/prepare.py
     python train.py config/train_shakespeare_char.py
     python sample.py --init_from=resume --out_dir=out-shakespeare-char
