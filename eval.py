@@ -197,20 +197,10 @@ def lambada_item(where: str, row: dict):
 # scoring
 
 
-def split_lm_head(model):
-    """Take the LM head off the model and return it: model(x) then gives the final hidden states (B, T, C) and
-    the head is applied only where a token is scored. A hack on model.py's forward, which ends with
-    self.lm_head(x): the 50,257 logits of every position cost a small model more time and memory than the rest
-    (LAMBADA scores 1-3 of ~100 positions). The tied weight stays shared with wte."""
-    head = model.lm_head
-    model.lm_head = torch.nn.Identity()
-    return head
-
-
 @torch.no_grad()
-def score_batch(model, head, rows: list, n_vocab: int, rt) -> list:
+def score_batch(model, rows: list, n_vocab: int, rt) -> list:
     """rows: [(ids, n)] token sequences whose last n tokens are scored given everything before them; model
-    and head from split_lm_head. Returns [(log-probs (n,) float64, greedy (n,) bool: the target was the argmax)]."""
+    Returns [(log-probs (n,) float64, greedy (n,) bool: the target was the argmax)]."""
     T = max(len(ids) for ids, _ in rows) - 1
     x = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T) right-padded with token 0
     for r, (ids, _) in enumerate(rows):
@@ -222,14 +212,13 @@ def score_batch(model, head, rows: list, n_vocab: int, rt) -> list:
     with rt.autocast():
         # padding only at the right end needs no attention mask: causal attention never lets a real position
         # see a later (pad) one, so a row's scores are the same alone or in any batch
-        h, _ = model(x.to(rt.device))  # (B, T, C) final hidden states
-    assert h.size(-1) == model.config.n_embd, f"expected hidden states, got shape {tuple(h.shape)}"
+        h, _ = model(x.to(rt.device), return_hidden=True)  # (B, T, C) final hidden states
     # the logits of the scored tokens in float32, also under bf16 autocast: close calls between endings stay exact
     h = h[row.to(h.device), pos.to(h.device)].float()  # (N, C) where the scored tokens are predicted
     logp, greedy = [], []
     for k in range(0, len(h), 1024):  # at most 1024 x 50257 float32 logits (200 MB) at a time
         # ids beyond the tokenizer's (GPT-2's 50257 in a 50304 table) are never text: normalise over real ids
-        lg = head(h[k:k + 1024])[:, :n_vocab].float()  # (<= 1024, n_vocab)
+        lg = model.lm_head(h[k:k + 1024])[:, :n_vocab].float()  # (<= 1024, n_vocab)
         tg = targets[k:k + 1024].to(lg.device)
         logp.append(-F.cross_entropy(lg, tg, reduction="none"))
         greedy.append(lg.argmax(dim=-1) == tg)
@@ -237,7 +226,7 @@ def score_batch(model, head, rows: list, n_vocab: int, rt) -> list:
     return list(zip(logp.split(counts), greedy.split(counts)))
 
 
-def score_items(model, head, items: list, window: int, batch_size: int, n_vocab: int, rt):
+def score_items(model, items: list, window: int, batch_size: int, n_vocab: int, rt):
     """items: [(context ids, [continuation ids, ...])]. Yields (item index, [(log-probs, greedy)] for each
     continuation), longest items first: out-of-memory shows at once, and neighbours need little padding
     (lm-evaluation-harness's order). The context is cut from the left to fit the window."""
@@ -250,7 +239,7 @@ def score_items(model, head, items: list, window: int, batch_size: int, n_vocab:
         if n_rows < batch_size and k < len(order) - 1:
             continue
         rows = [((ctx + c)[-(window + 1):], len(c)) for ctx, conts in (items[j] for j in batch) for c in conts]
-        scores = score_batch(model, head, rows, n_vocab, rt)
+        scores = score_batch(model, rows, n_vocab, rt)
         for j in batch:
             yield j, scores[:len(items[j][1])]
             scores = scores[len(items[j][1]):]
@@ -310,7 +299,7 @@ def all_reduce_sums(sums: dict, rt) -> dict:
 # tasks: each returns (number of items or tokens scored, metrics {name: value}, extra record fields)
 
 
-def eval_choices(parsed, model, head, tokenizer, window: int, n_vocab: int, rt):
+def eval_choices(parsed, model, tokenizer, window: int, n_vocab: int, rt):
     """HellaSwag, or LAMBADA with the last word as the only continuation. parsed: [(context, continuations,
     label)] (label None for LAMBADA)."""
     from tqdm import tqdm
@@ -320,7 +309,7 @@ def eval_choices(parsed, model, head, tokenizer, window: int, n_vocab: int, rt):
          "skipped": len(parsed) - len(items)}
     shown = "acc" if task == "lambada" else "acc_norm"
     bar = tqdm(total=len(items), desc=task, disable=not rt.master_process)
-    for j, scores in score_items(model, head, items, window, batch_size, n_vocab, rt):
+    for j, scores in score_items(model, items, window, batch_size, n_vocab, rt):
         _, conts, label = parsed[kept[j]]
         ll = [float(lp.sum()) for lp, _ in scores]
         if task == "lambada":
@@ -378,7 +367,7 @@ def perplexity_tokens(tokenizer) -> list:
     return out
 
 
-def eval_perplexity(model, head, tokenizer, window: int, n_vocab: int, rt):
+def eval_perplexity(model, tokenizer, window: int, n_vocab: int, rt):
     from tqdm import tqdm
     step = stride or max(window // 2, 1)
     if not 1 <= step <= window:
@@ -400,7 +389,7 @@ def eval_perplexity(model, head, tokenizer, window: int, n_vocab: int, rt):
     bar = tqdm(total=len(jobs), desc="perplexity", unit="window", disable=not rt.master_process)
     for k in range(0, len(jobs), batch_size):
         rows = [(np.asarray(t[b:e], dtype=np.int64), n) for t, (b, e, n) in jobs[k:k + batch_size]]
-        for (ids, n), (logp, _) in zip(rows, score_batch(model, head, rows, n_vocab, rt)):
+        for (ids, n), (logp, _) in zip(rows, score_batch(model, rows, n_vocab, rt)):
             text = ids[-n:] != eot  # bits per byte leaves <|endoftext|> out: it stands for no text
             s["tokens"] += n
             s["nll"] -= float(logp.sum())
@@ -442,7 +431,6 @@ if __name__ == "__main__":
     rt = setup_runtime(device, dtype)
     model, ckpt, tokenizer = load_model(init_from, out_dir, rt.device, ckpt_name=ckpt_name)
     model.eval()
-    head = split_lm_head(model)
     n_vocab, window = tokenizer.n_vocab, block_size or model.config.block_size
     if n_vocab > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {n_vocab:,} ids but the model only {model.config.vocab_size:,} "
@@ -459,9 +447,9 @@ if __name__ == "__main__":
 
     t0 = time.time()
     if task == "perplexity":
-        n, metrics, extra = eval_perplexity(model, head, tokenizer, window, n_vocab, rt)
+        n, metrics, extra = eval_perplexity(model, tokenizer, window, n_vocab, rt)
     else:
-        n, metrics, extra = eval_choices(parsed, model, head, tokenizer, window, n_vocab, rt)
+        n, metrics, extra = eval_choices(parsed, model, tokenizer, window, n_vocab, rt)
     seconds = time.time() - t0
     if extra.get("skipped"):
         print0(f"WARNING: {extra['skipped']:,} items were left out: their text has characters outside the "

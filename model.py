@@ -174,11 +174,14 @@ class GPT(nn.Module):
         return n
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
-                return_attn: bool = False, cache: Optional[KVCache] = None, last_only: bool = False):
+                return_attn: bool = False, cache: Optional[KVCache] = None, last_only: bool = False,
+                return_hidden: bool = False):
         """idx (B, T) token ids -> (logits (B, T, vocab), loss or None), plus a list of every layer's
         attention probabilities (B, nh, T, T) when return_attn=True (explicit-math path, slower).
         targets (B, T) ids with -1 for positions to ignore. cache: a KVCache that idx continues.
-        last_only: compute logits for the last position only (generation)."""
+        last_only: compute logits for the last position only (generation).
+        return_hidden: return the final hidden states (B, T, C) after ln_f in place of the logits, for callers
+        that need the logits of a few positions only (eval.py applies self.lm_head where a token is scored)."""
         B, T = idx.size()
         past = cache.pos if cache is not None else 0
         if past + T > self.config.block_size:
@@ -194,7 +197,9 @@ class GPT(nn.Module):
             cache.pos += T
         x = self.transformer.ln_f(x)
         loss = None
-        if targets is not None:
+        if return_hidden:
+            logits = x  # (B, T, C)
+        elif targets is not None:
             logits = self.lm_head(x)  # (B, T, vocab)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         else:

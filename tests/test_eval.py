@@ -125,10 +125,9 @@ def _oracle(hf, ctx_ids, cont_ids, window):
     return logp, logits.argmax(-1) == target
 
 
-def load_split(path):
+def load_eval(path):
     model, ckpt, tok = load_model(path, device="cpu")
-    model.eval()
-    return model, ev.split_lm_head(model), tok
+    return model.eval(), tok
 
 
 def argmax(xs):
@@ -161,13 +160,13 @@ def last_record(out_dir):
 def test_hellaswag_loglikelihoods_match_oracle_and_batching_changes_nothing(setup):
     """Per ending: the same log-likelihoods (1e-4) and greedy hits as the oracle, whatever the batch size. (The
     'harness' prompt only changes the strings: checked below and end to end in the CLI test.)"""
-    model, head, tok = load_split(setup["ckpt"])
+    model, tok = load_eval(setup["ckpt"])
     parsed = [ev.hellaswag_item(w, row, "ctx") for w, row in ev.read_jsonl(setup["hellaswag"])]
     items, kept = ev.encode_items([(c, e) for c, e, _ in parsed], tok, WINDOW)
     assert kept == [0, 1, 2, 3]
     assert len(items[2][0]) > WINDOW, "item 2's context must overflow the window to test the left cut"
     # batch size 1: one item per forward; 5: two items (8 rows, padded); 64: all at once
-    runs = {bs: dict(ev.score_items(model, head, items, WINDOW, bs, 50257, CPU)) for bs in (1, 5, 64)}
+    runs = {bs: dict(ev.score_items(model, items, WINDOW, bs, 50257, CPU)) for bs in (1, 5, 64)}
     for j, (ctx, conts) in enumerate(items):
         ref = [oracle(setup["hf"], ctx, c) for c in conts]
         for bs, scores in runs.items():
@@ -241,19 +240,19 @@ def test_sliding_windows_score_every_token_once(window, stride):
 
 
 def test_perplexity_stride_equals_window_is_chunked_nll_and_stride_1_matches_oracle(setup, tmp_path, monkeypatch):
-    model, head, tok = load_split(setup["ckpt"])
+    model, tok = load_eval(setup["ckpt"])
     text = " ".join(LAMBADA)
     path = tmp_path / "text.txt"
     path.write_text(text)
     ids = [tok.eot_token] + tok.encode_ordinary(text)  # the text is scored after <|endoftext|>
     monkeypatch.setattr(ev, "text_file", str(path))
-    n, m, extra = ev.eval_perplexity(model, head, tok, WINDOW, 50257, CPU)
+    n, m, extra = ev.eval_perplexity(model, tok, WINDOW, 50257, CPU)
     assert n == len(ids) - 1 and extra["stride"] == WINDOW // 2  # stride 0 = half the window
     assert extra["bytes"] == len(text.encode())
 
     # stride == window: the mean NLL of plain chunks x = ids[kW:(k+1)W], y = ids[kW+1:(k+1)W+1]
     monkeypatch.setattr(ev, "stride", WINDOW)
-    n, m, _ = ev.eval_perplexity(model, head, tok, WINDOW, 50257, CPU)
+    n, m, _ = ev.eval_perplexity(model, tok, WINDOW, 50257, CPU)
     full, _, _ = load_model(setup["ckpt"], device="cpu")  # with its LM head, through model.forward's loss
     full.eval()
     nll = 0.0
@@ -268,7 +267,7 @@ def test_perplexity_stride_equals_window_is_chunked_nll_and_stride_1_matches_ora
     # stride 1: every token with all the context the window allows, as the oracle computes it token by token
     monkeypatch.setattr(ev, "stride", 1)
     monkeypatch.setattr(ev, "limit", 45)
-    n, m, extra = ev.eval_perplexity(model, head, tok, WINDOW, 50257, CPU)
+    n, m, extra = ev.eval_perplexity(model, tok, WINDOW, 50257, CPU)
     # tokens 1..W see the whole prefix: one forward over ids[:W+1] scores them; later ones one forward each
     ref = oracle(setup["hf"], ids[:1], ids[1:WINDOW + 1])[0].tolist()
     ref += [float(oracle(setup["hf"], ids[j - WINDOW:j], [ids[j]])[0]) for j in range(WINDOW + 1, 45)]
@@ -293,11 +292,11 @@ def test_cli_perplexity_char_level_checkpoint(tmp_path, monkeypatch):
     assert 1 < rec["ppl"] < 2 * tok.n_vocab  # random weights: about the vocabulary size
 
     # HellaSwag through a character vocabulary: items with unknown characters are left out, not fatal
-    model, head, _ = load_split(str(tmp_path / "ckpt.pt"))
+    model, _ = load_eval(str(tmp_path / "ckpt.pt"))
     items, kept = ev.encode_items([("Speak, speak.", ["hear me", "further"]), ("Zebra!", ["x"])], tok, 16)
-    assert kept == [0] and len(list(ev.score_items(model, head, items, 16, 4, tok.n_vocab, CPU))) == 1
+    assert kept == [0] and len(list(ev.score_items(model, items, 16, 4, tok.n_vocab, CPU))) == 1
     with pytest.raises(ValueError, match="no item could be scored"):
-        ev.eval_choices([("Zebra!", ["x"], 0)], model, head, tok, 16, tok.n_vocab, CPU)
+        ev.eval_choices([("Zebra!", ["x"], 0)], model, tok, 16, tok.n_vocab, CPU)
     for name, text, match in [("zoo.txt", "Zeal", r"zoo\.txt' cannot be encoded with this model's tokenizer: "
                                                    r"characters 'Z'"),
                               ("one.txt", "F", r"no text to score: .*one\.txt' has fewer than 2 tokens")]:
@@ -310,7 +309,7 @@ def test_perplexity_on_prepared_token_shards(setup, tmp_path, monkeypatch):
     """--dataset reads data/<dataset>/ (here under tmp_path): shards are scored one after the other, no window
     crosses from one file into the next, --limit counts tokens over all of them, and ids from another
     vocabulary are refused."""
-    model, head, tok = load_split(setup["ckpt"])
+    model, tok = load_eval(setup["ckpt"])
     data = tmp_path / "data" / "tiny"
     data.mkdir(parents=True)
     ids = [tok.eot_token] + tok.encode_ordinary(" ".join(LAMBADA))
@@ -319,7 +318,7 @@ def test_perplexity_on_prepared_token_shards(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "__file__", str(tmp_path / "eval.py"))  # the data folder next to the script
     monkeypatch.setattr(ev, "dataset", "tiny")
     monkeypatch.setattr(ev, "limit", 70)
-    n, m, extra = ev.eval_perplexity(model, head, tok, WINDOW, 50257, CPU)
+    n, m, extra = ev.eval_perplexity(model, tok, WINDOW, 50257, CPU)
     assert n == 39 + 29 and len(extra["text"]) == 2  # tokens 1..39 of the first file, 1..29 of the second
     # window 32, stride 16: ids[0:33] scores 1..32, ids[16:40] scores 33..39; the second file starts afresh
     ref = oracle(setup["hf"], ids[:1], ids[1:33])[0].tolist() + oracle(setup["hf"], ids[16:33], ids[33:40])[0].tolist()
@@ -329,10 +328,10 @@ def test_perplexity_on_prepared_token_shards(setup, tmp_path, monkeypatch):
     # a character-level dataset (meta.pkl) or ids beyond the model's vocabulary: refused before any scoring
     CharTokenizer.from_text("abc ").save(str(data / "meta.pkl"))
     with pytest.raises(ValueError, match=r"holds ids of the characters in .*meta\.pkl.*gpt2, 50,257"):
-        ev.eval_perplexity(model, head, tok, WINDOW, 50257, CPU)
+        ev.eval_perplexity(model, tok, WINDOW, 50257, CPU)
     (data / "meta.pkl").unlink()
     with pytest.raises(ValueError, match=r"holds token id \d+, beyond this model's tokenizer \(100 ids\)"):
-        ev.eval_perplexity(model, head, tok, WINDOW, 100, CPU)
+        ev.eval_perplexity(model, tok, WINDOW, 100, CPU)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -360,15 +359,15 @@ def test_malformed_lambada_rows_and_bad_options(tmp_path, setup, monkeypatch):
         ev.lambada_item(f"{tmp_path}/lambada.jsonl:1", {"text": "oneword"})
     with pytest.raises(FileNotFoundError, match="data file .*missing.jsonl"):
         list(ev.read_jsonl(str(tmp_path / "missing.jsonl")))
-    model, head, tok = load_split(setup["ckpt"])
+    model, tok = load_eval(setup["ckpt"])
     monkeypatch.setattr(ev, "text_file", setup["lambada"])
     monkeypatch.setattr(ev, "stride", WINDOW + 1)
     with pytest.raises(ValueError, match=r"stride must be in 1\.\.32"):
-        ev.eval_perplexity(model, head, tok, WINDOW, 50257, CPU)
+        ev.eval_perplexity(model, tok, WINDOW, 50257, CPU)
     monkeypatch.setattr(ev, "stride", 0)
     monkeypatch.setattr(ev, "dataset", "shakespeare")
     with pytest.raises(ValueError, match="exactly one of --text_file"):
-        ev.eval_perplexity(model, head, tok, WINDOW, 50257, CPU)
+        ev.eval_perplexity(model, tok, WINDOW, 50257, CPU)
 
 @pytest.mark.parametrize("args,error,match", [
     (["--task=mmlu"], ValueError, "task must be 'hellaswag', 'lambada' or 'perplexity', got 'mmlu'"),

@@ -180,6 +180,15 @@ def test_attention_probabilities_and_fast_path_agree():
         assert (a.triu(diagonal=1) == 0).all()  # strictly causal
 
 
+def test_hidden_states_give_the_logits_through_the_head():
+    model = peaky_model()
+    idx = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(9))
+    logits, _ = model(idx)
+    hidden, loss = model(idx, return_hidden=True)
+    assert hidden.shape == (2, 12, model.config.n_embd) and loss is None
+    assert torch.allclose(model.lm_head(hidden[:, 5]), logits[:, 5], atol=1e-6)
+
+
 def test_loss_ignores_minus_one_and_overfits_one_batch():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=30, n_layer=2, n_head=2, n_embd=32))
