@@ -199,7 +199,7 @@ def lambada_item(where: str, row: dict):
 
 @torch.no_grad()
 def score_batch(model, rows: list, n_vocab: int, rt) -> list:
-    """rows: [(ids, n)] token sequences whose last n tokens are scored given everything before them; model
+    """rows: [(ids, n)] token sequences whose last n tokens are scored given everything before them.
     Returns [(log-probs (n,) float64, greedy (n,) bool: the target was the argmax)]."""
     T = max(len(ids) for ids, _ in rows) - 1
     x = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T) right-padded with token 0
