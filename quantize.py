@@ -399,7 +399,7 @@ if __name__ == "__main__":
     if report:
         rt = setup_runtime(device, dtype)
         buf = io.BytesIO()  # the fp32 checkpoint as it would be without optimizer state, like the quantized ones
-        torch.save({**qckpt, "model": model.state_dict()}, buf)
+        torch.save({k: v for k, v in qckpt.items() if k != "quantization"} | {"model": model.state_dict()}, buf)
         rows = [{"mode": "fp32", "kernel": "dense matmul", "model": model, "disk_bytes": buf.tell(),
                  "linear_bytes": fp32_linear}]
         for m in WeightOnlyQuantizer.modes:

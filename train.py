@@ -170,7 +170,8 @@ for split in (("train", "val") if data_source == "bin" else ("val",)) if eval_it
                f"python data/fineweb/prepare.py --max_tokens=100_000_000, or point --data_dir at one")
 eval_start = {split: loader.state_dict() for split, loader in eval_loaders.items()}
 sizes = {s: f"{s} {sum(l.lengths):,}" for s, l in {"train": train_loader, **eval_loaders}.items() if hasattr(l, "lengths")}
-shown = data_dir if os.path.relpath(data_dir).startswith("..") else os.path.relpath(data_dir)  # short below cwd
+shown = os.path.relpath(data_dir)
+shown = data_dir if shown.startswith("..") else shown  # short when below the working directory
 print0(f"data: {'streaming ' + stream_dataset + ', ' if data_source == 'stream' else ''}{shown} "
        f"({tok_meta['tokenizer']} tokens, vocab {data_vocab}): " + ", ".join(sizes.values()) + f" tokens, {data_order}")
 
