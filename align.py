@@ -7,12 +7,14 @@ no reward model, no sampling. loss_type='ipo' (Azar et al. 2023, arXiv:2310.1203
 (conservative DPO, label smoothing for noisy labels; Mitchell 2023) change only the loss.
 
     python align.py config/align_hh.py --init_from=out-sft                       # Anthropic/hh-rlhf, from the Hub
-    python align.py --init_from=out-sft --dataset=pairs.jsonl --device=cpu --compile=False
+    python align.py --init_from=out-sft --dataset=pairs.jsonl --val_split=val.jsonl --device=cpu --compile=False
     torchrun --standalone --nproc_per_node=8 align.py config/align_hh.py --init_from=out-sft
+    python align.py --init_from=resume --out_dir=out-align-hh                    # continue a run exactly
 
-Records (json/jsonl or a Hub dataset): {"chosen": conversation, "rejected": conversation}, hh-rlhf's layout,
-split at the last "\\n\\nAssistant:", or {"prompt": ..., "chosen": response, "rejected": response}.
-Writes out_dir/ckpt.pt (train.py's keys: sample.py and eval.py load it), out_dir/log.jsonl, out_dir/align.png.
+Records, in three layouts: {"chosen": conversation, "rejected": conversation} (hh-rlhf's, split at the last
+"\\n\\nAssistant:"); {"prompt": ..., "chosen": response, "rejected": response}; or {"instruction": ...,
+"input": ... (optional), "chosen": ..., "rejected": ...} with --prompt_template=alpaca (finetune.py's template).
+Writes out_dir/ckpt.pt (kind 'dpo': every script that takes a model reads it), out_dir/log.jsonl, out_dir/align.png.
 """
 
 import copy
@@ -34,57 +36,9 @@ from common import (append_jsonl, init_wandb, load_model, plot_curves, print0, r
 from configurator import configure
 from finetune import encode_pair, format_prompt
 
-# ----------------------------------------------------------------------------------------------
-# defaults (python align.py config/align_hh.py --key=value ...)
-# I/O
-out_dir = "out-align"
-init_from = "gpt2"  # 'resume' (out_dir/ckpt_name), a GPT-2 name, or a checkpoint file/folder (e.g. 'out-sft')
-ckpt_name = "ckpt.pt"
-eval_interval = 50  # iterations between held-out evaluations (and checkpoints)
-log_interval = 10  # iterations between training log lines
-always_save_checkpoint = True  # False: save only when the held-out loss improves
-eval_only = False  # evaluate the starting model on the held-out pairs, then exit
-wandb_log = False
-wandb_project = "align"
-wandb_run_name = "dpo"
-wandb_mode = "online"  # 'online' | 'offline' (no network; `wandb sync` later) | 'disabled'
-# data: a Hugging Face dataset, or local .json/.jsonl files
-dataset = "Anthropic/hh-rlhf"  # Hub name, or local .json/.jsonl file(s) of training pairs (comma-separated)
-dataset_dir = ""  # subfolder of the Hub dataset, e.g. 'harmless-base' or 'helpful-base' for hh-rlhf
-train_split = "train"  # Hub split of the training pairs
-val_split = "test"  # Hub split or local file(s) of held-out pairs; '' = hold val_pairs out of the training pairs
-val_pairs = 512  # held-out pairs evaluated at each eval (a fixed random subset)
-max_records = 0  # read at most this many training records (0 = all), for quick runs
-cache_dir = ""  # folder for datasets' cache; '' = its default (~/.cache/huggingface/datasets)
-prompt_template = "none"  # 'alpaca': wrap explicit prompts in finetune.py's template (models SFT'd by it)
-drop_mismatched = False  # True: drop hh-layout pairs whose two sides differ before the last turn (else error)
-block_size = 512  # longest prompt + response in tokens; longer pairs lose prompt tokens from the left
-# method
-loss_type = "dpo"  # 'dpo' | 'cdpo' (label-smoothed DPO) | 'ipo'
-beta = 0.1  # strength of the pull to the reference: higher = stay closer (DPO paper: 0.1; IPO's tau)
-label_smoothing = 0.0  # cdpo: assumed probability that a preference label is flipped, in (0, 0.5)
-precompute_ref = False  # True: reference log-probs computed once up front; no reference model held in memory
-# optimization
-batch_size = 8  # preference pairs per micro-step per process (2 sequences each)
-total_batch_pairs = 64  # pairs per optimizer step, all processes; grad accumulation is derived from it
-max_iters = 0  # optimizer steps; 0 = one epoch over the training pairs
-learning_rate = 1e-6
-warmup_iters = 150  # linear warmup from 0 (DPO paper, appendix B: 150 steps)
-lr_schedule = "constant"  # 'constant' after warmup (DPO paper) | 'cosine' decay to min_lr at max_iters
-min_lr = 1e-7
-weight_decay = 0.0
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0  # clip the gradient norm (0 = off)
-dropout = 0.0  # dropout makes the policy's log-probs noisy at step 0; TRL disables it for DPO too
-# system
-device = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
-dtype = "auto"  # 'auto' | 'float32' | 'bfloat16' | 'float16'
-compile = False  # torch.compile the training forward (batches vary in length: expect a few recompiles)
-seed = 1337
-
 _ASSISTANT = "\n\nAssistant:"  # hh-rlhf's turn marker (underscore: not a config key)
 _LOSS_TYPES = ("dpo", "cdpo", "ipo")
+
 
 # ----------------------------------------------------------------------------------------------
 # data: records -> (prompt, chosen, rejected) strings -> token ids
@@ -300,13 +254,62 @@ def response_tokens(pairs: list) -> torch.Tensor:
     return torch.tensor([[len(c) - k, len(r) - k] for c, r, k in pairs], dtype=torch.float32)  # (N, 2)
 
 # ----------------------------------------------------------------------------------------------
+# defaults (python align.py config/align_hh.py --key=value ...)
+# I/O
+out_dir = "out-align"
+init_from = "gpt2"  # 'resume' (out_dir/ckpt_name), a GPT-2 name, or a checkpoint file/folder (e.g. 'out-sft')
+ckpt_name = "ckpt.pt"
+eval_interval = 50  # iterations between held-out evaluations (and checkpoints)
+log_interval = 10  # iterations between training log lines
+always_save_checkpoint = True  # False: save only when the held-out loss improves
+eval_only = False  # evaluate the starting model on the held-out pairs, then exit
+wandb_log = False
+wandb_project = "align"
+wandb_run_name = "dpo"
+wandb_mode = "online"  # 'online' | 'offline' (no network; `wandb sync` later) | 'disabled'
+# data: a Hugging Face dataset, or local .json/.jsonl files
+dataset = "Anthropic/hh-rlhf"  # Hub name, or local .json/.jsonl file(s) of training pairs (comma-separated)
+dataset_dir = ""  # subfolder of the Hub dataset, e.g. 'harmless-base' or 'helpful-base' for hh-rlhf
+train_split = "train"  # Hub split of the training pairs
+val_split = "test"  # Hub split or local file(s) of held-out pairs; '' = hold val_pairs out of the training pairs
+val_pairs = 512  # held-out pairs evaluated at each eval (a fixed random subset)
+max_records = 0  # read at most this many training records (0 = all), for quick runs
+cache_dir = ""  # folder for datasets' cache; '' = its default (~/.cache/huggingface/datasets)
+prompt_template = "none"  # 'alpaca': wrap explicit prompts in finetune.py's template (models SFT'd by it)
+drop_mismatched = False  # True: drop hh-layout pairs whose two sides differ before the last turn (else error)
+block_size = 512  # longest prompt + response in tokens; longer pairs lose prompt tokens from the left
+# method
+loss_type = "dpo"  # 'dpo' | 'cdpo' (label-smoothed DPO) | 'ipo'
+beta = 0.1  # strength of the pull to the reference: higher = stay closer (DPO paper: 0.1; IPO's tau)
+label_smoothing = 0.0  # cdpo: assumed probability that a preference label is flipped, in (0, 0.5)
+precompute_ref = False  # True: reference log-probs computed once up front; no reference model held in memory
+# optimization
+batch_size = 8  # preference pairs per micro-step per process (2 sequences each)
+total_batch_pairs = 64  # pairs per optimizer step, all processes; grad accumulation is derived from it
+max_iters = 0  # optimizer steps; 0 = one epoch over the training pairs
+learning_rate = 1e-6
+warmup_iters = 150  # linear warmup from 0 (DPO paper, appendix B: 150 steps)
+lr_schedule = "constant"  # 'constant' after warmup (DPO paper) | 'cosine' decay to min_lr at max_iters
+min_lr = 1e-7
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip the gradient norm (0 = off)
+dropout = 0.0  # dropout makes the policy's log-probs noisy at step 0; TRL disables it for DPO too
+# system
+device = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
+dtype = "auto"  # 'auto' | 'float32' | 'bfloat16' | 'float16'
+compile = False  # torch.compile the training forward (batches vary in length: expect a few recompiles)
+seed = 1337
 
-
-def main():
+# ----------------------------------------------------------------------------------------------
+if __name__ == "__main__":  # tests import the helpers above; the run is below
     config = configure(globals(), sys.argv[1:]); globals().update(config)
-    # validate the config and the paths before loading anything heavy
-    if loss_type not in _LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {_LOSS_TYPES}, got {loss_type!r}")
+    # checks that need neither data nor model: a typo fails in a second, not after loading
+    for key, allowed in dict(loss_type=_LOSS_TYPES, prompt_template=("none", "alpaca"),
+                             lr_schedule=("constant", "cosine")).items():
+        if config[key] not in allowed:
+            raise ValueError(f"{key} must be one of {allowed}, got {config[key]!r}; e.g. --{key}={allowed[0]}")
     if not beta > 0:
         raise ValueError(f"beta must be > 0 (DPO paper: 0.1), got {beta!r}")
     if loss_type == "cdpo" and not 0 < label_smoothing < 0.5:
@@ -315,16 +318,12 @@ def main():
     if loss_type != "cdpo" and label_smoothing != 0:
         raise ValueError(f"label_smoothing={label_smoothing!r} only applies to loss_type='cdpo' (got "
                          f"loss_type={loss_type!r}); use --loss_type=cdpo or --label_smoothing=0")
-    if prompt_template not in ("none", "alpaca"):
-        raise ValueError(f"prompt_template must be 'none' or 'alpaca', got {prompt_template!r}")
-    if lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
     for key in ("batch_size", "total_batch_pairs", "val_pairs", "eval_interval", "log_interval", "block_size"):
         if config[key] < 1:
             raise ValueError(f"{key} must be >= 1, got {config[key]!r}")
     local, local_val = local_files(dataset), local_files(val_split)  # missing local files: an error now
     rt = setup_runtime(device, dtype)
-    world = rt.ddp_world_size
+    master, world = rt.master_process, rt.ddp_world_size
     if total_batch_pairs % (batch_size * world):
         raise ValueError(f"total_batch_pairs={total_batch_pairs} must be a multiple of batch_size * processes = "
                          f"{batch_size} * {world}; e.g. --total_batch_pairs={batch_size * world * 8}")
@@ -336,7 +335,8 @@ def main():
                          f"choose another out_dir, or --init_from=resume to continue an align.py run")
     torch.manual_seed(seed + rt.ddp_rank)
 
-    # ---- the policy, and where the reference comes from
+    # ------------------------------------------------------------------------------------------
+    # the policy, and where the reference comes from
     print0(f"loading the starting model from {init_from!r}")
     model, ckpt, tok = load_model(init_from, out_dir, rt.device, dropout=dropout, ckpt_name=ckpt_name)
     ckpt = ckpt or {}
@@ -351,7 +351,8 @@ def main():
                          f"use --block_size={model.config.block_size} or less")
     print0(f"policy: {model.num_params():,} parameters; reference: {ref_from!r}")
 
-    # ---- data
+    # ------------------------------------------------------------------------------------------
+    # data: every record read and checked, then tokenized
     holdout = not val_split or (local and not local_val)  # a local file has no 'test' split: hold pairs out
     train_src = dataset if local else f"{dataset}:{train_split}"
     train_cols = read_split(dataset, "train" if local else train_split, dataset_dir, cache_dir, max_records)
@@ -372,8 +373,8 @@ def main():
         val_t, vi, vm = preference_triples(val_cols, val_src, prompt_template, drop_mismatched)
         val_t = [val_t[i] for i in sorted(rng.permutation(len(val_t))[:val_pairs])]
         ident, mism = ident + vi, mism + vm
-    train, trunc, empty = encode_triples(tok, train_t, block_size, train_src, rt.master_process)
-    val, vtrunc, vempty = encode_triples(tok, val_t, block_size, val_src, rt.master_process)
+    train, trunc, empty = encode_triples(tok, train_t, block_size, train_src, master)
+    val, vtrunc, vempty = encode_triples(tok, val_t, block_size, val_src, master)
     if len(train) < total_batch_pairs or not val:
         raise ValueError(f"after filtering, {len(train)} training and {len(val)} held-out pairs remain: need at least "
                          f"total_batch_pairs={total_batch_pairs} and 1; use more data or --total_batch_pairs")
@@ -389,7 +390,8 @@ def main():
     print0(f"{total_batch_pairs} pairs per step = {batch_size} per micro-step x {accum} grad accum x {world} "
            f"processes; {iters:,} iterations ({iters / steps_per_epoch:.2f} epochs)")
 
-    # ---- the reference: stored log-probs (resume), precomputed once, or a frozen copy held alongside
+    # ------------------------------------------------------------------------------------------
+    # the reference: stored log-probs (resume), precomputed once, or a frozen copy held alongside
     ref_model, ref_logps = None, None
     val_tokens = response_tokens(val)
     param_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
@@ -414,8 +416,10 @@ def main():
             ref_model.eval().requires_grad_(False)  # frozen: no gradients, not in the optimizer, no dropout
             print0(f"reference model: frozen copy in memory ({param_mib:,.1f} MiB of parameters)")
 
-    # ---- optimizer, compile, DDP
+    # ------------------------------------------------------------------------------------------
+    # optimizer, the state of a resumed run, compile, DDP
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), rt.device_type)
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")  # fp16 only: loss scaling
     iter_num, best_val_loss = 0, float("inf")
     if resume:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -426,14 +430,13 @@ def main():
             print0("WARNING: the training data differ from the checkpoint's run; resuming on the new data "
                    "(pass the same data flags as the first run to continue it exactly)")
     ckpt = None
-    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")
-    raw_model = model
+    train_model = model
     if compile:
         print0("compiling the model... (takes a minute)")
-        model = torch.compile(model)
+        train_model = torch.compile(model)
     if rt.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[rt.ddp_local_rank] if rt.device_type == "cuda" else None)
+        train_model = DDP(train_model, device_ids=[rt.ddp_local_rank] if rt.device_type == "cuda" else None)
 
     def get_lr(it):
         if it < warmup_iters:
@@ -443,7 +446,7 @@ def main():
         ratio = min(1.0, (it - warmup_iters) / max(1, iters - warmup_iters))
         return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
-    perms = {}  # epoch -> its shuffle of the training pairs
+    perms = {}  # epoch -> its shuffle of the training pairs (the current epoch only)
 
     def batch_indices(it, micro):
         """The pairs of one micro-step: step `it` takes the next total_batch_pairs of its epoch's shuffle; as
@@ -453,23 +456,22 @@ def main():
         if epoch not in perms:
             perms.clear()
             perms[epoch] = np.random.default_rng([seed, epoch]).permutation(len(train))
-        perm = perms[epoch]
         start = step * total_batch_pairs + (micro * world + rt.ddp_rank) * batch_size
-        return perm[start:start + batch_size].tolist()
+        return perms[epoch][start:start + batch_size].tolist()
 
-    # ---- logging and checkpoints
-    if rt.master_process:
+    # ------------------------------------------------------------------------------------------
+    # logs and checkpoints
+    if master:
         os.makedirs(out_dir, exist_ok=True)
-    run = init_wandb(wandb_project, wandb_run_name, config, wandb_mode, out_dir) if wandb_log and \
-        rt.master_process else None
+    wandb_run = init_wandb(wandb_project, wandb_run_name, config, wandb_mode, out_dir) if wandb_log and master else None
     log_path = os.path.join(out_dir, "log.jsonl")
     curves = {"train loss": ([], []), "val loss": ([], []), "val reward accuracy": ([], [])}
-
-    saved = [None]  # the iteration last saved
+    saved_at = None  # the iteration last saved
 
     def save(reason):
-        saved[0] = iter_num
-        save_checkpoint({"model": raw_model.state_dict(), "model_args": dataclasses.asdict(raw_model.config),
+        global saved_at
+        saved_at = iter_num
+        save_checkpoint({"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
                          "optimizer": optimizer.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
                          "config": config, "tokenizer": tok.meta(), "rng": rng_state(), "ref_init_from": ref_from,
                          "ref_logps": ref_logps, "data_fingerprint": data_hash}, os.path.join(out_dir, ckpt_name))
@@ -484,7 +486,8 @@ def main():
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, on_signal)
 
-    # ---- training loop
+    # ------------------------------------------------------------------------------------------
+    # training loop: evaluate (and save) every eval_interval steps, one optimizer step per iteration
     start_iter, first, t_start = iter_num, None, time.time()
     t0, tokens_seen, last_log = time.time(), 0, iter_num  # throughput since the last log line, evals excluded
     while True:
@@ -495,22 +498,22 @@ def main():
         last = iter_num >= iters or eval_only or bool(stop)
         if iter_num % eval_interval == 0 or iter_num == start_iter or last:
             t_eval = time.time()
-            pol = pair_logps(raw_model, val, batch_size, rt, "eval")
+            pol = pair_logps(model, val, batch_size, rt, "eval")
             ref = ref_logps["val"] if ref_logps is not None else pair_logps(ref_model, val, batch_size, rt)
             m = preference_metrics(pol, ref, val_tokens, loss_type, beta, label_smoothing)
             first = first or m
             print0(f"eval iter {iter_num}: val loss {m['loss']:.4f}, reward acc {m['reward_acc']:.3f}, margin "
                    f"{m['reward_margin']:.4f}, chosen {m['reward_chosen']:.4f}, rejected {m['reward_rejected']:.4f}, "
                    f"logp margin {m['logp_margin']:.3f}, drift {m['logp_drift']:+.4f}/token")
-            if rt.master_process:
+            if master:
                 append_jsonl(log_path, {"iter": iter_num, "split": "val", **m})
                 for name, v in (("val loss", m["loss"]), ("val reward accuracy", m["reward_acc"])):
                     curves[name][0].append(iter_num)
                     curves[name][1].append(v)
                 plot_curves(os.path.join(out_dir, "align.png"), curves, f"{loss_type} (beta={beta})",
                             ylabel="loss / accuracy")
-                if run:
-                    run.log({f"val/{k}": v for k, v in m.items()}, step=iter_num)
+                if wandb_run:
+                    wandb_run.log({f"val/{k}": v for k, v in m.items()}, step=iter_num)
                 improved = m["loss"] < best_val_loss
                 best_val_loss = min(best_val_loss, m["loss"])
                 if iter_num > start_iter and (improved or always_save_checkpoint):
@@ -528,8 +531,8 @@ def main():
             x, y = collate(train, idx, rt.device)
             tokens_seen += sum(len(train[i][0]) + len(train[i][1]) - 2 for i in idx)  # both sides, no padding
             if rt.ddp:  # all-reduce gradients on the last micro-step only
-                model.require_backward_grad_sync = micro == accum - 1
-            lp = sequence_logps(model, x, y, rt)  # (2B,) chosen rows first
+                train_model.require_backward_grad_sync = micro == accum - 1
+            lp = sequence_logps(train_model, x, y, rt)  # (2B,) chosen rows first
             pc, pr = lp[:len(idx)], lp[len(idx):]
             if ref_logps is not None:
                 rc, rr = ref_logps["train"][idx].to(rt.device).unbind(1)
@@ -561,19 +564,20 @@ def main():
             tok_s = tokens_seen * world / dt  # tokens fed to the policy (prompt + response, both sides)
             print0(f"iter {iter_num}: loss {loss:.4f}, reward acc {acc:.3f}, lr {lr:.2e}, grad norm {norm:.3f}, "
                    f"{dt * 1000 / (iter_num - last_log):.0f} ms/iter, {tok_s:,.0f} tok/s")
-            if rt.master_process:
+            if master:
                 append_jsonl(log_path, {"iter": iter_num, "split": "train", "loss": loss, "reward_acc": acc,
                                         "lr": lr, "grad_norm": norm, "tok_per_s": tok_s})
                 curves["train loss"][0].append(iter_num)
                 curves["train loss"][1].append(loss)
-                if run:
-                    run.log({"train/loss": loss, "train/reward_acc": acc, "lr": lr, "grad_norm": norm,
-                             "tok_per_s": tok_s}, step=iter_num)
+                if wandb_run:
+                    wandb_run.log({"train/loss": loss, "train/reward_acc": acc, "lr": lr, "grad_norm": norm,
+                                   "tok_per_s": tok_s}, step=iter_num)
             t0, tokens_seen, last_log = time.time(), 0, iter_num
 
-    # ---- cleanup
-    if stop and rt.master_process:
-        if saved[0] != iter_num:
+    # ------------------------------------------------------------------------------------------
+    # cleanup and summary
+    if stop and master:
+        if saved_at != iter_num:
             save(f"stopped by signal {stop[0]}")
         print0(f"resume with: python align.py ... --init_from=resume --out_dir={out_dir}")
     if rt.device_type == "cuda":
@@ -584,11 +588,7 @@ def main():
     print0(f"done: {iter_num - start_iter} iterations in {time.time() - t_start:.1f} s; held-out reward acc "
            f"{first['reward_acc']:.3f} -> {m['reward_acc']:.3f}, loss {first['loss']:.4f} -> {m['loss']:.4f}; "
            f"peak memory {peak}")
-    if run:
-        run.finish()
+    if wandb_run:
+        wandb_run.finish()
     if rt.ddp:
         torch.distributed.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import runpy
 import signal
 import subprocess
 import sys
@@ -226,17 +227,16 @@ def test_read_split_local_files_and_dataset_folder(workdir, tmp_path):
 
 @pytest.fixture
 def main(monkeypatch, capsys):
-    """align.main() in this process (no second start-up of torch and datasets) with the given flags -> its output.
-    main() writes the resolved config into align's globals and installs signal handlers: both are put back."""
+    """align.py run in this process as __main__ (no second start-up of torch and datasets) with the given flags ->
+    its output. The run installs signal handlers: pytest's own are put back."""
     def call(args):
-        saved = dict(vars(align))
         handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        monkeypatch.chdir(REPO)
         monkeypatch.setattr(sys, "argv", ["align.py", *args])
         capsys.readouterr()
         try:
-            align.main()
+            runpy.run_path(os.path.join(REPO, "align.py"), run_name="__main__")
         finally:
-            vars(align).update(saved)
             for s, h in handlers.items():
                 signal.signal(s, h)
         out = capsys.readouterr()
