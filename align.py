@@ -56,29 +56,41 @@ def split_hh(text: str, where: str) -> tuple:
 
 
 def preference_triples(columns: dict, source: str, template: str = "none", drop_mismatched: bool = False):
-    """Columns {'chosen': [...], 'rejected': [...], ('prompt': [...])} -> ([(record index, prompt, chosen,
-    rejected)], number of identical pairs dropped, number of mismatched pairs dropped)."""
+    """Columns of one of the three layouts -> ([(record index, prompt, chosen, rejected)], number of identical
+    pairs dropped, number of mismatched pairs dropped). Layouts: {'chosen', 'rejected'} (whole hh-rlhf
+    conversations), {'prompt', 'chosen', 'rejected'}, {'instruction', 'input' (optional), 'chosen', 'rejected'}
+    (Raschka's DPO chapter, rasbt/LLMs-from-scratch ch07/04_preference-tuning-with-dpo), whose instruction and
+    input become a prompt through finetune.format_prompt: template='alpaca' is required there."""
     if "chosen" not in columns or "rejected" not in columns:
-        raise ValueError(f"{source}: preference records need 'chosen' and 'rejected' fields (plus 'prompt' unless "
-                         f"they are whole hh-rlhf conversations); found fields {sorted(columns)}")
-    explicit = "prompt" in columns
+        raise ValueError(f"{source}: preference records need 'chosen' and 'rejected' fields (plus 'prompt' or "
+                         f"'instruction' unless they are whole hh-rlhf conversations); found fields {sorted(columns)}")
+    layout = [k for k in ("prompt", "instruction") if k in columns] or ["hh"]
+    if len(layout) > 1:
+        raise ValueError(f"{source}: records have both a 'prompt' and an 'instruction' field, so which one is the "
+                         f"prompt is ambiguous; keep one of them")
+    layout = layout[0]
     if template not in ("none", "alpaca"):
         raise ValueError(f"prompt_template must be 'none' or 'alpaca', got {template!r}")
-    if template == "alpaca" and not explicit:
-        raise ValueError(f"{source}: prompt_template='alpaca' needs records with a 'prompt' field; hh-rlhf "
-                         f"conversations carry their own Human/Assistant turns (use --prompt_template=none)")
+    if template == "alpaca" and layout == "hh":
+        raise ValueError(f"{source}: prompt_template='alpaca' needs records with a 'prompt' or 'instruction' field; "
+                         f"hh-rlhf conversations carry their own Human/Assistant turns (use --prompt_template=none)")
+    if template == "none" and layout == "instruction":
+        raise ValueError(f"{source}: records with 'instruction' (and 'input') fields need a template that joins them "
+                         f"into one prompt: --prompt_template=alpaca (finetune.py's, for models it fine-tuned); or "
+                         f"give each record a ready 'prompt' field instead")
+    inputs = columns.get("input") or [None] * len(columns["chosen"])  # optional: missing, null and "" are no input
     triples, identical, mismatched = [], 0, 0
     for i, (c, r) in enumerate(zip(columns["chosen"], columns["rejected"])):
-        fields = {"chosen": c, "rejected": r, **({"prompt": columns["prompt"][i]} if explicit else {})}
+        fields = {"chosen": c, "rejected": r}
+        if layout != "hh":
+            fields[layout] = columns[layout][i]
+        if layout == "instruction":
+            fields["input"] = inputs[i] or ""
         for name, v in fields.items():
             if not isinstance(v, str):
                 raise TypeError(f"{source} record {i}: field {name!r} must be a string, got "
                                 f"{type(v).__name__} {repr(v)[:200]}")
-        if explicit:
-            p = fields["prompt"] if template == "none" else format_prompt(fields["prompt"])
-            if not p:
-                raise ValueError(f"{source} record {i}: empty 'prompt'; every pair needs a prompt to condition on")
-        else:
+        if layout == "hh":
             p, c = split_hh(c, f"{source} record {i}, field 'chosen'")
             p_r, r = split_hh(r, f"{source} record {i}, field 'rejected'")
             if p != p_r:
@@ -90,6 +102,11 @@ def preference_triples(columns: dict, source: str, template: str = "none", drop_
                                  f"{_ASSISTANT!r} turn (at character {at}: {p[at:at + 60]!r} vs "
                                  f"{p_r[at:at + 60]!r}), so they do not answer the same prompt. Fix the "
                                  f"record, or skip such pairs with --drop_mismatched=True")
+        else:
+            if not fields[layout].strip():
+                raise ValueError(f"{source} record {i}: empty {layout!r}; every pair needs a prompt to condition on")
+            p = fields["prompt"] if layout == "prompt" else fields["instruction"]
+            p = p if template == "none" else format_prompt(p, fields.get("input", ""))
         if c == r:
             identical += 1  # no preference to learn from
             continue
@@ -275,7 +292,7 @@ val_split = "test"  # Hub split or local file(s) of held-out pairs; '' = hold va
 val_pairs = 512  # held-out pairs evaluated at each eval (a fixed random subset)
 max_records = 0  # read at most this many training records (0 = all), for quick runs
 cache_dir = ""  # folder for datasets' cache; '' = its default (~/.cache/huggingface/datasets)
-prompt_template = "none"  # 'alpaca': wrap explicit prompts in finetune.py's template (models SFT'd by it)
+prompt_template = "none"  # 'alpaca': finetune.py's template around 'prompt' or 'instruction' + 'input' fields
 drop_mismatched = False  # True: drop hh-layout pairs whose two sides differ before the last turn (else error)
 block_size = 512  # longest prompt + response in tokens; longer pairs lose prompt tokens from the left
 # method

@@ -183,7 +183,7 @@ def test_hh_split_multi_turn_and_errors():
         align.preference_triples({"chosen": [HH_PROMPT + "a", None], "rejected": [HH_PROMPT + "b"] * 2}, "d")
     with pytest.raises(ValueError, match=r"need 'chosen' and 'rejected' fields .* found fields \['prompt', 'text'\]"):
         align.preference_triples({"prompt": ["p"], "text": ["t"]}, "d")
-    with pytest.raises(ValueError, match=r"prompt_template='alpaca' needs records with a 'prompt' field"):
+    with pytest.raises(ValueError, match=r"prompt_template='alpaca' needs records with a 'prompt' or 'instruction'"):
         align.preference_triples({"chosen": [HH_PROMPT + "a"], "rejected": [HH_PROMPT + "b"]}, "d", "alpaca")
     # the explicit layout, wrapped in finetune.py's template on request
     triples, _, _ = align.preference_triples({"prompt": ["Name a colour."], "chosen": ["Red."], "rejected": ["No."]},
@@ -191,6 +191,31 @@ def test_hh_split_multi_turn_and_errors():
     assert triples == [(0, format_prompt("Name a colour."), "Red.", "No.")]
     with pytest.raises(ValueError, match=r"d record 0: empty 'prompt'"):
         align.preference_triples({"prompt": [""], "chosen": ["a"], "rejected": ["b"]}, "d")
+
+
+def test_instruction_input_records_become_alpaca_prompts():
+    """Raschka's preference layout (rasbt/LLMs-from-scratch ch07/04_preference-tuning-with-dpo): instruction, input
+    (empty or missing for some records), output, chosen, rejected. The Alpaca template joins instruction and input
+    exactly as finetune.py does for SFT, so an SFT model sees the prompts it was trained on."""
+    cols = {"instruction": ["Rewrite the sentence in passive voice.", "Name a primary colour."],
+            "input": ["The cat chased the mouse.", None], "output": ["x", "y"],
+            "chosen": ["The mouse was chased by the cat.", "Red."], "rejected": ["Cat chase mouse.", "Red is nice."]}
+    triples, identical, mismatched = align.preference_triples(cols, "prefs.json", "alpaca")
+    assert triples == [(0, format_prompt(cols["instruction"][0], cols["input"][0]), cols["chosen"][0],
+                        cols["rejected"][0]), (1, format_prompt("Name a primary colour."), "Red.", "Red is nice.")]
+    assert "### Input:\nThe cat chased the mouse." in triples[0][1] and "### Input:" not in triples[1][1]
+    no_input = {k: v for k, v in cols.items() if k != "input"}
+    assert [t[1] for t in align.preference_triples(no_input, "p", "alpaca")[0]] == [
+        format_prompt(cols["instruction"][0]), format_prompt(cols["instruction"][1])]
+    with pytest.raises(ValueError, match=r"prefs.json: records with 'instruction' \(and 'input'\) fields need a "
+                                         r"template .*--prompt_template=alpaca"):
+        align.preference_triples(cols, "prefs.json")
+    with pytest.raises(ValueError, match=r"p: records have both a 'prompt' and an 'instruction' field"):
+        align.preference_triples({**cols, "prompt": ["a", "b"]}, "p", "alpaca")
+    with pytest.raises(ValueError, match=r"p record 1: empty 'instruction'"):
+        align.preference_triples({**cols, "instruction": ["a", " "]}, "p", "alpaca")
+    with pytest.raises(TypeError, match=r"p record 0: field 'input' must be a string, got int 3"):
+        align.preference_triples({**cols, "input": [3, ""]}, "p", "alpaca")
 
 
 def test_encoding_truncates_prompt_first_with_a_shared_prompt():
