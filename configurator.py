@@ -43,10 +43,12 @@ def _unknown(key: str, known, source: str) -> ValueError:
     return ValueError(f"{source}: unknown config key {key!r}{hint}")
 
 
-def configure(defaults: dict, argv: list, verbose: Optional[bool] = None) -> dict:
+def configure(defaults: dict, argv: list, verbose: Optional[bool] = None, explicit: Optional[set] = None) -> dict:
     """Resolve a script's config. defaults: the script's globals() (only public int/float/bool/str/tuple/list/
     None values count as config keys). argv: config file paths and --key=value strings. Returns the full
-    resolved config {key: value}. Prints each override with its source on rank 0 unless verbose=False."""
+    resolved config {key: value}. Prints each override with its source on rank 0 unless verbose=False.
+    explicit: a set that receives the keys that config files or --key=value set (what a resumed run may change)."""
+    explicit = set() if explicit is None else explicit
     if verbose is None:
         verbose = int(os.environ.get("RANK", "0")) == 0  # torchrun's rank: print once per job
     # config keys: public lower-case names of simple type (UPPER_CASE names are constants, not settings)
@@ -68,6 +70,7 @@ def configure(defaults: dict, argv: list, verbose: Optional[bool] = None) -> dic
                     raise _unknown(key, config, f"config file {arg}")
                 if value is not config[key] and value != config[key]:
                     config[key] = _check_type(key, value, defaults[key], f"config file {arg}")
+                    explicit.add(key)
                     if verbose:
                         print(f"config {arg}: {key} = {config[key]!r}")
         else:
@@ -83,6 +86,7 @@ def configure(defaults: dict, argv: list, verbose: Optional[bool] = None) -> dic
             if isinstance(defaults[key], str) and not isinstance(value, str):
                 value = raw  # --out_dir=123 means the string '123'
             config[key] = _check_type(key, value, defaults[key], "command line")
+            explicit.add(key)
             if verbose:
                 print(f"override: {key} = {config[key]!r}")
     return config

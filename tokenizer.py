@@ -87,6 +87,10 @@ class GPT2Tokenizer:
     def decode(self, ids) -> str:
         return self.enc.decode(list(ids))
 
+    def token_bytes(self, ids) -> bytes:
+        """The bytes ids stand for: a BPE token can hold part of a UTF-8 character, so text is decoded from these."""
+        return self.enc.decode_bytes([int(i) for i in ids])
+
     def meta(self) -> dict:
         return {"tokenizer": "gpt2"}
 
@@ -119,6 +123,9 @@ class CharTokenizer:
 
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids)
+
+    def token_bytes(self, ids) -> bytes:
+        return self.decode(ids).encode("utf-8")
 
     def meta(self) -> dict:
         # nanoGPT's meta.pkl keys, so its tools read ours
