@@ -432,9 +432,10 @@ def resume_run(config: dict, explicit: set, kinds: tuple, script: str, may_chang
     out.update({k: v for k, v in saved.items() if k in config})  # keys the saved run lacks keep today's default
     changed, refused = [], []
     for key in sorted(explicit):
-        if key not in saved or saved[key] == config[key] or key == "init_from":
+        was = saved.get(key, ckpt["model_args"].get(key))  # the model's shape also when an old config lacks it
+        if key == "init_from" or key not in saved and key not in ckpt["model_args"] or was == config[key]:
             continue
-        (changed if key in may_change else refused).append(f"{key}: {saved[key]!r} -> {config[key]!r}")
+        (changed if key in may_change else refused).append(f"{key}: {was!r} -> {config[key]!r}")
         out[key] = config[key]
     out["init_from"] = "resume"
     if refused:

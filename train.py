@@ -14,19 +14,18 @@ The same on 2 nodes of 8 GPUs: run this on both, with --node_rank=1 on the secon
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \
         train.py config/train_fineweb.py
 
-Continue a run exactly where it stopped (Ctrl-C or SIGTERM first saves a checkpoint):
-    python train.py config/train_shakespeare_char.py --init_from=resume
+Continue a run exactly where it stopped (Ctrl-C or SIGTERM first saves a checkpoint); the saved config is
+the base, so the folder is all it needs (--max_iters=N and other reporting keys may change between legs):
+    python train.py --init_from=resume --out_dir=out-shakespeare-char
+Start from any checkpoint that holds a model (fine-tuned, aligned, imported; not a quantized one):
+    python train.py config/train_shakespeare.py --init_from=out-sft
 
 Every default below can be changed by config files and --key=value, in that order.
 """
 
-import io
-import json
 import math
 import os
 import resource
-import shlex
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -36,8 +35,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (GPT2_NAMES, append_jsonl, init_wandb, load_model, plot_curves, print0, rng_state,
-                    save_checkpoint, set_rng_state, setup_runtime)
+from common import (GPT2_NAMES, append_jsonl, catch_signals, check_schedule, gather_objects, init_wandb, last_name,
+                    load_model, lr_at, make_checkpoint, model_from_checkpoint, plot_curves, print0,
+                    read_jsonl, restore_rng, resume_run, resume_state, rng_state, save_checkpoint, setup_runtime,
+                    stop_exit, truncate_log)
+from common import peak_flops as device_peak_flops  # peak_flops is a config key
 from configurator import configure
 from dataloader import BinLoader
 from model import GPT, GPTConfig
@@ -51,9 +53,9 @@ eval_interval = 1000  # iterations between evaluations (and checkpoints)
 eval_iters = 100  # batches per split in each evaluation (0: no evaluation, checkpoints only)
 eval_only = False  # evaluate once and exit
 log_interval = 10  # iterations between log lines (each one waits for the device to catch up)
-always_save_checkpoint = True  # True: save at every evaluation; False: only when the val loss improves
+always_save_checkpoint = True  # True: save at every evaluation; False: ckpt_name holds the best only (a stop saves ckpt_last.pt)
 save_best = False  # also keep the model with the lowest val loss in out_dir/ckpt_best.pt
-init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt_name), 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a checkpoint
+init_from = "scratch"  # 'scratch', 'resume' (continue the run in out_dir), 'gpt2'..'gpt2-xl', or any checkpoint file/folder
 ckpt_name = "ckpt.pt"  # checkpoint file in out_dir
 sample_interval = 0  # iterations between text samples from sample_prompt (0: off)
 sample_prompt = "\n"  # a fixed prompt, so that successive samples show what the model learned
@@ -88,7 +90,7 @@ weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip the global gradient norm to this (0: no clipping; the norm is logged either way)
-decay_lr = True  # linear warmup, then cosine decay to min_lr; False: constant learning_rate
+decay_lr = True  # after the warmup: cosine decay to min_lr; False: constant learning_rate (warmup_iters=0: none)
 warmup_iters = 715  # iterations of linear warmup
 lr_decay_iters = 19073  # where the cosine reaches min_lr (usually max_iters)
 min_lr = 6e-5  # usually learning_rate / 10
@@ -98,8 +100,11 @@ dtype = "auto"  # 'auto' (bf16 on CUDA, fp16 + loss scaling on GPUs without bf16
 compile = True  # torch.compile the model for training steps (the first steps are slow while it compiles)
 seed = 1337
 peak_flops = 0.0  # FLOP/s of one device for MFU; 0: a guess (GPU: its bf16 datasheet peak; CPU: rough, set it)
-_shape_defaults = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias)
-config = configure(globals(), sys.argv[1:]); globals().update(config)
+_explicit = set()  # the keys that config files and --key=value set
+config = configure(globals(), sys.argv[1:], explicit=_explicit); globals().update(config)
+ckpt = None
+if init_from == "resume":  # continue the run in out_dir: its saved config is the base, reporting keys may change
+    config, ckpt = resume_run(config, _explicit, ("pretrain",), "train.py"); globals().update(config)
 # ----------------------------------------------------------------------------------------------
 # checks that need neither data nor model: a typo fails in a second, not after loading
 
@@ -116,15 +121,13 @@ for key in ("max_iters", "eval_iters", "sample_interval", "warmup_iters", "total
 if init_from not in ("scratch", "resume") + GPT2_NAMES and not os.path.exists(init_from):
     raise ValueError(f"init_from must be 'scratch', 'resume', one of {GPT2_NAMES} or an existing checkpoint "
                      f"file or folder, got {init_from!r}")
-if decay_lr and lr_decay_iters <= warmup_iters:
-    raise ValueError(f"lr_decay_iters ({lr_decay_iters}) must be larger than warmup_iters ({warmup_iters}); "
-                     f"e.g. --lr_decay_iters={max(max_iters, warmup_iters + 1)}")
+check_schedule(learning_rate, warmup_iters, lr_decay_iters, max_iters, min_lr, decay_lr)
 
 rt = setup_runtime(device, dtype)
 master, W = rt.master_process, rt.ddp_world_size
 # Gradient accumulation is derived, not configured: total = batch_size * block_size * ranks * grad_accum
 tokens_per_micro = batch_size * block_size * W
-total_batch_size = config["total_batch_size"] = total_batch_size or tokens_per_micro
+total_batch_size = total_batch_size or tokens_per_micro
 if total_batch_size % tokens_per_micro:
     fix = max(1, round(total_batch_size / tokens_per_micro)) * tokens_per_micro
     raise ValueError(f"total_batch_size={total_batch_size:,} tokens is not a multiple of batch_size * block_size * "
@@ -178,59 +181,47 @@ print0(f"data: {'streaming ' + stream_dataset + ', ' if data_source == 'stream' 
 # ----------------------------------------------------------------------------------------------
 # model, optimizer, and the state of a resumed run
 
-iter_num, best_val_loss, ckpt = 0, float("inf"), None
+iter_num, best_val_loss = 0, float("inf")
 if init_from == "scratch":
     model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                           vocab_size=data_vocab, dropout=dropout, bias=bias)).to(rt.device)
-else:
+    saved_tok = tok_meta
+elif init_from == "resume":  # the shape and everything else come from the checkpoint (resume_run above)
+    model = model_from_checkpoint(ckpt, dropout).to(rt.device)
+    saved_tok = ckpt["tokenizer"] or {"tokenizer": "gpt2"}
+else:  # a model to start from: GPT-2's weights, or any checkpoint that holds one (a quantized one is refused)
     if init_from in GPT2_NAMES and tok_meta["tokenizer"] != "gpt2":
         raise ValueError(f"init_from={init_from!r} needs GPT-2 token ids, but {data_dir!r} is character-level "
                          f"(it has a meta.pkl); use a GPT-2-tokenized dataset, e.g. --dataset=shakespeare")
-    first = not rt.ddp or rt.ddp_local_rank == 0  # one download per node: the others wait, then read the cache
-    if not first:
-        dist.barrier()
-    model, ckpt, _ = load_model(init_from, out_dir, rt.device, dropout=dropout, ckpt_name=ckpt_name)
-    if rt.ddp and first:
-        dist.barrier()
-    saved_tok, vocab = (ckpt or {}).get("tokenizer") or {"tokenizer": "gpt2"}, model.config.vocab_size
-    # GPT-2 ids fit any table of at least 50257 rows; a character vocabulary must be the very same one
-    diff = []
-    if saved_tok != tok_meta or (vocab < 50257 if tok_meta["tokenizer"] == "gpt2" else vocab != data_vocab):
-        diff.append(f"vocabulary: checkpoint {saved_tok['tokenizer']} ({vocab} ids), data {tok_meta['tokenizer']} "
-                    f"({data_vocab} ids, {data_dir!r})")
-    if init_from == "resume":
-        # the shape comes from the checkpoint; a config that explicitly asks for another one is an error
-        saved = ckpt["model_args"]
-        diff = [f"{k}: checkpoint {saved.get(k)!r}, config {config[k]!r}" for k, v in _shape_defaults.items()
-                if config[k] != v and saved.get(k) != config[k]] + diff
-        if diff:
-            raise ValueError(f"cannot resume {os.path.join(out_dir, ckpt_name)!r} with a different model: "
-                             + "; ".join(diff) + ". Resume with the config the run started with, or start a new "
-                             "run with another --out_dir")
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        print0(f"resuming {os.path.join(out_dir, ckpt_name)} at iteration {iter_num:,} (best val loss "
-               f"{best_val_loss:.4f})")
-    elif diff:
-        raise ValueError(f"init_from={init_from!r} does not fit the data: {diff[0]}")
-    elif block_size < model.config.block_size:
+    # every rank loads; downloads take turns on a lock file, so the first downloads and the others read the file
+    model, ckpt, tok = load_model(init_from, out_dir, rt.device, dropout=dropout, ckpt_name=ckpt_name,
+                                  for_training=True)
+    saved_tok = tok.meta()
+    if ckpt is not None:
+        print0(f"starting from {ckpt['path']} ({ckpt['kind']}" + (f", iteration {ckpt['resume']['iter_num']:,}"
+               if ckpt["resume"] else "") + "): its weights, a new run")
+    if block_size < model.config.block_size:
         model.crop_block_size(block_size)  # e.g. GPT-2's 1024 positions cut to 256 for faster fine-tuning
+# GPT-2 ids fit any table of at least 50257 rows; a character vocabulary must be the very same one
+vocab = model.config.vocab_size
+if saved_tok != tok_meta or (vocab < 50257 if tok_meta["tokenizer"] == "gpt2" else vocab != data_vocab):
+    raise ValueError(f"init_from={init_from!r} does not fit the data: the checkpoint's vocabulary is "
+                     f"{saved_tok['tokenizer']} ({vocab} ids), the data's {tok_meta['tokenizer']} ({data_vocab} ids, "
+                     f"{data_dir!r}); use data prepared with the model's tokenizer")
 model.train()
 model_args = asdict(model.config)
 
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), rt.device_type)
 scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")  # fp16 needs loss scaling
 if init_from == "resume":
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt.get("scaler"):  # empty unless the run used float16
-        scaler.load_state_dict(ckpt["scaler"])
-    if "loader" in ckpt:
-        train_loader.load_state_dict(ckpt["loader"])
-    rngs = ckpt.get("rng") or []
-    if len(rngs) == W:
-        set_rng_state(rngs[rt.ddp_rank])  # last: building the model above drew random numbers
-    else:
-        print0(f"WARNING: the checkpoint holds random states for {len(rngs)} ranks, this run has {W}: dropout "
-               f"continues with fresh random numbers, so the resumed run is not bit-identical")
+    state = ckpt["resume"]
+    iter_num, best_val_loss = state["iter_num"], state["best"]["value"]
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):  # empty unless the run used float16
+        scaler.load_state_dict(state["scaler"])
+    if state.get("loader") is not None:
+        train_loader.load_state_dict(state["loader"])
+    restore_rng(state["rng"], rt)  # last: building the model above drew random numbers
 ckpt = None  # free the memory
 
 # the compiled model runs the training steps; evaluation and sampling use the plain module, whose varying
@@ -241,23 +232,9 @@ if compile:
     train_model = torch.compile(model)
 if rt.ddp:
     train_model = DDP(train_model, device_ids=[rt.ddp_local_rank] if rt.device_type == "cuda" else None)
-stop_group = dist.new_group(backend="gloo") if rt.ddp else None  # for flags on the CPU: no device sync
 
 # MFU: achieved FLOP/s (6N + attention per token, PaLM appendix B; model.flops_per_token) over peak FLOP/s
-peak, peak_why = peak_flops, "--peak_flops"
-if not peak and rt.device_type == "cuda":
-    name = torch.cuda.get_device_name(rt.device)
-    # dense bf16 tensor-core peaks from NVIDIA's datasheets (H100/H200: SXM); fp32 runs count against them too
-    peaks = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10", 125e12),
-             ("L4", 121e12), ("V100", 125e12), ("T4", 65e12), ("4090", 165e12), ("3090", 71e12))
-    peak, peak_why = next(((f, f"{name}, dense bf16") for k, f in peaks if k in name),
-                          (312e12, f"{name} not in the table, A100 assumed; set --peak_flops"))
-elif not peak and rt.device_type == "cpu":
-    # a rough guess: threads x fp32 FLOP per cycle (two FMA units of AVX-512 or AVX2) x 2.5 GHz
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    per_cycle = 64 if " avx512f" in flags else 32 if " avx2" in flags else 8
-    peak = torch.get_num_threads() * per_cycle * 2.5e9
-    peak_why = f"{torch.get_num_threads()} threads x {per_cycle} FLOP/cycle x 2.5 GHz, a rough guess; set --peak_flops"
+peak, peak_why = (peak_flops, "--peak_flops") if peak_flops else device_peak_flops(rt.device)
 flops_per_token = model.flops_per_token(block_size)
 print0(f"model: {model.num_params() / 1e6:.2f}M parameters ({', '.join(f'{k}={v}' for k, v in model_args.items())})")
 print0(f"batch: {total_batch_size:,} tokens per iteration = {batch_size} sequences x {block_size} tokens x {W} "
@@ -268,19 +245,6 @@ print0(f"MFU against {peak / 1e12:.1f} TFLOP/s per device ({peak_why})" if peak 
 
 # ----------------------------------------------------------------------------------------------
 # what the loop calls: learning rate, evaluation, samples, checkpoints, logs
-
-
-def get_lr(it: int) -> float:
-    """Linear warmup (Goyal et al. 2017, arXiv:1706.02677), then cosine decay to min_lr (Loshchilov & Hutter,
-    SGDR, arXiv:1608.03983), as GPT-3 was trained (Brown et al. 2020, arXiv:2005.14165, appendix B)."""
-    if not decay_lr:
-        return learning_rate
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    if it > lr_decay_iters:
-        return min_lr
-    ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
 @torch.no_grad()
@@ -320,53 +284,31 @@ def sample_text() -> str:
     return tok.decode(out[0, idx.size(1):].tolist())
 
 
-def gather(obj) -> list:
-    """Every rank's obj, in rank order (a collective: all ranks call it at the same point)."""
-    if not rt.ddp:
-        return [obj]
-    # sent as torch.save bytes: all_gather_object fails to unpickle tensors itself (torch 2.13: "UntypedStorage
-    # has no attribute 'dtype'"), and weights_only=True reads back nothing but data
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    objs = [None] * W
-    dist.all_gather_object(objs, buf.getvalue())
-    return [torch.load(io.BytesIO(b), weights_only=True) for b in objs]
-
-
 def save(name: str):
     """Write out_dir/name atomically with everything an exact resume needs (a collective under DDP)."""
-    rngs = gather(rng_state())
-    loader_state = gather(train_loader.state_dict()) if data_source == "stream" else train_loader.state_dict()
+    rngs = gather_objects(rng_state(), rt)
+    loader_state = gather_objects(train_loader.state_dict(), rt) if data_source == "stream" else train_loader.state_dict()
     if master:
         path = os.path.join(out_dir, name)
-        save_checkpoint({"model": model.state_dict(), "model_args": model_args, "optimizer": optimizer.state_dict(),
-                         "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config, "tokenizer": tok_meta,
-                         "rng": rngs, "loader": loader_state, "scaler": scaler.state_dict()}, path)
+        resume = resume_state(iter_num, "val_loss", best_val_loss, optimizer.state_dict(), scaler.state_dict(), rngs,
+                              loader_state)
+        save_checkpoint(make_checkpoint("pretrain", model.state_dict(), model_args, config, tok_meta, resume), path)
         print0(f"saved {path} (iteration {iter_num:,})")
-
-
-def resume_command() -> str:
-    args = [a for a in sys.argv[1:] if not a.startswith("--init_from=")] + ["--init_from=resume"]
-    launcher = (f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', W)} (and your other torchrun "
-                f"flags)" if rt.ddp else "python")
-    return f"{launcher} {sys.argv[0]} {' '.join(map(shlex.quote, args))}"
 
 
 def stop_non_finite(what: str, value: float, at: int):
     """Exit at once: saving weights that produce nan/inf would only destroy the last good checkpoint."""
     sys.exit(f"ERROR: the {what} became {value} (not finite) at iteration {at:,}: the weights are broken, so nothing "
              f"was saved. The last good checkpoint (if any) is {os.path.join(out_dir, ckpt_name)!r}. Lower "
-             f"--learning_rate, check the data, or use --dtype=bfloat16 or float32, then resume: {resume_command()}")
+             f"--learning_rate, check the data, or use --dtype=bfloat16 or float32, then resume: python "
+             f"{sys.argv[0]} --init_from=resume --out_dir={out_dir} --learning_rate=...")
 
 
 log_path, png_path = os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "loss.png")
 if master:
     os.makedirs(out_dir, exist_ok=True)
-    if init_from == "resume" and os.path.exists(log_path):  # drop what was logged after the checkpoint
-        kept = [line for line in open(log_path) if json.loads(line)["iter"] <= iter_num]
-        with open(log_path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(log_path + ".tmp", log_path)
+    if init_from == "resume":
+        truncate_log(log_path, iter_num)  # drop what was logged after the checkpoint
     elif os.path.exists(log_path):
         os.replace(log_path, os.path.join(out_dir, "log.prev.jsonl"))
         print0(f"WARNING: {out_dir!r} holds an earlier run; this new one overwrites its checkpoint at the first save "
@@ -383,7 +325,7 @@ def record(rec: dict):
     if wandb_run is not None:
         wandb_run.log({k: v for k, v in rec.items() if k not in ("type", "iter") and v is not None}, step=rec["iter"])
     if rec["type"] in ("eval", "summary") and rec["iter"] > 0 and rec["iter"] != plotted_at:
-        recs = [json.loads(line) for line in open(log_path)]
+        recs = read_jsonl(log_path)
         curves = {name: ([r["iter"] for r in recs if r.get(key) is not None],
                          [r[key] for r in recs if r.get(key) is not None])
                   for name, key in (("train (log lines)", "loss"), ("train", "train_loss"), ("val", "val_loss"))}
@@ -406,20 +348,7 @@ def run_eval() -> dict:
     return losses
 
 
-stop_signal = 0
-
-
-def request_stop(signum, frame):
-    global stop_signal
-    if stop_signal:
-        raise KeyboardInterrupt  # asked twice: stop now, without saving
-    stop_signal = signum
-    print0(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint (again to abort "
-           f"without saving)", flush=True)
-
-
-signal.signal(signal.SIGINT, request_stop)
-signal.signal(signal.SIGTERM, request_stop)
+stop = catch_signals()  # SIGINT/SIGTERM: finish the step, save, print how to resume
 
 # ----------------------------------------------------------------------------------------------
 # training loop
@@ -438,9 +367,9 @@ loss_sum = torch.zeros((), device=rt.device)  # summed micro-step losses since t
 first_bad = torch.full((), BIG, dtype=torch.long, device=rt.device)  # first iteration with a non-finite loss
 t_log, iters_logged, train_time, saved_at = time.time(), 0, 0.0, -1
 while iter_num < max_iters:
-    lr = get_lr(iter_num)
+    lr = lr_at(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # an optimizer may run some groups at a multiple
     step_loss = torch.zeros((), device=rt.device)
     for micro in range(grad_accum):
         x, y = train_loader.next_batch()
@@ -460,11 +389,7 @@ while iter_num < max_iters:
     loss_sum += step_loss
     iter_num += 1
     iters_logged += 1
-    stopping = stop_signal  # read once: the handler may set it at any moment
-    if rt.ddp:  # stop together: a rank that left the loop alone would leave the others waiting forever
-        flag = torch.tensor([stopping])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=stop_group)
-        stopping = int(flag)
+    stopping = stop.agreed(rt)  # all ranks stop together: one that left alone would leave the others waiting
     last = iter_num == max_iters
     eval_due = iter_num % eval_interval == 0 or last
     sample_due = sample_interval and master and (iter_num % sample_interval == 0 or last)
@@ -507,13 +432,9 @@ while iter_num < max_iters:
             import wandb
             wandb_run.log({"samples": wandb.Table(columns=["iter", "text"], data=samples)}, step=iter_num)
     if stopping:
-        if saved_at != iter_num:
-            save(ckpt_name)
-        print0(f"stopped by {signal.Signals(stopping).name} after iteration {iter_num:,}. Resume with:\n  "
-               f"{resume_command()}")
-        if rt.ddp:
-            dist.destroy_process_group()
-        sys.exit(128 + stopping)
+        if saved_at != iter_num:  # a best-only ckpt_name keeps the best model: the state goes to ckpt_last.pt
+            save(ckpt_name if always_save_checkpoint else last_name(ckpt_name))
+        stop_exit(stopping, rt, sys.argv, out_dir)
     if eval_due or sample_due:
         t_log = time.time()  # log lines time the training steps, not evaluations, samples and saves
 

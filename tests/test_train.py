@@ -157,11 +157,12 @@ def test_loss_falls_on_real_text_with_config_file_and_overrides(tmp_path, monkey
                           r"[\d,]+ tok/s \| MFU [\d.]+%$", stdout, re.M)) == 50
     assert "done: 50 iterations" in stdout and "best val loss" in stdout
     assert open(out / "loss.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    # the checkpoint: nanoGPT's keys plus ours; the char vocabulary travels with it, sample.py needs nothing else
+    # the checkpoint contract; the char vocabulary travels with it, sample.py needs nothing else
     ckpt = load_checkpoint(str(out / "ckpt.pt"))
-    assert {"model", "model_args", "optimizer", "iter_num", "best_val_loss", "config", "tokenizer", "rng",
-            "loader"} <= set(ckpt)
-    assert ckpt["iter_num"] == 50 and ckpt["best_val_loss"] == pytest.approx(evals[-1]["val_loss"])
+    assert ckpt["kind"] == "pretrain" and {"model", "model_args", "config", "tokenizer", "resume"} <= set(ckpt)
+    state = ckpt["resume"]
+    assert {"optimizer", "rng", "loader", "scaler"} <= set(state) and len(state["rng"]) == 1
+    assert state["iter_num"] == 50 and state["best"] == {"name": "val_loss", "value": pytest.approx(evals[-1]["val_loss"])}
     assert ckpt["config"]["learning_rate"] == 0.02 and ckpt["config"]["max_iters"] == 50
     assert ckpt["model_args"] == dict(block_size=16, vocab_size=CharTokenizer.from_text(TEXT).n_vocab, n_layer=2,
                                       n_head=2, n_embd=32, dropout=0.0, bias=True)
@@ -194,9 +195,12 @@ def test_resume_continues_bit_identically(tmp_path):
             "--eval_interval=12"]
     train(tmp_path, *args, "--max_iters=12", f"--out_dir={tmp_path / 'full'}")
     train(tmp_path, *args, "--max_iters=6", f"--out_dir={tmp_path / 'part'}")
-    assert load_checkpoint(str(tmp_path / "part"))["iter_num"] == 6
-    r = train(tmp_path, *args, "--max_iters=12", f"--out_dir={tmp_path / 'part'}", "--init_from=resume")
-    assert "at iteration 6" in r.stdout
+    assert load_checkpoint(str(tmp_path / "part"))["resume"]["iter_num"] == 6
+    # no other flag: the saved config is the base (only max_iters changes between the legs)
+    r = subprocess.run([sys.executable, "train.py", "--init_from=resume", f"--out_dir={tmp_path / 'part'}",
+                        "--max_iters=12"], cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "(pretrain, iteration 6) with its saved config: changed max_iters: 6 -> 12" in r.stdout
     full, part = records(tmp_path / "full", "train"), records(tmp_path / "part", "train")
     assert [s["iter"] for s in part] == list(range(1, 13))
     assert [s["loss"] for s in part[6:]] == [s["loss"] for s in full[6:]]
@@ -222,7 +226,7 @@ def test_ddp_two_ranks_match_one_process_with_twice_the_accumulation(tmp_path, m
     np.testing.assert_allclose([s["loss"] for s in b], [s["loss"] for s in a], rtol=0, atol=1e-5)
     ea, eb = records(tmp_path / "one", "eval"), records(tmp_path / "ddp", "eval")
     np.testing.assert_allclose([e["val_loss"] for e in eb], [e["val_loss"] for e in ea], rtol=0, atol=1e-5)
-    assert load_checkpoint(str(tmp_path / "ddp"))["iter_num"] == 8
+    assert load_checkpoint(str(tmp_path / "ddp"))["resume"]["iter_num"] == 8
 
 
 def test_sigint_finishes_the_step_and_saves_a_loadable_checkpoint(tmp_path):
@@ -241,9 +245,10 @@ def test_sigint_finishes_the_step_and_saves_a_loadable_checkpoint(tmp_path):
     output = "".join(lines) + rest
     assert p.returncode == 128 + signal.SIGINT, output
     assert "SIGINT: finishing this step" in output and "--init_from=resume" in output.split("Resume with:")[1]
+    state = load_checkpoint(str(out / "ckpt.pt"))["resume"]
+    assert state["iter_num"] >= 3 and f"saved {out / 'ckpt.pt'} (iteration {state['iter_num']:,})" in output
+    assert state["loader"]["step"] == state["iter_num"]
     ckpt = load_checkpoint(str(out / "ckpt.pt"))
-    assert ckpt["iter_num"] >= 3 and f"saved {out / 'ckpt.pt'} (iteration {ckpt['iter_num']:,})" in output
-    assert ckpt["loader"]["step"] == ckpt["iter_num"]
     GPT(GPTConfig(**ckpt["model_args"])).load_state_dict(ckpt["model"])
 
 
@@ -288,7 +293,7 @@ def test_wandb_without_login_falls_back_to_offline_and_init_from_a_checkpoint_fi
     assert table == {"columns": ["iter", "text"], "data": [[2, samples[0]], [4, samples[1]]]}
     # started from the file's weights, cut to the requested context, a new run at iteration 0
     ckpt = load_checkpoint(str(out / "ckpt.pt"))
-    assert ckpt["model_args"]["block_size"] == 16 and ckpt["iter_num"] == 4
+    assert ckpt["model_args"]["block_size"] == 16 and ckpt["resume"]["iter_num"] == 4
     assert records(out, "eval")[0]["iter"] == 0
 
 def test_streaming_source_trains_and_resumes(tmp_path, monkeypatch, capsys):
@@ -309,9 +314,9 @@ def test_streaming_source_trains_and_resumes(tmp_path, monkeypatch, capsys):
     assert [(e["iter"], e["train_loss"]) for e in records(out, "eval")] == [(0, None), (4, None)]  # val only
     ckpt = load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["tokenizer"] == {"tokenizer": "gpt2"} and ckpt["model_args"]["vocab_size"] == 50304
-    assert isinstance(ckpt["loader"], list) and len(ckpt["loader"]) == 1  # one stream position per rank
+    assert isinstance(ckpt["resume"]["loader"], list) and len(ckpt["resume"]["loader"]) == 1  # one per rank
     run_inprocess(monkeypatch, *args, "--max_iters=6", "--init_from=resume")
-    assert "at iteration 4" in capsys.readouterr().out
+    assert "iteration 4" in capsys.readouterr().out
     assert [s["iter"] for s in records(out, "train")] == list(range(1, 7))
 
 # ----------------------------------------------------------------------------------------------
@@ -326,7 +331,7 @@ def test_streaming_source_trains_and_resumes(tmp_path, monkeypatch, capsys):
                                              r"--total_batch_size=128"),
     (["--data_order=shuffled"], ValueError, r"data_order must be one of \('random', 'sequential'\), got 'shuffled'"),
     (["--init_from=gpt3"], ValueError, r"init_from must be 'scratch', 'resume', one of .* got 'gpt3'"),
-    (["--warmup_iters=100", "--lr_decay_iters=50"], ValueError, r"lr_decay_iters \(50\) must be larger"),
+    (["--warmup_iters=100", "--lr_decay_iters=50"], ValueError, r"would decay \(at iteration 50\) before its warmup"),
 ])
 def test_bad_config_fails_early(tmp_path, monkeypatch, args, error, match):
     data = char_data(tmp_path / "data")
@@ -352,11 +357,12 @@ def test_resume_with_another_model_or_vocabulary_lists_the_differences(tmp_path,
     out = tmp_path / "out"
     save_checkpoint({"model": model.state_dict(), "model_args": asdict(model.config), "tokenizer": tok.meta(),
                      "config": {}, "iter_num": 5, "best_val_loss": 3.0, "optimizer": {}}, str(out / "ckpt.pt"))
-    with pytest.raises(ValueError, match=r"cannot resume .*ckpt.pt.* with a different model: n_layer: checkpoint 2, "
-                                         r"config 3; n_embd: checkpoint 32, config 48\. Resume with the config"):
+    with pytest.raises(ValueError, match=r"resuming .*ckpt.pt.* with different settings would make another run: "
+                                         r"n_embd: 32 -> 48; n_layer: 2 -> 3\. Only these may change"):
         run_inprocess(monkeypatch, f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume", "--n_layer=3",
                       "--n_embd=48")
     other = char_data(tmp_path / "other", TEXT.upper())
-    with pytest.raises(ValueError, match=r"vocabulary: checkpoint char \(\d+ ids\), data char \(\d+ ids"):
+    with pytest.raises(ValueError, match=r"does not fit the data: the checkpoint's vocabulary is char \(\d+ ids\), "
+                                         r"the data's char \(\d+ ids"):
         run_inprocess(monkeypatch, f"--data_dir={other}", f"--out_dir={out}", "--init_from=resume")
 
