@@ -29,10 +29,11 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from common import (append_jsonl, init_wandb, load_model, plot_curves, print0, rng_state, save_checkpoint,
-                    set_rng_state, setup_runtime)
+from common import (append_jsonl, catch_signals, check_schedule, gather_objects, init_wandb, last_name, load_model,
+                    lr_at, make_checkpoint, model_from_checkpoint, pad_right, plot_curves, print0, progress,
+                    read_jsonl, restore_rng, resume_run, resume_state, rng_state, save_checkpoint, setup_runtime,
+                    stop_exit, tokenizer_for, truncate_log)
 from configurator import configure
 from finetune import encode_pair, format_prompt
 
@@ -121,8 +122,7 @@ def encode_triples(tok, triples: list, block_size: int, source: str, verbose: bo
     ids; the first k ids of both sides are the same prompt tokens, the rest is the response."""
     id_dtype = np.uint16 if tok.n_vocab <= 2 ** 16 else np.int32
     pairs, truncated, empty = [], 0, 0
-    for i, p, c, r in tqdm(triples, desc=f"tokenizing {source}", unit=" pairs", disable=not verbose,
-                           mininterval=2.0):
+    for i, p, c, r in progress(triples, f"tokenizing {source}", unit="pairs", disable=not verbose):
         try:
             xc, yc, tc = encode_pair(tok, p, c, block_size, truncate="prompt")
             xr, yr, tr = encode_pair(tok, p, r, block_size, truncate="prompt")
@@ -182,13 +182,9 @@ def collate(pairs: list, idx, device: str):
     """Pairs idx -> x, y (2B, T): the B chosen sequences then the B rejected ones, right-padded; y is -1 on
     prompt and padding positions (as encode_pair makes it), so only response tokens are scored."""
     seqs = [(pairs[i][0], pairs[i][2]) for i in idx] + [(pairs[i][1], pairs[i][2]) for i in idx]
-    T = max(len(ids) for ids, _ in seqs) - 1
-    x = torch.zeros(len(seqs), T, dtype=torch.long)  # (2B, T)
-    y = torch.full((len(seqs), T), -1, dtype=torch.long)  # (2B, T)
-    for j, (ids, k) in enumerate(seqs):
-        ids = torch.from_numpy(ids.astype(np.int64))
-        x[j, :len(ids) - 1] = ids[:-1]
-        y[j, k - 1:len(ids) - 1] = ids[k:]  # the target of position t is token t + 1: responses start at k
+    # the target of position t is token t + 1: responses start at k, so targets before k - 1 are prompt
+    x, y = pad_right([ids[:-1] for ids, _ in seqs],
+                     [np.concatenate([np.full(k - 1, -1), ids[k:]]) for ids, k in seqs], pad_id=0)
     if device.startswith("cuda"):
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -256,7 +252,7 @@ def pair_logps(model, pairs: list, batch_size: int, rt, desc: str = "") -> torch
     order = sorted(range(len(pairs)), key=lambda i: -max(len(pairs[i][0]), len(pairs[i][1])))
     order = order[rt.ddp_rank::rt.ddp_world_size]
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for idx in tqdm(batches, desc=desc, unit=" batches", disable=not rt.master_process or not desc, leave=False):
+    for idx in progress(batches, desc, unit="batches", disable=not desc, leave=False):
         lp = sequence_logps(model, *collate(pairs, idx, rt.device), rt).cpu()  # (2B,)
         out[idx] = torch.stack([lp[:len(idx)], lp[len(idx):]], dim=1)
     if rt.ddp:  # every rank filled its own rows with the rest zero: a sum gathers them
@@ -321,7 +317,13 @@ seed = 1337
 
 # ----------------------------------------------------------------------------------------------
 if __name__ == "__main__":  # tests import the helpers above; the run is below
-    config = configure(globals(), sys.argv[1:]); globals().update(config)
+    explicit = set()  # the keys set by config files or flags: what a resumed run may change
+    config = configure(globals(), sys.argv[1:], explicit=explicit)
+    resume = config["init_from"] == "resume"
+    ckpt = None
+    if resume:  # the saved run's config is the base: --init_from=resume --out_dir=X alone continues X
+        config, ckpt = resume_run(config, explicit, ("dpo",), "align.py")
+    globals().update(config)
     # checks that need neither data nor model: a typo fails in a second, not after loading
     for key, allowed in dict(loss_type=_LOSS_TYPES, prompt_template=("none", "alpaca"),
                              lr_schedule=("constant", "cosine")).items():
@@ -345,7 +347,6 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
         raise ValueError(f"total_batch_pairs={total_batch_pairs} must be a multiple of batch_size * processes = "
                          f"{batch_size} * {world}; e.g. --total_batch_pairs={batch_size * world * 8}")
     accum = total_batch_pairs // (batch_size * world)
-    resume = init_from == "resume"
     start_path = os.path.join(init_from, ckpt_name) if os.path.isdir(init_from) else init_from
     if not resume and os.path.abspath(start_path) == os.path.abspath(os.path.join(out_dir, ckpt_name)):
         raise ValueError(f"init_from={init_from!r} is this run's own checkpoint, which training would overwrite; "
@@ -354,15 +355,15 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
 
     # ------------------------------------------------------------------------------------------
     # the policy, and where the reference comes from
-    print0(f"loading the starting model from {init_from!r}")
-    model, ckpt, tok = load_model(init_from, out_dir, rt.device, dropout=dropout, ckpt_name=ckpt_name)
+    if resume:
+        model, tok = model_from_checkpoint(ckpt, dropout).to(rt.device), tokenizer_for(ckpt)
+        ref_from = ckpt["ref_init_from"]
+    else:
+        print0(f"loading the starting model from {init_from!r}")
+        model, ckpt, tok = load_model(init_from, out_dir, rt.device, dropout, ckpt_name, for_training=True)
+        ref_from = os.path.abspath(ckpt["path"]) if ckpt else init_from  # a file, or a GPT-2 name
     ckpt = ckpt or {}
     ckpt.pop("model", None)  # the weights now live in the model: do not hold a second copy
-    if resume and "ref_init_from" not in ckpt:
-        raise ValueError(f"{os.path.join(out_dir, ckpt_name)!r} was not written by align.py (no 'ref_init_from'); "
-                         f"to align that model, pass it as the starting point: --init_from={out_dir}")
-    ref_from = ckpt["ref_init_from"] if resume else (os.path.abspath(start_path) if os.path.exists(start_path)
-                                                     else init_from)
     if block_size > model.config.block_size:
         raise ValueError(f"block_size={block_size} exceeds the model's context of {model.config.block_size} tokens; "
                          f"use --block_size={model.config.block_size} or less")
@@ -406,6 +407,7 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     iters = max_iters or steps_per_epoch
     print0(f"{total_batch_pairs} pairs per step = {batch_size} per micro-step x {accum} grad accum x {world} "
            f"processes; {iters:,} iterations ({iters / steps_per_epoch:.2f} epochs)")
+    check_schedule(learning_rate, warmup_iters, iters, iters, min_lr, decay=lr_schedule == "cosine")
 
     # ------------------------------------------------------------------------------------------
     # the reference: stored log-probs (resume), precomputed once, or a frozen copy held alongside
@@ -439,14 +441,16 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")  # fp16 only: loss scaling
     iter_num, best_val_loss = 0, float("inf")
     if resume:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        if "rng" in ckpt:
-            set_rng_state(ckpt["rng"])
+        state = ckpt["resume"]
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):  # empty unless the run used float16
+            scaler.load_state_dict(state["scaler"])
+        iter_num, best_val_loss = state["iter_num"], state["best"]["value"]
+        restore_rng(state["rng"], rt)
         if ckpt.get("data_fingerprint") != data_hash:
-            print0("WARNING: the training data differ from the checkpoint's run; resuming on the new data "
-                   "(pass the same data flags as the first run to continue it exactly)")
-    ckpt = None
+            print0("WARNING: the training data differ from the checkpoint's run; resuming on the new data, so the "
+                   "run does not continue exactly (restore the data files the run started with to continue it)")
+    ckpt = state = None  # free the optimizer state and reference log-probs held twice
     train_model = model
     if compile:
         print0("compiling the model... (takes a minute)")
@@ -454,15 +458,6 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     if rt.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_model = DDP(train_model, device_ids=[rt.ddp_local_rank] if rt.device_type == "cuda" else None)
-
-    def get_lr(it):
-        if it < warmup_iters:
-            return learning_rate * (it + 1) / (warmup_iters + 1)
-        if lr_schedule == "constant":
-            return learning_rate
-        ratio = min(1.0, (it - warmup_iters) / max(1, iters - warmup_iters))
-        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
-
     perms = {}  # epoch -> its shuffle of the training pairs (the current epoch only)
 
     def batch_indices(it, micro):
@@ -477,71 +472,72 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
         return perms[epoch][start:start + batch_size].tolist()
 
     # ------------------------------------------------------------------------------------------
-    # logs and checkpoints
+    # logs, evaluation, checkpoints
+    log_path = os.path.join(out_dir, "log.jsonl")
     if master:
         os.makedirs(out_dir, exist_ok=True)
+        if resume:
+            truncate_log(log_path, iter_num)  # what was logged after the checkpoint is logged again
+        elif os.path.exists(log_path):
+            os.replace(log_path, os.path.join(out_dir, "log.prev.jsonl"))
+            print0(f"WARNING: {out_dir!r} holds an earlier run; this one overwrites its checkpoint at the first save "
+                   f"(its log is now log.prev.jsonl). To continue that run instead: --init_from=resume")
     wandb_run = init_wandb(wandb_project, wandb_run_name, config, wandb_mode, out_dir) if wandb_log and master else None
-    log_path = os.path.join(out_dir, "log.jsonl")
-    curves = {"train loss": ([], []), "val loss": ([], []), "val reward accuracy": ([], [])}
-    saved_at = None  # the iteration last saved
 
-    def save(reason):
+    def evaluate() -> dict:
+        """Held-out metrics (every rank calls this: pair_logps shares the pairs out), logged and plotted."""
+        pol = pair_logps(model, val, batch_size, rt, "eval" if sys.stderr.isatty() else "")  # no bar in a log
+        ref = ref_logps["val"] if ref_logps is not None else pair_logps(ref_model, val, batch_size, rt)
+        m = preference_metrics(pol, ref, val_tokens, loss_type, beta, label_smoothing)
+        if not math.isfinite(m["loss"]):
+            stop_non_finite("held-out loss", m["loss"])
+        print0(f"eval iter {iter_num}: val loss {m['loss']:.4f}, reward acc {m['reward_acc']:.3f}, margin "
+               f"{m['reward_margin']:.4f}, chosen {m['reward_chosen']:.4f}, rejected {m['reward_rejected']:.4f}, "
+               f"logp margin {m['logp_margin']:.3f}, drift {m['logp_drift']:+.4f}/token")
+        if master:
+            append_jsonl(log_path, {"iter": iter_num, "split": "val", **m})
+            recs = read_jsonl(log_path)  # the whole run, resumed legs included
+            curves = {name: tuple(zip(*[(r["iter"], r[k]) for r in recs if r["split"] == split])) or ([], [])
+                      for name, split, k in (("train loss", "train", "loss"), ("val loss", "val", "loss"),
+                                             ("val reward accuracy", "val", "reward_acc"))}
+            plot_curves(os.path.join(out_dir, "align.png"), curves, f"{loss_type} (beta={beta})",
+                        ylabel="loss / accuracy")
+            if wandb_run:
+                wandb_run.log({f"val/{k}": v for k, v in m.items()}, step=iter_num)
+        return m
+
+    def save(name: str, reason: str):
+        """Write out_dir/name atomically with everything an exact resume needs (a collective under DDP)."""
         global saved_at
         saved_at = iter_num
-        save_checkpoint({"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
-                         "optimizer": optimizer.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
-                         "config": config, "tokenizer": tok.meta(), "rng": rng_state(), "ref_init_from": ref_from,
-                         "ref_logps": ref_logps, "data_fingerprint": data_hash}, os.path.join(out_dir, ckpt_name))
-        print0(f"saved {os.path.join(out_dir, ckpt_name)} ({reason})")
+        rngs = gather_objects(rng_state(), rt)  # every rank's dropout stream
+        if master:
+            run_state = resume_state(iter_num, "dpo_val_loss", best_val_loss, optimizer.state_dict(),
+                                     scaler.state_dict(), rngs)
+            save_checkpoint(make_checkpoint("dpo", model.state_dict(), dataclasses.asdict(model.config), config,
+                                            tok.meta(), run_state, ref_init_from=ref_from, ref_logps=ref_logps,
+                                            data_fingerprint=data_hash), os.path.join(out_dir, name))
+            print0(f"saved {os.path.join(out_dir, name)} (iteration {iter_num:,}, {reason})")
 
-    stop = []  # the signal that asked to stop: finish the step, save, exit
-
-    def on_signal(signum, frame):
-        stop.append(signum)
-        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C stops at once
-        print0(f"signal {signum}: finishing this step, then saving a checkpoint (again to abort)")
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, on_signal)
+    def stop_non_finite(what: str, value: float):
+        """Exit at once: saving weights that produce nan/inf would only destroy the last good checkpoint."""
+        sys.exit(f"ERROR: the {what} became {value} at iteration {iter_num:,}: the weights are broken, so nothing was "
+                 f"saved. The last good checkpoint (if any) is in {out_dir!r}; lower --learning_rate, then resume: "
+                 f"python align.py --init_from=resume --out_dir={out_dir} --learning_rate=...")
 
     # ------------------------------------------------------------------------------------------
-    # training loop: evaluate (and save) every eval_interval steps, one optimizer step per iteration
-    start_iter, first, t_start = iter_num, None, time.time()
+    # training loop: one optimizer step per iteration; evaluate (and save) every eval_interval steps
+    stop = catch_signals()  # SIGINT/SIGTERM: finish the step, save, print the resume command
+    start_iter, saved_at, t_start = iter_num, iter_num, time.time()
+    if iter_num == 0 or eval_only:
+        evaluate()  # the baseline: policy == reference, loss log 2 and reward accuracy 0.5 exactly
+    if iter_num >= iters and not eval_only:
+        print0(f"nothing to do: the run is at iteration {iter_num:,} and max_iters is {iters:,}")
     t0, tokens_seen, last_log = time.time(), 0, iter_num  # throughput since the last log line, evals excluded
-    while True:
-        if rt.ddp:  # every rank must stop at the same step
-            flag = torch.tensor(float(bool(stop)), device=rt.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            stop += [signal.SIGINT] if flag.item() and not stop else []
-        last = iter_num >= iters or eval_only or bool(stop)
-        if iter_num % eval_interval == 0 or iter_num == start_iter or last:
-            t_eval = time.time()
-            pol = pair_logps(model, val, batch_size, rt, "eval")
-            ref = ref_logps["val"] if ref_logps is not None else pair_logps(ref_model, val, batch_size, rt)
-            m = preference_metrics(pol, ref, val_tokens, loss_type, beta, label_smoothing)
-            first = first or m
-            print0(f"eval iter {iter_num}: val loss {m['loss']:.4f}, reward acc {m['reward_acc']:.3f}, margin "
-                   f"{m['reward_margin']:.4f}, chosen {m['reward_chosen']:.4f}, rejected {m['reward_rejected']:.4f}, "
-                   f"logp margin {m['logp_margin']:.3f}, drift {m['logp_drift']:+.4f}/token")
-            if master:
-                append_jsonl(log_path, {"iter": iter_num, "split": "val", **m})
-                for name, v in (("val loss", m["loss"]), ("val reward accuracy", m["reward_acc"])):
-                    curves[name][0].append(iter_num)
-                    curves[name][1].append(v)
-                plot_curves(os.path.join(out_dir, "align.png"), curves, f"{loss_type} (beta={beta})",
-                            ylabel="loss / accuracy")
-                if wandb_run:
-                    wandb_run.log({f"val/{k}": v for k, v in m.items()}, step=iter_num)
-                improved = m["loss"] < best_val_loss
-                best_val_loss = min(best_val_loss, m["loss"])
-                if iter_num > start_iter and (improved or always_save_checkpoint):
-                    save("best held-out loss" if improved else "always_save_checkpoint")
-            t0 += time.time() - t_eval
-        if last:
-            break
-
-        lr = get_lr(iter_num)
+    while iter_num < iters and not eval_only:
+        lr = lr_at(iter_num, learning_rate, warmup_iters, iters, min_lr, decay=lr_schedule == "cosine")
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         sums = torch.zeros(2, device=rt.device)  # loss, reward accuracy over the step's micro-batches
         for micro in range(accum):
             idx = batch_indices(iter_num, micro)
@@ -574,37 +570,48 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
             sums /= world
         loss, acc = sums.tolist()
         if not math.isfinite(loss):
-            raise RuntimeError(f"loss is {loss} at iteration {iter_num}; stopping without saving. The last good "
-                               f"checkpoint is {os.path.join(out_dir, ckpt_name)!r}; try a lower --learning_rate")
+            stop_non_finite("training loss", loss)
         if iter_num % log_interval == 0 or iter_num == iters:
             dt = time.time() - t0
             tok_s = tokens_seen * world / dt  # tokens fed to the policy (prompt + response, both sides)
             print0(f"iter {iter_num}: loss {loss:.4f}, reward acc {acc:.3f}, lr {lr:.2e}, grad norm {norm:.3f}, "
-                   f"{dt * 1000 / (iter_num - last_log):.0f} ms/iter, {tok_s:,.0f} tok/s")
+                   f"{dt * 1000 / (iter_num - last_log):.0f} ms/iter, {tok_s:,.0f} tok/s", flush=True)
             if master:
                 append_jsonl(log_path, {"iter": iter_num, "split": "train", "loss": loss, "reward_acc": acc,
                                         "lr": lr, "grad_norm": norm, "tok_per_s": tok_s})
-                curves["train loss"][0].append(iter_num)
-                curves["train loss"][1].append(loss)
                 if wandb_run:
                     wandb_run.log({"train/loss": loss, "train/reward_acc": acc, "lr": lr, "grad_norm": norm,
                                    "tok_per_s": tok_s}, step=iter_num)
             t0, tokens_seen, last_log = time.time(), 0, iter_num
+        stopping = stop.agreed(rt)  # the same on every rank
+        if iter_num % eval_interval == 0 or iter_num == iters:
+            t_eval = time.time()
+            m = evaluate()
+            improved = m["loss"] < best_val_loss
+            best_val_loss = min(best_val_loss, m["loss"])
+            if improved or always_save_checkpoint:
+                save(ckpt_name, "best held-out loss" if improved else "always_save_checkpoint")
+            t0 += time.time() - t_eval
+        if stopping:
+            if saved_at != iter_num:  # a run that keeps its best model in ckpt_name saves this state beside it
+                save(ckpt_name if always_save_checkpoint else last_name(ckpt_name), f"{signal.Signals(stopping).name}")
+            if wandb_run:
+                wandb_run.finish()
+            stop_exit(stopping, rt, sys.argv, out_dir)
 
     # ------------------------------------------------------------------------------------------
-    # cleanup and summary
-    if stop and master:
-        if saved_at != iter_num:
-            save(f"stopped by signal {stop[0]}")
-        print0(f"resume with: python align.py ... --init_from=resume --out_dir={out_dir}")
-    if rt.device_type == "cuda":
-        peak = f"{torch.cuda.max_memory_allocated() / 2 ** 20:,.0f} MiB CUDA allocated"
-    else:
-        import resource  # Unix; ru_maxrss is in KiB on Linux (bytes on macOS)
-        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10:,.0f} MiB peak RSS"
-    print0(f"done: {iter_num - start_iter} iterations in {time.time() - t_start:.1f} s; held-out reward acc "
-           f"{first['reward_acc']:.3f} -> {m['reward_acc']:.3f}, loss {first['loss']:.4f} -> {m['loss']:.4f}; "
-           f"peak memory {peak}")
+    # summary
+    if master:
+        if rt.device_type == "cuda":
+            peak = f"{torch.cuda.max_memory_allocated() / 2 ** 20:,.0f} MiB CUDA allocated"
+        else:
+            import resource  # Unix; ru_maxrss is in KiB on Linux (bytes on macOS)
+            peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10:,.0f} MiB peak RSS"
+        evals = [r for r in read_jsonl(log_path) if r["split"] == "val"]
+        a, b = evals[0], evals[-1]
+        print0(f"done: {iter_num - start_iter} iterations in {time.time() - t_start:.1f} s; held-out reward acc "
+               f"{a['reward_acc']:.3f} -> {b['reward_acc']:.3f}, loss {a['loss']:.4f} -> {b['loss']:.4f} (iterations "
+               f"{a['iter']:,} -> {b['iter']:,}); peak memory {peak}")
     if wandb_run:
         wandb_run.finish()
     if rt.ddp:

@@ -286,7 +286,8 @@ def test_config_errors(args, error, match, main):
 def test_checkpoint_and_data_errors(workdir, main):
     start = str(workdir / "start")
     for args, match in (([f"--init_from={start}", f"--out_dir={start}"], r"is this run's own checkpoint"),
-                        ([f"--init_from=resume", f"--out_dir={start}"], r"was not written by align.py .*--init_from="),
+                        ([f"--init_from=resume", f"--out_dir={start}"], r"holds weights only \(no optimizer state\), "
+                         r"written by 'imported'; align.py --init_from=resume continues only its own runs \(dpo\)"),
                         ([f"--init_from={start}", "--block_size=64"], r"block_size=64 exceeds the model's context"),
                         ([f"--init_from={start}", "--block_size=32", "--val_pairs=500", f"--cache_dir={workdir}/cache"],
                          r"train.jsonl has 400 usable pairs, too few to hold out val_pairs=500 .*--val_split=val.jsonl")):
@@ -337,10 +338,14 @@ def test_dpo_learns_the_synthetic_preference(trained, workdir):
     train = records(out, "train")
     assert [r["iter"] for r in train] == list(range(5, 45, 5)) and all(r["tok_per_s"] > 0 for r in train)
     assert os.path.getsize(os.path.join(out, "align.png")) > 0
-    # the checkpoint has train.py's keys, and sample.py's loader opens it with the char tokenizer
+    # the contract's layout: kind 'dpo', the best metric named as DPO's (not a pre-training val loss), one RNG state
+    # per rank; sample.py's loader opens it with the char tokenizer
     ckpt = load_checkpoint(out)
-    assert {"model", "model_args", "optimizer", "iter_num", "best_val_loss", "config", "tokenizer"} <= set(ckpt)
-    assert ckpt["iter_num"] == 40 and ckpt["config"]["loss_type"] == "dpo"
+    assert ckpt["kind"] == "dpo" and ckpt["config"]["loss_type"] == "dpo" and ckpt["ref_init_from"] == str(
+        workdir / "start" / "ckpt.pt")
+    state = ckpt["resume"]
+    assert state["iter_num"] == 40 and state["best"] == {"name": "dpo_val_loss", "value": min(r["loss"] for r in val)}
+    assert len(state["rng"]) == 1 and state["optimizer"]["state"] and ckpt["data_fingerprint"]
     model, _, tok = load_model("resume", out)
     assert tok.decode(tok.encode("abc=")) == "abc=" and model.config.n_layer == 2
 
