@@ -147,8 +147,9 @@ def open_text_stream(dataset: str, name: Optional[str] = None, split: str = "tra
     """A streaming `datasets` IterableDataset (nothing downloaded up front, no Arrow cache written).
 
     dataset: a Hugging Face dataset ('HuggingFaceFW/fineweb-edu'); a local file, folder or glob whose extension
-    says how to read it ('corpus.jsonl', 'shards/*.parquet', 'books/' of .txt files); or a builder for local
-    files ('json', 'parquet', 'text', 'csv') with data_files. name: the dataset's config (ignored for local files).
+    says how to read it ('corpus.jsonl', 'shards/*.parquet', 'books/' of .txt files, each file one document); or
+    a builder for local files ('json', 'parquet', 'text', 'csv') with data_files. name: the dataset's config
+    (ignored for local files).
     """
     from datasets import load_dataset
     if dataset in set(LOCAL_BUILDERS.values()):
@@ -177,7 +178,10 @@ def open_text_stream(dataset: str, name: Optional[str] = None, split: str = "tra
     else:
         builder, files = dataset, data_files
     try:
-        return load_dataset(builder, name=name or None, split=split, streaming=True, data_files=files)
+        # a .txt file is one document (as data/fineweb/prepare.py reads it): one per line would drop every
+        # line break and make each blank line an empty document
+        whole = {"sample_by": "document"} if builder == "text" else {}
+        return load_dataset(builder, name=name or None, split=split, streaming=True, data_files=files, **whole)
     except Exception as e:
         where = f"local files {files!r}" if builder != dataset or files else f"the Hugging Face dataset {dataset!r}"
         raise ValueError(f"could not open {where} (config {name!r}, split {split!r}): {type(e).__name__}: {e}. "
@@ -400,7 +404,7 @@ def load_records(source: str, split: str = "train", name: str = "", require=(), 
                          f"per file), got {txt_records!r}")
     if encodings.search_function(encoding) is None:  # the standard library's codecs (not a package's hook)
         raise ValueError(f"unknown encoding {encoding!r}; pass e.g. --encoding=utf-8, latin-1 or cp1252")
-    paths = _record_paths(source)
+    paths = local_paths(source)
     bad = []  # 'where: problem' of every bad record
     if paths is None:
         recs = _hub_records(source, split, name, data_dir, cache_dir, max_records)
@@ -459,9 +463,9 @@ def _record_problem(rec: dict, require: dict) -> str:
     return ""
 
 
-def _record_paths(source: str) -> Optional[list]:
-    """The local files a source names (a file, folder, glob, or comma-separated list of them), or None for a
-    Hub dataset name."""
+def local_paths(source: str) -> Optional[list]:
+    """The local files a source names (a file, folder, glob, or comma-separated list of them; a folder's files
+    with a known extension, or none), sorted, or None for a Hub dataset name."""
     parts = [p.strip() for p in source.split(",") if p.strip()]
     if not parts:
         raise ValueError(f"no dataset given ({source!r}): pass a file (--dataset=train.jsonl), a folder, a glob, "
@@ -503,9 +507,8 @@ def _format_of(path: str) -> Optional[str]:
     return "" if not ext else "?" if os.path.isfile(path) else None
 
 
-def _decoded_lines(path: str, encoding: str) -> list:
-    """[(line number, text without its line end, or None when the line does not decode)] and the first decoding
-    problem, as 'what is wrong, and the fix' ('' if none)."""
+def _read_bytes(path: str, encoding: str):
+    """A file's bytes, decompressed by its extension, without a UTF-8 BOM -> (bytes, encoding to decode them)."""
     opener = COMPRESSIONS.get(os.path.splitext(path)[1].lower(), open)
     try:
         with opener(path, "rb") as f:
@@ -517,6 +520,28 @@ def _decoded_lines(path: str, encoding: str) -> list:
         data, encoding = data.decode("utf-16").encode("utf-8"), "utf-8"  # a UTF-16 BOM says what it is
     if encoding.lower().replace("-", "") == "utf8" and data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]  # the UTF-8 BOM that Excel and Notepad write
+    return data, encoding
+
+
+def read_text(path: str, encoding: str = "utf-8") -> str:
+    """The whole text of a plain-text file (optionally .gz/.bz2/.xz), CRLF read as LF and a BOM dropped; bytes
+    that do not decode are a ValueError naming FILE:LINE and the encoding to try."""
+    data, encoding = _read_bytes(path, encoding)
+    try:
+        return data.decode(encoding).replace("\r\n", "\n")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        line_end = data.find(b"\n", e.start)
+        raw = data[line_start:line_end if line_end >= 0 else len(data)]
+        at = UnicodeDecodeError(e.encoding, raw, e.start - line_start, e.end - line_start, e.reason)
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: {_encoding_problem(raw, at, encoding)}") from e
+
+
+def _decoded_lines(path: str, encoding: str) -> list:
+    """[(line number, text without its line end, or None when the line does not decode)] and the first decoding
+    problem, as 'what is wrong, and the fix' ('' if none)."""
+    data, encoding = _read_bytes(path, encoding)
     lines, problem = [], ""
     for i, raw in enumerate(data.split(b"\n")):
         raw = raw[:-1] if raw.endswith(b"\r") else raw  # CRLF

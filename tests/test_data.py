@@ -273,10 +273,67 @@ def test_fineweb_prepare_shards_and_resumes(tmp_path, jsonl):
     assert prepare.previous_shards(str(out), settings, max_tokens=-1) == (meta["shards"][:2], False)
 
 
+def shard_tokens(out) -> np.ndarray:
+    """Every token of the shards in a folder, val shard first."""
+    shards = sorted((n for n in os.listdir(out) if n.endswith(".bin")), key=lambda n: n[-10:])
+    return np.concatenate([read_tokens(str(out / s)) for s in shards])
+
+
+def test_fineweb_prepare_plain_text_files_are_whole_documents(tmp_path, jsonl):
+    """Multi-paragraph text with blank lines survives token for token: a .txt file is one document (CRLF read as
+    LF, compressed ones too), not one document per line."""
+    import gzip
+    _, docs = jsonl
+    books = tmp_path / "books"
+    books.mkdir()
+    texts = [docs[0] + "\n", "  indented first line\n\n\n" + docs[1], docs[2] + "\n\n"]
+    (books / "a.txt").write_bytes(texts[0].replace("\n", "\r\n").encode())
+    (books / "b.txt").write_text(texts[1])
+    with gzip.open(books / "c.txt.gz", "wt") as f:
+        f.write(texts[2])
+    out = tmp_path / "shards"
+    log = run("data/fineweb/prepare.py", f"--dataset={books}", f"--out_dir={out}", "--shard_size=2000",
+              "--num_proc=1")
+    assert "reading 3 text file(s)" in log and "each file whole" in log
+    tok = get_tokenizer("gpt2")
+    expected = np.concatenate([[tok.eot_token] + tok.encode_ordinary(t) for t in texts])
+    got = shard_tokens(out)
+    assert np.array_equal(got, expected)
+    assert tok.decode(got.tolist()).split("<|endoftext|>")[1:] == texts
+
+
+@pytest.mark.parametrize("separator, joiner", [("<|endoftext|>", "\n<|endoftext|>\n"), ("\\n\\n\\n", "\n\n\n")])
+def test_fineweb_prepare_doc_separator(tmp_path, separator, joiner):
+    docs = ["First document.\nIts second line.", "Second document,\n\nwith a blank line.", "Third."]
+    if "\n\n\n" in joiner:
+        docs[1] = "Second document,\n\twith a tab line."  # a blank-line separator cuts at every such gap
+    (tmp_path / "corpus.txt").write_text(joiner + joiner.join(docs) + joiner)
+    out = tmp_path / "shards"
+    run("data/fineweb/prepare.py", f"--dataset={tmp_path / 'corpus.txt'}", f"--doc_separator={separator}",
+        f"--out_dir={out}", "--shard_size=20", "--num_proc=1")
+    tok = get_tokenizer("gpt2")
+    assert np.array_equal(shard_tokens(out), np.concatenate([[tok.eot_token] + tok.encode_ordinary(d) for d in docs]))
+
+
+def test_fineweb_prepare_validation_shard_only(tmp_path, jsonl):
+    """--max_tokens=shard_size, what config/train_gpt2.py prints (100M each), writes the validation shard."""
+    path, docs = jsonl
+    out = tmp_path / "shards"
+    log = run("data/fineweb/prepare.py", f"--dataset={path}", f"--out_dir={out}", "--shard_size=3000",
+              "--max_tokens=3000", "--num_proc=1")
+    assert "only the validation shard is written" in log and "the validation shard only, as asked" in log
+    assert sorted(n for n in os.listdir(out) if n.endswith(".bin")) == ["fineweb_val_000000.bin"]
+    tok = get_tokenizer("gpt2")
+    expected = np.concatenate([[tok.eot_token] + tok.encode_ordinary(d) for d in docs[:40]])[:3000]
+    assert np.array_equal(read_tokens(str(out / "fineweb_val_000000.bin")), expected)
+    assert "nothing to do" in run("data/fineweb/prepare.py", f"--dataset={path}", f"--out_dir={out}",
+                                  "--shard_size=3000", "--max_tokens=3000", "--num_proc=1")
+
+
 def test_fineweb_prepare_bad_settings(tmp_path):
     prepare = load_script("data/fineweb/prepare.py")
-    with pytest.raises(ValueError, match=r"max_tokens=1,000 leaves nothing for training.*--shard_size=100\b"):
-        prepare.check_sizes(shard_size=5000, max_tokens=1000, num_proc=1, docs_per_task=1)
+    with pytest.raises(ValueError, match=r"max_tokens must be -1 \(the whole dataset\) or > 0, got 0"):
+        prepare.check_sizes(shard_size=5000, max_tokens=0, num_proc=1, docs_per_task=1)
     with pytest.raises(ValueError, match=r"must be >= 1, got 0"):
         prepare.check_sizes(shard_size=0, max_tokens=-1, num_proc=1, docs_per_task=1)
     settings = {"dataset": "a.jsonl", "prefix": "fineweb", "shard_size": 8000}
@@ -284,3 +341,9 @@ def test_fineweb_prepare_bad_settings(tmp_path):
     with pytest.raises(ValueError, match=r"holds shards prepared with other settings .*'shard_size': \(5000, 8000\)"
                                          r".*delete its fineweb_\*.bin files"):
         prepare.previous_shards(str(tmp_path), settings, max_tokens=-1)
+    (tmp_path / "c.jsonl").write_text('{"text": "x"}\n')
+    p = subprocess.run([sys.executable, "data/fineweb/prepare.py", f"--dataset={tmp_path / 'c.jsonl'}",
+                        "--doc_separator=<|endoftext|>", f"--out_dir={tmp_path / 'o'}"], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert p.returncode == 1 and re.search(r"ValueError: --doc_separator='<\|endoftext\|>' splits plain-text files, "
+                                           r"but .*c.jsonl' is no .txt file", p.stderr), p.stderr

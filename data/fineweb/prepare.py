@@ -5,17 +5,23 @@ the first shard being the validation split, plus meta.json. Each document is pre
 
     python data/fineweb/prepare.py                                  # sample-10BT: ~10B tokens, 100 shards
     python data/fineweb/prepare.py --max_tokens=300_000_000         # a 3-shard taste of it
+    python data/fineweb/prepare.py --max_tokens=100_000_000         # the validation shard only (train.py streams)
     python data/fineweb/prepare.py --dataset=corpus.jsonl --out_dir=data/mycorpus --shard_size=10_000_000
+    python data/fineweb/prepare.py --dataset=books/ --out_dir=data/books --shard_size=1_000_000  # .txt: a file a doc
+    python data/fineweb/prepare.py --dataset=owt.txt --doc_separator='<|endoftext|>' --out_dir=data/owt
     python data/fineweb/prepare.py --dataset=roneneldan/TinyStories --name= --out_dir=data/tinystories
 
 Documents stream in through `datasets` (nothing is downloaded up front) and are tokenized in num_proc worker
-processes. Re-running resumes: finished shards (listed in meta.json, with a valid header) are kept and the
+processes. Plain text (.txt, optionally .gz/.bz2/.xz) is read here, whole: a file is one document, line breaks
+and blank lines included, or, with --doc_separator, the pieces between separators are. Re-running resumes: finished shards (listed in meta.json, with a valid header) are kept and the
 stream continues where the first missing or broken shard starts. Then: python train.py config/train_fineweb.py
 """
 
 import glob
+import itertools
 import json
 import os
+import re
 import sys
 import time
 from multiprocessing import Pool
@@ -27,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from common import read_tokens, write_tokens
 from configurator import configure
 from data.corpus import write_json
-from dataloader import document_text, open_text_stream
+from dataloader import document_text, open_text_stream, read_text
 from tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -35,6 +41,9 @@ from tokenizer import get_tokenizer
 # a Hugging Face dataset; or local files: a file, folder or glob of .jsonl/.json/.parquet/.txt (.gz too), or
 # 'json' | 'parquet' | 'text' with data_files
 dataset = "HuggingFaceFW/fineweb-edu"
+doc_separator = ""  # plain text: '' = each file is one document; else what separates documents in a file, e.g.
+# '\n\n' (blank lines) or '<|endoftext|>'; \n \t \r are read as escapes, line breaks around it are dropped
+encoding = "utf-8"  # of plain-text files (e.g. latin-1, cp1252)
 name = "sample-10BT"  # the dataset's config ('' for a dataset without configs; ignored for local files)
 split = "train"  # the dataset split to read
 text_field = "text"  # the record field holding the document text
@@ -71,10 +80,41 @@ def check_sizes(shard_size: int, max_tokens: int, num_proc: int, docs_per_task: 
     if min(shard_size, num_proc, docs_per_task) < 1:
         raise ValueError(f"shard_size, num_proc and docs_per_task must be >= 1, got {shard_size!r}, {num_proc!r}, "
                          f"{docs_per_task!r}")
-    if 0 <= max_tokens <= shard_size:
-        raise ValueError(f"max_tokens={max_tokens:,} leaves nothing for training: the first shard_size="
-                         f"{shard_size:,} tokens are the validation split. Use a larger --max_tokens or a smaller "
-                         f"--shard_size, e.g. --shard_size={max(max_tokens // 10, 1)}")
+    if max_tokens == 0 or max_tokens < -1:
+        raise ValueError(f"max_tokens must be -1 (the whole dataset) or > 0, got {max_tokens!r}")
+    if 0 < max_tokens <= shard_size:  # what config/train_gpt2.py asks for: it streams its training data
+        print(f"max_tokens={max_tokens:,} <= shard_size={shard_size:,}: only the validation shard is written "
+              f"(train on a stream: --data_source=stream, as config/train_gpt2.py does; for training shards "
+              f"too, use a larger --max_tokens or a smaller --shard_size)")
+
+
+def unescape(separator: str) -> str:
+    """\\n, \\t, \\r and \\\\ as the characters: a shell passes --doc_separator='\\n\\n' as backslashes."""
+    return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m.group(1)], separator)
+
+
+def plain_text_files(dataset: str, data_files: str) -> list:
+    """The .txt files (optionally compressed) that --dataset (or --dataset=text --data_files) names, or []
+    when it names other data or a Hub dataset."""
+    source = data_files if dataset == "text" else dataset
+    if not source or not (os.path.exists(source) or glob.has_magic(source)):
+        return []
+    pattern = os.path.join(source, "*") if os.path.isdir(source) else source
+    paths = [source] if os.path.isfile(source) else sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
+    txt = lambda p: re.search(r"\.txt(\.gz|\.bz2|\.xz)?$", p.lower()) is not None
+    return paths if paths and all(txt(p) for p in paths) else []
+
+
+def text_documents(paths: list, separator: str, encoding: str):
+    """The documents of plain-text files, in order: each file whole (its text exactly, CRLF read as LF), or the
+    pieces between separators, without the line breaks next to a separator; blank pieces are no documents."""
+    for path in paths:
+        text = read_text(path, encoding)
+        pieces = text.split(separator) if separator else [text]
+        for piece in pieces:
+            piece = piece.strip("\n") if separator else piece
+            if piece.strip():
+                yield piece
 
 
 def previous_shards(out_dir: str, settings: dict, max_tokens: int):
@@ -113,8 +153,16 @@ if __name__ == "__main__":
     config = configure(globals(), sys.argv[1:]); globals().update(config)
     check_sizes(shard_size, max_tokens, num_proc, docs_per_task)
     os.makedirs(out_dir, exist_ok=True)
+    # plain-text files are read here, as whole documents (datasets' text builder would make each line one)
+    txt_paths = plain_text_files(dataset, data_files)
+    if doc_separator and not txt_paths:
+        raise ValueError(f"--doc_separator={doc_separator!r} splits plain-text files, but {dataset!r} is no .txt "
+                         f"file, folder or glob of them; drop --doc_separator, or pass the .txt files")
+    separator = unescape(doc_separator)
     settings = {"dataset": dataset, "name": name, "split": split, "text_field": text_field, "data_files": data_files,
                 "prefix": prefix, "shard_size": shard_size, "tokenizer": "gpt2", "vocab_size": 50257}
+    if txt_paths:
+        settings.update(doc_separator=separator)  # what a document is: a resume must agree
     done, complete = previous_shards(out_dir, settings, max_tokens)
     total = sum(e["tokens"] for e in done)
     if complete:
@@ -132,12 +180,24 @@ if __name__ == "__main__":
     t0 = time.time()
     # workers start before the stream opens: forking a process whose streaming threads are running is unsafe
     pool = Pool(num_proc) if num_proc > 1 else None
-    print(f"streaming {dataset} (split {split!r}) into {num_proc} tokenizer process(es)")
-    ds = open_text_stream(dataset, name, split, data_files or None)
-    if doc:
-        ds = ds.skip(doc)  # reads past the documents of the finished shards without tokenizing them
+    if txt_paths:
+        unit = f"the pieces between {separator!r}" if separator else "each file whole"
+        print(f"reading {len(txt_paths):,} text file(s) of {dataset} as documents ({unit}) into {num_proc} "
+              f"tokenizer process(es)")
+        docs = itertools.islice(text_documents(txt_paths, separator, encoding), doc, None)
+    else:
+        print(f"streaming {dataset} (split {split!r}) into {num_proc} tokenizer process(es)")
+        ds = open_text_stream(dataset, name, split, data_files or None)
+        if doc:
+            ds = ds.skip(doc)  # reads past the documents of the finished shards without tokenizing them
 
     def batches():
+        if txt_paths:
+            while True:
+                texts = list(itertools.islice(docs, docs_per_task))
+                if not texts:
+                    return
+                yield texts
         for batch in ds.iter(batch_size=docs_per_task):  # columns of docs_per_task records
             texts = batch.get(text_field, [])
             bad = [i for i, t in enumerate(texts) if not isinstance(t, str)] or ([] if text_field in batch else [0])
@@ -196,7 +256,10 @@ if __name__ == "__main__":
     n_train = total - meta["shards"][0]["tokens"]
     print(f"{total:,} tokens in {len(meta['shards'])} shards (val {meta['shards'][0]['tokens']:,}, train "
           f"{n_train:,}) in {dt:.1f} s ({(total - sum(e['tokens'] for e in done)) / dt:,.0f} tokens/s), in {out_dir}")
-    if n_train == 0:
+    if n_train == 0 and max_tokens > 0 and total == max_tokens:
+        print(f"the validation shard only, as asked (max_tokens={max_tokens:,}): train on a stream "
+              f"(--data_source=stream, config/train_gpt2.py)")
+    elif n_train == 0:
         print(f"WARNING: the dataset has only {total:,} tokens, all in the validation shard: nothing to train on. "
               f"Use a smaller --shard_size, e.g. --shard_size={max(total // 10, 1)}")
 
