@@ -62,12 +62,9 @@ dpi = 100  # resolution: 100 gives the sizes printed, 200 doubles them
 
 
 def token_texts(tok, ids: list) -> list:
-    """Each token decoded on its own. GPT-2 tokens are decoded from their bytes, so a character split across
-    tokens shows as \\xNN escapes rather than as replacement characters."""
-    enc = getattr(tok, "enc", None)  # tiktoken's Encoding for GPT-2's BPE
-    if enc is not None:
-        return [enc.decode_single_token_bytes(i).decode("utf-8", errors="backslashreplace") for i in ids]
-    return [tok.decode([i]) for i in ids]
+    """Each token decoded on its own, from its bytes: a character split across GPT-2 tokens shows as \\xNN escapes
+    rather than as replacement characters."""
+    return [tok.token_bytes([i]).decode("utf-8", errors="backslashreplace") for i in ids]
 
 
 def display_label(s: str, max_chars: int = 12) -> str:
@@ -484,8 +481,7 @@ if __name__ == "__main__":
     if init_from in GPT2_NAMES:
         name = init_from
     else:
-        src = os.path.join(out_dir, ckpt_name) if init_from == "resume" else init_from
-        name = "/".join(os.path.normpath(os.path.abspath(src)).split(os.sep)[-2:])
+        name = "/".join(os.path.normpath(os.path.abspath(ckpt["path"])).split(os.sep)[-2:])
     name += f" ({cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} dims)"
     shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)  # the prompt for titles: '\n' visible
     shown = shown if len(shown) <= 90 else shown[:89] + "…"

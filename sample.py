@@ -6,9 +6,12 @@ Sample from a trained model or from OpenAI's GPT-2, streaming the text as it is 
     python sample.py --init_from=gpt2-xl --start=FILE:prompt.txt       # the prompt from a file
     python sample.py --init_from=out-sft --instruct="Name three primary colors."  # the response only
     python sample.py --out_dir=out-gpt2 --ckpt_name=ckpt_int8.pt        # a quantized checkpoint
+    python sample.py --init_from=nanogpt-out/ckpt.pt --meta=data/shakespeare_char/meta.pkl  # a nanoGPT char model
 
-The tokenizer comes from the checkpoint (characters or GPT-2's BPE). Generation uses the KV cache; on CUDA
-the forward runs under bf16 autocast (--dtype). The last line gives the decoding speed in tokens/s.
+Any checkpoint that holds a model works (pre-trained, fine-tuned, aligned, imported, quantized). The tokenizer is
+the one stored in the checkpoint, else --meta=PATH, else a meta.pkl next to the checkpoint (nanoGPT's layout), else
+its dataset's, else GPT-2's; the first line says which. Generation uses the KV cache; on CUDA the forward runs under
+bf16 autocast (--dtype). The last line gives the decoding speed in tokens/s.
 """
 
 import codecs
@@ -18,7 +21,7 @@ import time
 
 import torch
 
-from common import load_model, print0, setup_runtime
+from common import load_model, print0, resume_path, setup_runtime
 from configurator import configure
 
 # -----------------------------------------------------------------------------
@@ -26,6 +29,7 @@ from configurator import configure
 init_from = "resume"  # 'resume' (out_dir/ckpt_name) | 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' | a path
 out_dir = "out"  # where init_from='resume' looks for ckpt_name
 ckpt_name = "ckpt.pt"  # e.g. 'ckpt_int8.pt' for a quantized checkpoint
+meta = ""  # a meta.pkl (character vocabulary) for a checkpoint that stores no tokenizer, e.g. nanoGPT's
 # prompt
 start = ""  # the prompt; 'FILE:prompt.txt' reads a file; '' = <|endoftext|> (GPT-2) or '\n' (characters)
 instruct = ""  # an instruction: wrapped in the fine-tuning prompt (with start as its input); prints the response
@@ -58,7 +62,9 @@ if start.startswith("FILE:"):
                                 f"or pass the text itself, e.g. --start=\"ROMEO:\"")
     with open(prompt_path, encoding="utf-8") as f:
         start = f.read()
-if init_from == "resume" and not os.path.exists(os.path.join(out_dir, ckpt_name)):
+try:
+    where = resume_path(out_dir, ckpt_name) if init_from == "resume" else init_from
+except FileNotFoundError:
     found = sorted(f for f in os.listdir(out_dir) if f.endswith(".pt")) if os.path.isdir(out_dir) else None
     raise FileNotFoundError(
         f"no checkpoint {ckpt_name!r} in out_dir {out_dir!r} (searched {os.path.join(out_dir, ckpt_name)!r}"
@@ -70,19 +76,23 @@ if init_from == "resume" and not os.path.exists(os.path.join(out_dir, ckpt_name)
 # model, tokenizer, prompt
 torch.manual_seed(seed)
 rt = setup_runtime(device, dtype)
-model, ckpt, tok = load_model(init_from, out_dir, rt.device, ckpt_name=ckpt_name)
+model, ckpt, tok = load_model(init_from, out_dir, rt.device, ckpt_name=ckpt_name, meta=meta)
 model.eval()
-where = os.path.join(out_dir, ckpt_name) if init_from == "resume" else init_from
-about = f", iter {ckpt['iter_num']:,}" if ckpt and ckpt.get("iter_num") else ""
-if ckpt and isinstance(ckpt.get("best_val_loss"), float) and ckpt["best_val_loss"] < float("inf"):
-    about += f", val loss {ckpt['best_val_loss']:.4f}"
+where = ckpt["path"] if ckpt else init_from
+state = (ckpt or {}).get("resume") or {}
+about = f", {ckpt['kind']}" if ckpt else ""
+about += f", iter {state['iter_num']:,}" if state.get("iter_num") else ""
+best = state.get("best") or {}
+if isinstance(best.get("value"), float) and best["value"] < float("inf"):
+    about += f", {best['name'].replace('_', ' ')} {best['value']:.4f}"
 quant = (ckpt or {}).get("quantization")
 size = f"{quant['mode']}-quantized weights" if quant else f"{model.num_params() / 1e6:.2f}M parameters"
 print0(f"loaded {where}: {size}, {tok.name} tokenizer ({tok.n_vocab:,} tokens){about}")
 V = model.config.vocab_size
 if tok.n_vocab > V:
     raise ValueError(f"the tokenizer has {tok.n_vocab:,} tokens but the model's table only {V:,}: "
-                     f"{where!r} does not belong to this tokenizer")
+                     f"{where!r} does not belong to this tokenizer; a character-level model needs its vocabulary: "
+                     f"--meta=data/<dataset>/meta.pkl")
 
 if instruct:
     from finetune import format_prompt
@@ -105,11 +115,6 @@ if compile:
     model.forward = torch.compile(model.forward, dynamic=True)
 generator = torch.Generator(device=rt.device).manual_seed(seed)
 
-
-def token_bytes(t: int) -> bytes:
-    """A token's bytes: a BPE token can hold part of a UTF-8 character, so text is decoded from bytes."""
-    enc = getattr(tok, "enc", None)  # tiktoken's Encoding inside the GPT-2 tokenizer
-    return enc.decode_single_token_bytes(t) if enc is not None else tok.decode([t]).encode("utf-8")
 
 # -----------------------------------------------------------------------------
 # generate, printing each token as it comes
@@ -134,7 +139,7 @@ for _ in range(num_samples):
             n_tokens += 1
             if t == stop:
                 break
-            print0(utf8.decode(token_bytes(t)), end="", flush=True)
+            print0(utf8.decode(tok.token_bytes([t])), end="", flush=True)
         stream.close()  # a stream left open at the stop token would be finalised at interpreter exit
     print0(utf8.decode(b"", final=True))
     print0("---------------")

@@ -164,3 +164,44 @@ def test_bad_input_is_explained(char_dir, tmp_path, monkeypatch):
         sample_in_process(monkeypatch, f"--out_dir={char_dir}", f"--start=FILE:{tmp_path / 'missing.txt'}")
     with pytest.raises(ValueError, match=r"0 < top_p <= 1; got temperature=0.8, top_k=200, top_p=1.5"):
         sample_in_process(monkeypatch, f"--out_dir={char_dir}", "--top_p=1.5")
+
+
+def test_nanogpt_checkpoint_with_its_meta_pkl(char_dir, tmp_path, monkeypatch, capsys):
+    """A checkpoint in nanoGPT's exact layout (its train.py's keys, the compile prefix, no 'tokenizer' entry) and a
+    meta.pkl as its data/shakespeare_char/prepare.py writes it (vocab_size, itos, stoi): the vocabulary is found
+    next to the checkpoint or given with --meta, and the first line says which."""
+    import pickle
+    from common import load_checkpoint
+    ours = load_checkpoint(str(char_dir / "ckpt.pt"))
+    tok = CharTokenizer.from_meta(ours["tokenizer"])
+    chars = tok.chars
+    nano = {"model": {"_orig_mod." + k: v for k, v in ours["model"].items()}, "optimizer": ours["resume"]["optimizer"],
+            "model_args": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=True, vocab_size=len(chars),
+                               dropout=0.0),
+            "iter_num": 20, "best_val_loss": torch.tensor(1.5).item(), "config": {"dataset": "no_such_dataset"}}
+    meta = {"vocab_size": len(chars), "itos": {i: c for i, c in enumerate(chars)},
+            "stoi": {c: i for i, c in enumerate(chars)}}
+    folder = tmp_path / "nanogpt-out"
+    folder.mkdir()
+    torch.save(nano, folder / "ckpt.pt")
+    elsewhere = tmp_path / "meta" / "meta.pkl"
+    elsewhere.parent.mkdir()
+    with open(elsewhere, "wb") as f:
+        pickle.dump(meta, f)
+    sample_in_process(monkeypatch, f"--init_from={folder / 'ckpt.pt'}", f"--meta={elsewhere}", "--start=ROMEO:",
+                      "--num_samples=1", "--max_new_tokens=10", "--seed=7")
+    out = capsys.readouterr().out
+    assert f"tokenizer: characters from {elsewhere} (--meta)" in out and "loaded " in out and ", pretrain, iter 20" in out
+    with_meta = split(out)[0]
+    os.link(elsewhere, folder / "meta.pkl")
+    sample_in_process(monkeypatch, f"--init_from={folder}", "--start=ROMEO:", "--num_samples=1",
+                      "--max_new_tokens=10", "--seed=7")
+    out = capsys.readouterr().out
+    assert "(next to the checkpoint)" in out and split(out)[0] == with_meta
+    # ours gives the same text from the same weights
+    sample_in_process(monkeypatch, f"--out_dir={char_dir}", "--start=ROMEO:", "--num_samples=1",
+                      "--max_new_tokens=10", "--seed=7")
+    assert split(capsys.readouterr().out)[0] == with_meta
+    os.unlink(folder / "meta.pkl")
+    with pytest.raises(ValueError, match=r"tokenizer has 50,257 tokens but the model's table only \d+.*--meta="):
+        sample_in_process(monkeypatch, f"--init_from={folder}")
