@@ -35,6 +35,7 @@ from common import (append_jsonl, catch_signals, check_schedule, gather_objects,
                     read_jsonl, restore_rng, resume_run, resume_state, rng_state, save_checkpoint, setup_runtime,
                     stop_exit, tokenizer_for, truncate_log)
 from configurator import configure
+from dataloader import load_records, local_paths, report_bad
 from finetune import encode_pair, format_prompt
 
 _ASSISTANT = "\n\nAssistant:"  # hh-rlhf's turn marker (underscore: not a config key)
@@ -56,22 +57,21 @@ def split_hh(text: str, where: str) -> tuple:
     return text[:k], text[k:]
 
 
-def preference_triples(columns: dict, source: str, template: str = "none", drop_mismatched: bool = False):
-    """Columns of one of the three layouts -> ([(record index, prompt, chosen, rejected)], number of identical
-    pairs dropped, number of mismatched pairs dropped). Layouts: {'chosen', 'rejected'} (whole hh-rlhf
-    conversations), {'prompt', 'chosen', 'rejected'}, {'instruction', 'input' (optional), 'chosen', 'rejected'}
-    (Raschka's DPO chapter, rasbt/LLMs-from-scratch ch07/04_preference-tuning-with-dpo), whose instruction and
-    input become a prompt through finetune.format_prompt: template='alpaca' is required there."""
-    if "chosen" not in columns or "rejected" not in columns:
-        raise ValueError(f"{source}: preference records need 'chosen' and 'rejected' fields (plus 'prompt' or "
-                         f"'instruction' unless they are whole hh-rlhf conversations); found fields {sorted(columns)}")
-    layout = [k for k in ("prompt", "instruction") if k in columns] or ["hh"]
+def preference_triples(rows: list, source: str, template: str = "none", drop_mismatched: bool = False,
+                       skip_bad: bool = False):
+    """Records [(where, {field: value})] (dataloader.load_records' rows) of one of three layouts -> ([(where,
+    prompt, chosen, rejected)], number of identical pairs dropped, number of mismatched pairs dropped).
+    Layouts: {'chosen', 'rejected'} (whole hh-rlhf conversations), {'prompt', 'chosen', 'rejected'}, and
+    {'instruction', 'input' (optional), 'chosen', 'rejected'} (Raschka's DPO chapter, rasbt/LLMs-from-scratch
+    ch07/04_preference-tuning-with-dpo), whose instruction and input become one prompt through
+    finetune.format_prompt, so template='alpaca' is required there. A record that does not fit is a bad record,
+    named 'FILE:LINE' (dataloader.report_bad: one error listing them, or skipped with skip_bad)."""
+    fields = set().union(*(rec for _, rec in rows))
+    layout = [k for k in ("prompt", "instruction") if k in fields] or ["hh"]
     if len(layout) > 1:
-        raise ValueError(f"{source}: records have both a 'prompt' and an 'instruction' field, so which one is the "
-                         f"prompt is ambiguous; keep one of them")
+        raise ValueError(f"{source}: records have 'prompt' and 'instruction' fields, so which one is the prompt is "
+                         f"ambiguous; keep one of them")
     layout = layout[0]
-    if template not in ("none", "alpaca"):
-        raise ValueError(f"prompt_template must be 'none' or 'alpaca', got {template!r}")
     if template == "alpaca" and layout == "hh":
         raise ValueError(f"{source}: prompt_template='alpaca' needs records with a 'prompt' or 'instruction' field; "
                          f"hh-rlhf conversations carry their own Human/Assistant turns (use --prompt_template=none)")
@@ -79,55 +79,66 @@ def preference_triples(columns: dict, source: str, template: str = "none", drop_
         raise ValueError(f"{source}: records with 'instruction' (and 'input') fields need a template that joins them "
                          f"into one prompt: --prompt_template=alpaca (finetune.py's, for models it fine-tuned); or "
                          f"give each record a ready 'prompt' field instead")
-    inputs = columns.get("input") or [None] * len(columns["chosen"])  # optional: missing, null and "" are no input
-    triples, identical, mismatched = [], 0, 0
-    for i, (c, r) in enumerate(zip(columns["chosen"], columns["rejected"])):
-        fields = {"chosen": c, "rejected": r}
-        if layout != "hh":
-            fields[layout] = columns[layout][i]
+    need = ("chosen", "rejected") + ((layout,) if layout != "hh" else ())
+    triples, bad, identical, mismatched = [], [], 0, 0
+    for where, rec in rows:
+        missing = [f for f in need if rec.get(f) is None]
+        if missing:
+            bad.append(f"{where}: no field {missing[0]!r} (the record's fields are {sorted(rec)}); every record of "
+                       f"{source} needs {list(need)}")
+            continue
+        v = {f: rec[f] for f in need}
         if layout == "instruction":
-            fields["input"] = inputs[i] or ""
-        for name, v in fields.items():
-            if not isinstance(v, str):
-                raise TypeError(f"{source} record {i}: field {name!r} must be a string, got "
-                                f"{type(v).__name__} {repr(v)[:200]}")
+            v["input"] = rec.get("input") or ""  # optional: missing, null and "" are no input
+        wrong = next((f for f in v if not isinstance(v[f], str)), None)
+        if wrong:
+            bad.append(f"{where}: field {wrong!r} must be a string, got {type(v[wrong]).__name__} {v[wrong]!r:.200}")
+            continue
+        c, r = v["chosen"], v["rejected"]
         if layout == "hh":
-            p, c = split_hh(c, f"{source} record {i}, field 'chosen'")
-            p_r, r = split_hh(r, f"{source} record {i}, field 'rejected'")
+            try:
+                p, c = split_hh(c, f"{where}: field 'chosen'")
+                p_r, r = split_hh(r, f"{where}: field 'rejected'")
+            except ValueError as e:
+                bad.append(str(e))
+                continue
             if p != p_r:
-                if drop_mismatched:
-                    mismatched += 1
-                    continue
-                at = next((j for j, (a, b) in enumerate(zip(p, p_r)) if a != b), min(len(p), len(p_r)))
-                raise ValueError(f"{source} record {i}: 'chosen' and 'rejected' differ before their last "
-                                 f"{_ASSISTANT!r} turn (at character {at}: {p[at:at + 60]!r} vs "
-                                 f"{p_r[at:at + 60]!r}), so they do not answer the same prompt. Fix the "
-                                 f"record, or skip such pairs with --drop_mismatched=True")
+                if not drop_mismatched:
+                    at = next((j for j, (x, y) in enumerate(zip(p, p_r)) if x != y), min(len(p), len(p_r)))
+                    bad.append(f"{where}: 'chosen' and 'rejected' differ before their last {_ASSISTANT!r} turn (at "
+                               f"character {at}: {p[at:at + 60]!r} vs {p_r[at:at + 60]!r}), so they do not answer "
+                               f"the same prompt. Fix the record, or drop such pairs with --drop_mismatched=True")
+                mismatched += drop_mismatched
+                continue
+        elif not v[layout].strip():
+            bad.append(f"{where}: field {layout!r} is empty; every pair needs a prompt to condition on")
+            continue
         else:
-            if not fields[layout].strip():
-                raise ValueError(f"{source} record {i}: empty {layout!r}; every pair needs a prompt to condition on")
-            p = fields["prompt"] if layout == "prompt" else fields["instruction"]
-            p = p if template == "none" else format_prompt(p, fields.get("input", ""))
+            p = v[layout] if template == "none" else format_prompt(v[layout], v.get("input", ""))
         if c == r:
             identical += 1  # no preference to learn from
             continue
-        triples.append((i, p, c, r))
+        triples.append((where, p, c, r))
+    report_bad(bad, skip_bad, source)
     return triples, identical, mismatched
 
 
-def encode_triples(tok, triples: list, block_size: int, source: str, verbose: bool = True):
-    """[(index, prompt, chosen, rejected)] -> ([(chosen ids, rejected ids, prompt tokens k)], truncated, empty).
+def encode_triples(tok, triples: list, block_size: int, source: str, verbose: bool = True, skip_bad: bool = False):
+    """[(where, prompt, chosen, rejected)] -> ([(chosen ids, rejected ids, prompt tokens k)], truncated, empty).
 
     Each side is finetune.encode_pair's prompt + response (+ <|endoftext|>), cut prompt-first to block_size + 1
-    ids; the first k ids of both sides are the same prompt tokens, the rest is the response."""
+    ids; the first k ids of both sides are the same prompt tokens, the rest is the response. A record that does
+    not tokenize (a character outside a char-level vocabulary) is a bad record."""
     id_dtype = np.uint16 if tok.n_vocab <= 2 ** 16 else np.int32
-    pairs, truncated, empty = [], 0, 0
-    for i, p, c, r in progress(triples, f"tokenizing {source}", unit="pairs", disable=not verbose):
+    pairs, bad, truncated, empty = [], [], 0, 0
+    for where, p, c, r in progress(triples, f"tokenizing {source}", unit="pairs",
+                                   disable=not verbose or len(triples) < 10000):  # under a second: no display
         try:
             xc, yc, tc = encode_pair(tok, p, c, block_size, truncate="prompt")
             xr, yr, tr = encode_pair(tok, p, r, block_size, truncate="prompt")
         except ValueError as e:
-            raise ValueError(f"{source} record {i}: {e}") from e
+            bad.append(f"{where}: {e}")
+            continue
         nc, nr = sum(t != -1 for t in yc), sum(t != -1 for t in yr)  # response tokens that are targets
         if nc == 0 or nr == 0:
             empty += 1  # e.g. an empty response and a tokenizer without <|endoftext|>: nothing to score
@@ -139,43 +150,8 @@ def encode_triples(tok, triples: list, block_size: int, source: str, verbose: bo
         k = min(kc, kr)
         pairs.append((np.array(ids_c[kc - k:], dtype=id_dtype), np.array(ids_r[kr - k:], dtype=id_dtype), k))
         truncated += bool(tc or tr)
+    report_bad(bad, skip_bad, source)
     return pairs, truncated, empty
-
-
-def local_files(name: str) -> list:
-    """The paths in a comma-separated list when it names .json/.jsonl files (or other existing files), else []
-    (a Hub name, a split name, or a local dataset folder, which `datasets` reads like a Hub dataset)."""
-    paths = [p.strip() for p in name.split(",") if p.strip()]
-    if paths and all(p.lower().endswith((".json", ".jsonl")) or os.path.isfile(p) for p in paths):
-        for p in paths:
-            if not os.path.isfile(p):
-                raise FileNotFoundError(f"preference data file {p!r} does not exist (from {name!r}); expected "
-                                        f".json/.jsonl files, e.g. --dataset=pairs.jsonl --val_split=val.jsonl")
-        return paths
-    return []
-
-
-def read_split(dataset: str, split: str, dataset_dir: str = "", cache_dir: str = "", max_records: int = 0):
-    """Columns {field: values} of one split, through `datasets`: local .json/.jsonl file(s) given as `split`
-    or as `dataset` (split 'train'), or a split of a Hub dataset."""
-    import datasets
-    paths = local_files(split) or local_files(dataset)
-    if paths:
-        try:
-            ds = datasets.load_dataset("json", data_files=paths, split="train", cache_dir=cache_dir or None)
-        except Exception as e:
-            raise ValueError(f"could not read {paths} as json/jsonl preference records "
-                             f"({type(e).__name__}: {e})") from e
-    else:
-        try:
-            ds = datasets.load_dataset(dataset, data_dir=dataset_dir or None, split=split, cache_dir=cache_dir or None)
-        except Exception as e:  # network, unknown name or split: all say the same thing to a user
-            raise ValueError(f"could not load split {split!r} of the dataset {dataset!r}" + (
-                f" (data_dir {dataset_dir!r})" if dataset_dir else "") + f" ({type(e).__name__}: {e}). Check the "
-                f"name, split and network, or pass local files: --dataset=pairs.jsonl") from e
-    if max_records:
-        ds = ds.select(range(min(max_records, len(ds))))
-    return ds.to_dict()
 
 
 def collate(pairs: list, idx, device: str):
@@ -280,14 +256,18 @@ wandb_log = False
 wandb_project = "align"
 wandb_run_name = "dpo"
 wandb_mode = "online"  # 'online' | 'offline' (no network; `wandb sync` later) | 'disabled'
-# data: a Hugging Face dataset, or local .json/.jsonl files
-dataset = "Anthropic/hh-rlhf"  # Hub name, or local .json/.jsonl file(s) of training pairs (comma-separated)
+# data: local files (.jsonl, .json, .csv, .tsv; also .gz/.bz2/.xz; folders, globs) or a Hugging Face dataset
+dataset = "Anthropic/hh-rlhf"  # Hub name, or local file(s) of training pairs (comma-separated), e.g. train.jsonl.gz
+name = ""  # the Hub dataset's configuration, if it has several
 dataset_dir = ""  # subfolder of the Hub dataset, e.g. 'harmless-base' or 'helpful-base' for hh-rlhf
 train_split = "train"  # Hub split of the training pairs
 val_split = "test"  # Hub split or local file(s) of held-out pairs; '' = hold val_pairs out of the training pairs
 val_pairs = 512  # held-out pairs evaluated at each eval (a fixed random subset)
 max_records = 0  # read at most this many training records (0 = all), for quick runs
 cache_dir = ""  # folder for datasets' cache; '' = its default (~/.cache/huggingface/datasets)
+encoding = "utf-8"  # of local files (a BOM is honoured); e.g. 'latin-1', 'cp1252'
+header = None  # CSV/TSV: None guesses whether the first row names the columns; True or False says so
+skip_bad_records = False  # True: skip (and count) records that are broken or do not fit a layout, else an error
 prompt_template = "none"  # 'alpaca': finetune.py's template around 'prompt' or 'instruction' + 'input' fields
 drop_mismatched = False  # True: drop hh-layout pairs whose two sides differ before the last turn (else error)
 block_size = 512  # longest prompt + response in tokens; longer pairs lose prompt tokens from the left
@@ -340,7 +320,7 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     for key in ("batch_size", "total_batch_pairs", "val_pairs", "eval_interval", "log_interval", "block_size"):
         if config[key] < 1:
             raise ValueError(f"{key} must be >= 1, got {config[key]!r}")
-    local, local_val = local_files(dataset), local_files(val_split)  # missing local files: an error now
+    local, local_val = local_paths(dataset), val_split and local_paths(val_split)  # a missing file: an error now
     rt = setup_runtime(device, dtype)
     master, world = rt.master_process, rt.ddp_world_size
     if total_batch_pairs % (batch_size * world):
@@ -371,13 +351,17 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
 
     # ------------------------------------------------------------------------------------------
     # data: every record read and checked, then tokenized
-    holdout = not val_split or (local and not local_val)  # a local file has no 'test' split: hold pairs out
-    train_src = dataset if local else f"{dataset}:{train_split}"
-    train_cols = read_split(dataset, "train" if local else train_split, dataset_dir, cache_dir, max_records)
-    val_cols = None if holdout else read_split(dataset, val_split, dataset_dir, cache_dir)
-    train_t, ident, mism = preference_triples(train_cols, train_src, prompt_template, drop_mismatched)
+    def read_pairs(source: str, split: str, limit: int = 0):
+        """(prompt, chosen, rejected) triples of a file list or Hub split, every bad record named -> (triples,
+        identical, mismatched, name for messages)."""
+        recs = load_records(source, split, name, header=header, encoding=encoding, skip_bad=skip_bad_records,
+                            max_records=limit, data_dir=dataset_dir, cache_dir=cache_dir)
+        return (*preference_triples(recs.rows, recs.source, prompt_template, drop_mismatched, skip_bad_records),
+                recs.source)
+
+    train_t, ident, mism, train_src = read_pairs(dataset, train_split, max_records)
     rng = np.random.default_rng(seed)
-    if holdout:
+    if not val_split or (local and not local_val):  # a local file has no 'test' split: hold pairs out
         if len(train_t) <= val_pairs:
             raise ValueError(f"{train_src} has {len(train_t)} usable pairs, too few to hold out val_pairs={val_pairs} "
                              f"and train on the rest; lower --val_pairs or pass held-out pairs: --val_split=val.jsonl")
@@ -387,16 +371,15 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
         print0(f"held-out pairs: {val_pairs} of the training pairs" + (f" (no split {val_split!r} in local files; "
                f"pass --val_split=val.jsonl for separate ones)" if val_split else ""))
     else:
-        val_src = val_split if local_val else f"{dataset}:{val_split}"
-        val_t, vi, vm = preference_triples(val_cols, val_src, prompt_template, drop_mismatched)
+        val_t, vi, vm, val_src = read_pairs(val_split if local_val else dataset, val_split)
         val_t = [val_t[i] for i in sorted(rng.permutation(len(val_t))[:val_pairs])]
         ident, mism = ident + vi, mism + vm
-    train, trunc, empty = encode_triples(tok, train_t, block_size, train_src, master)
-    val, vtrunc, vempty = encode_triples(tok, val_t, block_size, val_src, master)
+    train, trunc, empty = encode_triples(tok, train_t, block_size, train_src, master, skip_bad_records)
+    val, vtrunc, vempty = encode_triples(tok, val_t, block_size, val_src, master, skip_bad_records)
     if len(train) < total_batch_pairs or not val:
         raise ValueError(f"after filtering, {len(train)} training and {len(val)} held-out pairs remain: need at least "
                          f"total_batch_pairs={total_batch_pairs} and 1; use more data or --total_batch_pairs")
-    del train_cols, val_cols, train_t, val_t  # the strings: hh-rlhf's are a few hundred MB
+    del train_t, val_t  # the strings: hh-rlhf's are a few hundred MB
     n_tok = sum(len(c) + len(r) - 2 for c, r, _ in train)
     print0(f"data: {len(train):,} training pairs ({n_tok:,} tokens), {len(val):,} held-out pairs; dropped "
            f"{ident:,} with identical responses, {mism:,} with mismatched prompts, {empty + vempty:,} with no "
@@ -497,8 +480,8 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
         if master:
             append_jsonl(log_path, {"iter": iter_num, "split": "val", **m})
             recs = read_jsonl(log_path)  # the whole run, resumed legs included
-            curves = {name: tuple(zip(*[(r["iter"], r[k]) for r in recs if r["split"] == split])) or ([], [])
-                      for name, split, k in (("train loss", "train", "loss"), ("val loss", "val", "loss"),
+            curves = {c: tuple(zip(*[(r["iter"], r[k]) for r in recs if r["split"] == split])) or ([], [])
+                      for c, split, k in (("train loss", "train", "loss"), ("val loss", "val", "loss"),
                                              ("val reward accuracy", "val", "reward_acc"))}
             plot_curves(os.path.join(out_dir, "align.png"), curves, f"{loss_type} (beta={beta})",
                         ylabel="loss / accuracy")
@@ -506,8 +489,8 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
                 wandb_run.log({f"val/{k}": v for k, v in m.items()}, step=iter_num)
         return m
 
-    def save(name: str, reason: str):
-        """Write out_dir/name atomically with everything an exact resume needs (a collective under DDP)."""
+    def save(file: str, reason: str):
+        """Write out_dir/file atomically with everything an exact resume needs (a collective under DDP)."""
         global saved_at
         saved_at = iter_num
         rngs = gather_objects(rng_state(), rt)  # every rank's dropout stream
@@ -516,8 +499,8 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
                                      scaler.state_dict(), rngs)
             save_checkpoint(make_checkpoint("dpo", model.state_dict(), dataclasses.asdict(model.config), config,
                                             tok.meta(), run_state, ref_init_from=ref_from, ref_logps=ref_logps,
-                                            data_fingerprint=data_hash), os.path.join(out_dir, name))
-            print0(f"saved {os.path.join(out_dir, name)} (iteration {iter_num:,}, {reason})")
+                                            data_fingerprint=data_hash), os.path.join(out_dir, file))
+            print0(f"saved {os.path.join(out_dir, file)} (iteration {iter_num:,}, {reason})")
 
     def stop_non_finite(what: str, value: float):
         """Exit at once: saving weights that produce nan/inf would only destroy the last good checkpoint."""

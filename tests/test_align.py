@@ -3,7 +3,9 @@ DPO runs of a tiny char-level model on a synthetic preference set (chosen respon
 ascending order, rejected ones in descending order)."""
 
 import copy
+import csv
 import dataclasses
+import gzip
 import json
 import math
 import os
@@ -18,13 +20,13 @@ import torch
 
 import align
 from common import load_checkpoint, load_model, save_checkpoint
-from finetune import encode_pair, format_prompt
+from finetune import PROMPT_INPUT, PROMPT_NO_INPUT, encode_pair, format_prompt
 from model import GPT, GPTConfig
 from tokenizer import CharTokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LETTERS = "abcdefgh"
-VOCAB = "\n Human:Assistant" + LETTERS + "=."
+VOCAB = "\n Human:Assistant" + LETTERS + "=." + PROMPT_INPUT + PROMPT_NO_INPUT  # every character of both layouts
 # a tiny model gains nothing from threads, and a busy machine makes them much slower
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -50,7 +52,8 @@ def synthetic(n, seed, layout):
 
 
 def write_jsonl(path, records):
-    with open(path, "w") as f:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "wt") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     return str(path)
 
@@ -70,10 +73,10 @@ def workdir(tmp_path_factory):
                      "best_val_loss": 9.9, "config": {}, "tokenizer": tok.meta()}, str(d / "start" / "ckpt.pt"))
     write_jsonl(d / "train.jsonl", synthetic(400, 0, "explicit"))
     write_jsonl(d / "val.jsonl", synthetic(64, 1, "explicit"))
-    os.makedirs(d / "hh")  # a dataset folder, read like a Hub dataset: train and test splits from the file names
+    # hh-rlhf's own file layout: gzipped JSON lines, harmless-base/train.jsonl.gz and test.jsonl.gz
     same = "\n\nHuman: ab\n\nAssistant: ab."
-    write_jsonl(d / "hh" / "train.jsonl", synthetic(200, 2, "hh") + [{"chosen": same, "rejected": same}] * 3)
-    write_jsonl(d / "hh" / "test.jsonl", synthetic(32, 3, "hh"))
+    write_jsonl(d / "hh" / "train.jsonl.gz", synthetic(200, 2, "hh") + [{"chosen": same, "rejected": same}] * 3)
+    write_jsonl(d / "hh" / "test.jsonl.gz", synthetic(32, 3, "hh"))
     return d
 
 
@@ -167,55 +170,65 @@ def test_reference_never_changes_and_precomputed_logps_match():
 # data
 
 
+def rows(records, file="pairs.jsonl"):
+    """Records as dataloader.load_records returns them: [(FILE:LINE, record)]."""
+    return [(f"{file}:{n}", r) for n, r in enumerate(records, 1)]
+
+
 def test_hh_split_multi_turn_and_errors():
     prompt, response = align.split_hh(HH_PROMPT + HH_CHOSEN, "r")
     assert (prompt, response) == (HH_PROMPT, HH_CHOSEN)  # earlier Assistant turns stay in the prompt
-    cols = {"chosen": [HH_PROMPT + HH_CHOSEN, HH_PROMPT + " Same.", HH_PROMPT + HH_CHOSEN],
-            "rejected": [HH_PROMPT + HH_REJECTED, HH_PROMPT + " Same.", HH_PROMPT.replace("grey", "black") + " x"]}
-    with pytest.raises(ValueError, match=r"pairs\.jsonl record 2: 'chosen' and 'rejected' differ before their "
-                                         r"last .*at character 34: 'grey.*drop_mismatched=True"):
-        align.preference_triples(cols, "pairs.jsonl")
-    triples, identical, mismatched = align.preference_triples(cols, "pairs.jsonl", drop_mismatched=True)
-    assert triples == [(0, HH_PROMPT, HH_CHOSEN, HH_REJECTED)] and (identical, mismatched) == (1, 1)
-    with pytest.raises(ValueError, match=r"d record 0, field 'rejected': no '\\n\\nAssistant:' turn"):
-        align.preference_triples({"chosen": [HH_PROMPT + "a"], "rejected": ["\n\nHuman: hi"]}, "d")
-    with pytest.raises(TypeError, match=r"d record 1: field 'chosen' must be a string, got NoneType None"):
-        align.preference_triples({"chosen": [HH_PROMPT + "a", None], "rejected": [HH_PROMPT + "b"] * 2}, "d")
-    with pytest.raises(ValueError, match=r"need 'chosen' and 'rejected' fields .* found fields \['prompt', 'text'\]"):
-        align.preference_triples({"prompt": ["p"], "text": ["t"]}, "d")
+    recs = rows([{"chosen": HH_PROMPT + HH_CHOSEN, "rejected": HH_PROMPT + HH_REJECTED},
+                 {"chosen": HH_PROMPT + " Same.", "rejected": HH_PROMPT + " Same."},
+                 {"chosen": HH_PROMPT + HH_CHOSEN, "rejected": HH_PROMPT.replace("grey", "black") + " x"}])
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:3: 'chosen' and 'rejected' differ before their last .*at "
+                                         r"character 34: 'grey.*drop_mismatched=True\n1 bad record in pairs\.jsonl"):
+        align.preference_triples(recs, "pairs.jsonl")
+    triples, identical, mismatched = align.preference_triples(recs, "pairs.jsonl", drop_mismatched=True)
+    assert triples == [("pairs.jsonl:1", HH_PROMPT, HH_CHOSEN, HH_REJECTED)] and (identical, mismatched) == (1, 1)
+    # every bad record is named with its line, in one error; --skip_bad_records skips and counts them
+    bad = rows([{"chosen": HH_PROMPT + "a", "rejected": "\n\nHuman: hi"}, {"chosen": None, "rejected": "x"},
+                {"chosen": HH_PROMPT + "a", "rejected": 7}, {"chosen": HH_PROMPT + "a", "rejected": HH_PROMPT + "b"}])
+    with pytest.raises(ValueError, match=r"(?s)pairs.jsonl:1: field 'rejected': no '\\n\\nAssistant:' turn.*\n"
+                                         r"pairs.jsonl:2: no field 'chosen' \(the record's fields are \['chosen', "
+                                         r"'rejected'\]\).*\npairs.jsonl:3: field 'rejected' must be a string, got "
+                                         r"int 7\n3 bad records in d: fix them, or skip bad records with "
+                                         r"--skip_bad_records=True"):
+        align.preference_triples(bad, "d")
+    assert align.preference_triples(bad, "d", skip_bad=True)[0] == [("pairs.jsonl:4", HH_PROMPT, "a", "b")]
+    with pytest.raises(ValueError, match=r"d:1: no field 'chosen' .*every record of d needs \['chosen', 'rejected'"):
+        align.preference_triples(rows([{"text": "t"}], "d"), "d")
     with pytest.raises(ValueError, match=r"prompt_template='alpaca' needs records with a 'prompt' or 'instruction'"):
-        align.preference_triples({"chosen": [HH_PROMPT + "a"], "rejected": [HH_PROMPT + "b"]}, "d", "alpaca")
+        align.preference_triples(rows([{"chosen": HH_PROMPT + "a", "rejected": HH_PROMPT + "b"}]), "d", "alpaca")
     # the explicit layout, wrapped in finetune.py's template on request
-    triples, _, _ = align.preference_triples({"prompt": ["Name a colour."], "chosen": ["Red."], "rejected": ["No."]},
+    triples, _, _ = align.preference_triples(rows([{"prompt": "Name a colour.", "chosen": "Red.", "rejected": "No."}]),
                                              "d", "alpaca")
-    assert triples == [(0, format_prompt("Name a colour."), "Red.", "No.")]
-    with pytest.raises(ValueError, match=r"d record 0: empty 'prompt'"):
-        align.preference_triples({"prompt": [""], "chosen": ["a"], "rejected": ["b"]}, "d")
+    assert triples == [("pairs.jsonl:1", format_prompt("Name a colour."), "Red.", "No.")]
+    with pytest.raises(ValueError, match=r"pairs.jsonl:1: field 'prompt' is empty"):
+        align.preference_triples(rows([{"prompt": " ", "chosen": "a", "rejected": "b"}]), "d")
 
 
 def test_instruction_input_records_become_alpaca_prompts():
     """Raschka's preference layout (rasbt/LLMs-from-scratch ch07/04_preference-tuning-with-dpo): instruction, input
     (empty or missing for some records), output, chosen, rejected. The Alpaca template joins instruction and input
     exactly as finetune.py does for SFT, so an SFT model sees the prompts it was trained on."""
-    cols = {"instruction": ["Rewrite the sentence in passive voice.", "Name a primary colour."],
-            "input": ["The cat chased the mouse.", None], "output": ["x", "y"],
-            "chosen": ["The mouse was chased by the cat.", "Red."], "rejected": ["Cat chase mouse.", "Red is nice."]}
-    triples, identical, mismatched = align.preference_triples(cols, "prefs.json", "alpaca")
-    assert triples == [(0, format_prompt(cols["instruction"][0], cols["input"][0]), cols["chosen"][0],
-                        cols["rejected"][0]), (1, format_prompt("Name a primary colour."), "Red.", "Red is nice.")]
+    recs = rows([{"instruction": "Rewrite the sentence in passive voice.", "input": "The cat chased the mouse.",
+                  "output": "x", "chosen": "The mouse was chased by the cat.", "rejected": "Cat chase mouse."},
+                 {"instruction": "Name a primary colour.", "output": "y", "chosen": "Red.", "rejected": "Red is nice."}],
+                "prefs.json")
+    triples, identical, mismatched = align.preference_triples(recs, "prefs.json", "alpaca")
+    assert triples == [("prefs.json:1", format_prompt("Rewrite the sentence in passive voice.",
+                                                      "The cat chased the mouse."),
+                        "The mouse was chased by the cat.", "Cat chase mouse."),
+                       ("prefs.json:2", format_prompt("Name a primary colour."), "Red.", "Red is nice.")]
     assert "### Input:\nThe cat chased the mouse." in triples[0][1] and "### Input:" not in triples[1][1]
-    no_input = {k: v for k, v in cols.items() if k != "input"}
-    assert [t[1] for t in align.preference_triples(no_input, "p", "alpaca")[0]] == [
-        format_prompt(cols["instruction"][0]), format_prompt(cols["instruction"][1])]
     with pytest.raises(ValueError, match=r"prefs.json: records with 'instruction' \(and 'input'\) fields need a "
                                          r"template .*--prompt_template=alpaca"):
-        align.preference_triples(cols, "prefs.json")
-    with pytest.raises(ValueError, match=r"p: records have both a 'prompt' and an 'instruction' field"):
-        align.preference_triples({**cols, "prompt": ["a", "b"]}, "p", "alpaca")
-    with pytest.raises(ValueError, match=r"p record 1: empty 'instruction'"):
-        align.preference_triples({**cols, "instruction": ["a", " "]}, "p", "alpaca")
-    with pytest.raises(TypeError, match=r"p record 0: field 'input' must be a string, got int 3"):
-        align.preference_triples({**cols, "input": [3, ""]}, "p", "alpaca")
+        align.preference_triples(recs, "prefs.json")
+    with pytest.raises(ValueError, match=r"p: records have 'prompt' and 'instruction' fields"):
+        align.preference_triples(recs + rows([{"prompt": "a", "chosen": "b", "rejected": "c"}]), "p", "alpaca")
+    with pytest.raises(ValueError, match=r"prefs.json:1: field 'input' must be a string, got int 3"):
+        align.preference_triples([(recs[0][0], {**recs[0][1], "input": 3})], "p", "alpaca")
 
 
 def test_encoding_truncates_prompt_first_with_a_shared_prompt():
@@ -235,19 +248,11 @@ def test_encoding_truncates_prompt_first_with_a_shared_prompt():
     assert k == 8 and tok.decode(c) == long_prompt[-8:] + "abcdefgh." and tok.decode(r) == long_prompt[-8:] + "a."
     x, y = align.collate(pairs, [1], "cpu")  # (2, 16): padding is masked too
     assert (y[0] != -1).sum() == 9 and (y[1] != -1).sum() == 2 and x.shape == (2, 16)
-    with pytest.raises(ValueError, match=r"t record 4: characters '!' are not in this character-level vocabulary"):
-        align.encode_triples(tok, [(4, "ab=", "a!", "b")], 16, "t", verbose=False)
-
-
-def test_read_split_local_files_and_dataset_folder(workdir, tmp_path):
-    cols = align.read_split(str(workdir / "train.jsonl"), "train", cache_dir=str(tmp_path), max_records=5)
-    assert sorted(cols) == ["chosen", "prompt", "rejected"] and len(cols["chosen"]) == 5
-    cols = align.read_split(str(workdir / "hh"), "test", cache_dir=str(tmp_path))  # the Hub code path, offline
-    assert sorted(cols) == ["chosen", "rejected"] and len(cols["chosen"]) == 32
-    with pytest.raises(FileNotFoundError, match=r"preference data file 'nope.jsonl' does not exist"):
-        align.read_split("nope.jsonl", "train")
-    with pytest.raises(ValueError, match=r"could not load split 'validation' of the dataset .*--dataset=pairs.jsonl"):
-        align.read_split(str(workdir / "hh"), "validation", cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"t.jsonl:4: characters '!' are not in this character-level vocabulary.*"
+                                         r"\n1 bad record in t"):
+        align.encode_triples(tok, [("t.jsonl:4", "ab=", "a!", "b")], 16, "t", verbose=False)
+    kept, _, _ = align.encode_triples(tok, [("t.jsonl:4", "ab=", "a!", "b")] + triples[:1], 16, "t", False, True)
+    assert len(kept) == 1 and all((a == b).all() for a, b in zip(kept[0][:2], pairs[0][:2]))  # skip_bad_records
 
 
 @pytest.fixture
@@ -290,7 +295,7 @@ def test_checkpoint_and_data_errors(workdir, main):
                          r"written by 'imported'; align.py --init_from=resume continues only its own runs \(dpo\)"),
                         ([f"--init_from={start}", "--block_size=64"], r"block_size=64 exceeds the model's context"),
                         ([f"--init_from={start}", "--block_size=32", "--val_pairs=500", f"--cache_dir={workdir}/cache"],
-                         r"train.jsonl has 400 usable pairs, too few to hold out val_pairs=500 .*--val_split=val.jsonl")):
+                         r"train.jsonl' has 400 usable pairs, too few to hold out val_pairs=500 .*--val_split=val.jsonl")):
         with pytest.raises(ValueError, match=match):
             main([*args, "--device=cpu", f"--dataset={workdir / 'train.jsonl'}"])
 
@@ -366,14 +371,14 @@ def test_resume_continues_exactly(trained, workdir, main):
     assert records(out, "val")[-1] == records(trained[0], "val")[-1]
 
 
-def test_hh_layout_from_a_dataset_folder_with_precomputed_reference(workdir, main):
-    """hh-rlhf conversations read through the Hub code path (a local dataset folder with train/test files), the
-    reference's log-probs precomputed; a block of 24 tokens truncates every pair prompt-first."""
+def test_hh_rlhf_jsonl_gz_files_with_precomputed_reference(workdir, main):
+    """hh-rlhf conversations from its own file layout (train.jsonl.gz, test.jsonl.gz), the reference's log-probs
+    precomputed; a block of 24 tokens truncates every pair prompt-first."""
     out = str(workdir / "hh_out")
-    log = main(["--device=cpu", f"--init_from={workdir / 'start'}", f"--dataset={workdir / 'hh'}", f"--out_dir={out}",
-                f"--cache_dir={workdir / 'cache'}",
-               "--precompute_ref=True", "--max_iters=10", "--block_size=24", "--batch_size=8", "--total_batch_pairs=16",
-               "--val_pairs=32", "--learning_rate=1e-2", "--warmup_iters=2", "--eval_interval=10", "--log_interval=5"])
+    log = main(["--device=cpu", f"--init_from={workdir / 'start'}", f"--dataset={workdir / 'hh' / 'train.jsonl.gz'}",
+                f"--val_split={workdir / 'hh' / 'test.jsonl.gz'}", f"--out_dir={out}",
+                "--precompute_ref=True", "--max_iters=10", "--block_size=24", "--batch_size=8", "--total_batch_pairs=16",
+                "--val_pairs=32", "--learning_rate=1e-2", "--warmup_iters=2", "--eval_interval=10", "--log_interval=5"])
     assert "200 training pairs" in log and "32 held-out pairs" in log and "dropped 3 with identical responses" in log
     assert "232 (100.0%) truncated prompt-first to block_size 24" in log  # 26 prompt + 6 response chars > 25
     assert "reference log-probs: precomputed for 232 pairs; no reference model held" in log
@@ -381,6 +386,39 @@ def test_hh_layout_from_a_dataset_folder_with_precomputed_reference(workdir, mai
     assert val[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and val[0]["reward_acc"] == 0.5
     ckpt = load_checkpoint(out)
     assert ckpt["ref_logps"]["train"].shape == (200, 2) and ckpt["ref_logps"]["val"].shape == (32, 2)
+
+
+def test_instruction_records_csv_and_a_broken_jsonl_line(workdir, main, tmp_path):
+    """The formats users have: Raschka's instruction preference set (a JSON list, --prompt_template=alpaca) and a
+    CSV of prompt,chosen,rejected; a JSONL file with one broken line in the middle stops before any training with
+    that line's number."""
+    common = ["--device=cpu", f"--init_from={workdir / 'start'}", "--eval_only=True", "--block_size=32",
+              "--total_batch_pairs=8", "--val_pairs=8"]
+    prefs = [{"instruction": "sort the letters.", "input": s["prompt"][:-1], "output": s["chosen"],
+              "chosen": s["chosen"], "rejected": s["rejected"]} for s in synthetic(40, 7, "explicit")]
+    prefs[1]["input"] = ""  # some records have no input
+    (tmp_path / "prefs.json").write_text(json.dumps(prefs, indent=2))
+    log = main([*common, f"--dataset={tmp_path / 'prefs.json'}", "--prompt_template=alpaca",
+                f"--out_dir={tmp_path / 'o1'}"])
+    assert "data: 32 training pairs" in log and "8 held-out pairs" in log and "40 (100.0%) truncated" in log
+    with pytest.raises(ValueError, match=r"prefs.json': records with 'instruction' \(and 'input'\) fields need a "
+                                         r"template"):
+        main([*common, f"--dataset={tmp_path / 'prefs.json'}", f"--out_dir={tmp_path / 'o2'}"])
+    with open(tmp_path / "pairs.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["prompt", "chosen", "rejected"], lineterminator="\r\n")
+        w.writeheader()
+        w.writerows(synthetic(24, 8, "explicit"))
+    log = main([*common, f"--dataset={tmp_path / 'pairs.csv'}", f"--out_dir={tmp_path / 'o3'}"])
+    assert "data: 16 training pairs" in log and "0 (0.0%) truncated" in log
+    lines = [json.dumps(r) for r in synthetic(20, 9, "explicit")]
+    lines[4] = lines[4][:25]  # torn mid-record
+    (tmp_path / "broken.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"broken.jsonl:5: invalid JSON \(Unterminated string .*fix the line\n1 bad "
+                                         r"record in .*--skip_bad_records=True"):
+        main([*common, f"--dataset={tmp_path / 'broken.jsonl'}", f"--out_dir={tmp_path / 'o4'}"])
+    log = main([*common, f"--dataset={tmp_path / 'broken.jsonl'}", f"--out_dir={tmp_path / 'o4'}",
+                "--skip_bad_records=True"])
+    assert "WARNING: skipped 1 bad record of" in log and "data: 11 training pairs" in log
 
 
 def test_eval_only_scores_the_starting_model_with_ipo(workdir, main):
