@@ -375,11 +375,12 @@ class Records:
     source: str  # what was read, for messages
     label_names: dict = field(default_factory=dict)  # {field: class names} of a Hub dataset's ClassLabel columns
     skipped: int = 0  # bad records skipped under skip_bad
+    bad: list = field(default_factory=list)  # 'where: what is wrong, and the fix' of each bad record
 
 
 def load_records(source: str, split: str = "train", name: str = "", require=(), header: Optional[bool] = None,
                  txt_records: str = "line", encoding: str = "utf-8", skip_bad: bool = False, max_records: int = 0,
-                 data_dir: str = "", cache_dir: str = "") -> Records:
+                 data_dir: str = "", cache_dir: str = "", report: bool = True) -> Records:
     """Every record of a local file, folder, glob or comma-separated list of them, or of one split of a Hub
     dataset, checked before any training starts.
 
@@ -396,7 +397,9 @@ def load_records(source: str, split: str = "train", name: str = "", require=(), 
     suggest (e.g. {'sentence': '--text_field'}); a missing, null or empty (whitespace) value is a bad record.
     Bad records (invalid JSON, a missing or empty field, a wrong column count, an undecodable line, an empty
     file) raise one ValueError listing each as 'FILE:LINE: what is wrong, and the fix'; skip_bad=True skips
-    them with one WARNING line instead. max_records > 0 keeps the first ones. Returns Records.
+    them with one WARNING line instead. report=False leaves both to the caller (Records.bad), who adds the
+    problems its own checks find and reports all at once with report_bad. max_records > 0 keeps the first
+    ones. Returns Records.
     """
     require = dict(require) if isinstance(require, dict) else {f: f"--{f}_field" for f in require}
     if txt_records not in ("line", "file"):
@@ -430,12 +433,13 @@ def load_records(source: str, split: str = "train", name: str = "", require=(), 
             good.append((where, rec))
     if max_records:
         good = good[:max_records]
-    report_bad(bad, skip_bad, what)
-    if not good:
+    if report:
+        report_bad(bad, skip_bad, what)
+    if not good and not (bad and not report):
         raise ValueError(f"{what} holds no records" + (f" ({len(bad)} bad ones skipped)" if bad else "") +
                          f"; pass a file with records in it (formats: {', '.join(sorted(RECORD_FORMATS))}, "
                          f"optionally .gz/.bz2/.xz)")
-    return Records(good, what, label_names, len(bad))
+    return Records(good, what, label_names, len(bad) if report else 0, bad)
 
 
 def report_bad(bad: list, skip_bad: bool, source: str, flag: str = "--skip_bad_records=True"):
@@ -597,7 +601,7 @@ def _file_records(path: str, split: str, require: dict, header: Optional[bool], 
         raise ValueError(f"{path}: cannot tell how to read a {os.path.splitext(path)[1]!r} file; records are read "
                          f"from {', '.join(sorted(RECORD_FORMATS))} files (optionally .gz/.bz2/.xz)")
     lines, problem = _decoded_lines(path, encoding)
-    if not any(t for _, t in lines if t is None or t.strip()):
+    if not any(t is None or t.strip() for _, t in lines):
         bad.append(f"{path}: the file is empty; remove it from the data, or fill it")
         return []
     if fmt == "":

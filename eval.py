@@ -10,23 +10,25 @@ accuracy and perplexity) and HellaSwag (4-way sentence completion).
     torchrun --standalone --nproc_per_node=8 eval.py --init_from=gpt2-xl --task=hellaswag  # items split by rank
 
 Results are printed as a table and appended to out_dir/eval.jsonl. Downloads are cached in $LLM_E2E_CACHE
-(default ~/.cache/llm-e2e); --data_file=F reads a local copy instead, --source=hf Hugging Face's copy.
+(default ~/.cache/llm-e2e); --data_file=F reads a local copy instead (.jsonl, .json, .csv, .tsv or .txt, also
+.gz/.bz2/.xz; a .txt line is one LAMBADA passage), --source=hf Hugging Face's copy.
 """
 
 import hashlib
-import json
 import math
 import os
 import re
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from common import append_jsonl, load_model, print0, read_tokens, setup_runtime
+from common import append_jsonl, cache_root, download, load_model, print0, progress, read_tokens, setup_runtime
 from configurator import configure
+from dataloader import load_records, read_text, report_bad
 
 # The official files. The checksums come from public records, not from a download of ours: HellaSwag's from
 # TensorFlow Datasets (tensorflow/datasets, url_checksums/hellaswag.txt: 12,246,618 bytes), LAMBADA's from the
@@ -46,9 +48,12 @@ task = "hellaswag"  # 'hellaswag' | 'lambada' | 'perplexity'
 limit = 0  # evaluate the first N items (hellaswag, lambada) or N tokens (perplexity); 0 = all
 source = "url"  # hellaswag/lambada data: 'url' (official jsonl, checksummed, cached) or 'hf' (Hugging Face datasets)
 data_url = ""  # download from this mirror instead of the official URL (the checksum must still match)
-data_file = ""  # read this local jsonl in the official format instead (not checksummed: subsets, your own items)
+data_file = ""  # read this local file of items in the official format instead (not checksummed: subsets, your own
+# items): .jsonl/.json/.csv/.tsv/.txt, optionally .gz/.bz2/.xz, a folder or a glob
+encoding = "utf-8"  # of --data_file and --text_file (e.g. latin-1, cp1252)
+skip_bad_records = False  # True: leave out malformed items (counted in one WARNING line) instead of stopping
 hellaswag_prompt = "ctx"  # 'ctx': ctx + ' ' + ending (completion style, build-nanogpt); 'harness': lm-eval-harness's
-text_file = ""  # perplexity: a UTF-8 text file ...
+text_file = ""  # perplexity: a text file (optionally .gz/.bz2/.xz) ...
 dataset = ""  # ... or a prepared dataset: data/<dataset>/<split>.bin (or its shards)
 split = "val"  # split of --dataset
 stride = 0  # perplexity: tokens the window moves per step; 0 = half the window; = window for plain chunks
@@ -76,56 +81,13 @@ def sha256_of(path: str) -> str:
     return h.hexdigest()
 
 
-def download(url: str, path: str, sha256: str = "", timeout: float = 60.0):
-    """Stream url to path with a progress bar. The bytes go to a temporary name, renamed to path only once
-    complete (Content-Length) and matching sha256: an interrupted or corrupt download never looks finished."""
-    import requests
-    from tqdm import tqdm
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp, h, n = path + ".tmp", hashlib.sha256(), 0
-    try:
-        with requests.get(url, stream=True, timeout=timeout) as r, open(tmp, "wb") as f:
-            r.raise_for_status()
-            total = int(r.headers.get("content-length", 0)) or None
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=os.path.basename(path)) as bar:
-                for chunk in r.iter_content(chunk_size=1 << 16):
-                    f.write(chunk)
-                    h.update(chunk)
-                    n += len(chunk)
-                    bar.update(len(chunk))
-        if total is not None and n != total:
-            raise ValueError(f"incomplete download of {url!r}: got {n:,} of {total:,} bytes; run the command again")
-        if sha256 and h.hexdigest() != sha256:
-            raise ValueError(f"the file downloaded from {url!r} has sha256 {h.hexdigest()}, expected {sha256}: "
-                             f"corrupted, or changed upstream. Retry, or pass --data_file=PATH with a copy you trust")
-        os.replace(tmp, path)
-    except requests.RequestException as e:
-        raise OSError(f"could not download {url!r} ({type(e).__name__}: {e}). Without network: put a copy at "
-                      f"{path!r}, or pass --data_file=PATH, or --source=hf with a filled Hugging Face cache") from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def read_jsonl(path: str):
-    """Yield (where, object) for each non-empty line; where = 'path:line' for error messages."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file {path!r} does not exist (--data_file expects a jsonl in the official "
-                                f"format; leave it empty to download the official file)")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield f"{path}:{lineno}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e}): {line[:80]!r}") from e
-
-
-def load_rows(name: str) -> list:
-    """The task's raw rows as [(where, dict)] from --data_file, the official URL (cached) or Hugging Face."""
+def load_rows(name: str) -> tuple:
+    """The task's raw rows as ([(where, dict)], problems of the rows that are no records) from --data_file,
+    the official URL (cached) or Hugging Face."""
     spec = DATASETS[name]
     if data_file:
-        return list(read_jsonl(data_file))
+        recs = load_records(data_file, encoding=encoding, report=False)
+        return recs.rows, recs.bad
     if source == "hf":
         import datasets
         repo, config_name, hf_split = spec["hf"]
@@ -135,18 +97,32 @@ def load_rows(name: str) -> list:
             if "scripts are no longer supported" not in str(e):
                 raise
             ds = datasets.load_dataset(repo, config_name, split=hf_split, revision="refs/convert/parquet")
-        return [(f"{repo} [{hf_split}] row {i + 1}", dict(row)) for i, row in enumerate(ds)]
+        return [(f"{repo} [{hf_split}] row {i + 1}", dict(row)) for i, row in enumerate(ds)], []
     if source != "url":
         raise ValueError(f"source must be 'url' or 'hf', got {source!r}")
-    cache = os.environ.get("LLM_E2E_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llm-e2e")
-    path = os.path.join(cache, os.path.basename(spec["url"]))
-    if not os.path.exists(path) or sha256_of(path) != spec["sha256"]:
-        if os.path.exists(path):
-            print0(f"WARNING: {path} does not match its sha256 {spec['sha256']}; downloading it again")
-        download(data_url or spec["url"], path, spec["sha256"])
-    rows = list(read_jsonl(path))
+    path = os.path.join(cache_root(), os.path.basename(spec["url"]))
+    if os.path.exists(path) and sha256_of(path) != spec["sha256"]:
+        print0(f"WARNING: {path} does not match its sha256 {spec['sha256']}; downloading it again")
+        os.remove(path)
+    download(data_url or spec["url"], path, spec["sha256"],
+             hint=f"Without network: put a copy at {path!r}, or pass --data_file=PATH, or --source=hf with a filled "
+                  f"Hugging Face cache")
+    rows = load_records(path).rows
     assert len(rows) == spec["items"], f"{path} has {len(rows)} items, expected {spec['items']}"
-    return rows
+    return rows, []
+
+
+def parse_rows(rows_bad: tuple, parse) -> list:
+    """parse(where, row) for every row; the rows it refuses and those that were no records are reported
+    together (or skipped, counted in one WARNING line under --skip_bad_records)."""
+    (rows, bad), parsed = rows_bad, []
+    for where, row in rows:
+        try:
+            parsed.append(parse(where, row))
+        except ValueError as e:  # its message starts with the row's FILE:LINE
+            bad.append(str(e))
+    report_bad(bad, skip_bad_records, repr(data_file) if data_file else f"the {task} data")
+    return parsed
 
 
 def hellaswag_item(where: str, row: dict, prompt: str):
@@ -279,6 +255,18 @@ def sliding_windows(n: int, window: int, stride: int) -> list:
     return spans
 
 
+def weight_count(model) -> int:
+    """Parameters as model.num_params counts them, the quantized ones included: int8/int4 layers hold their
+    weights as integer buffers (int4 two to a byte, re-packed per device), so count in x out (+ bias) each."""
+    n = model.num_params()
+    for m in model.modules():  # each module once, also one registered twice (a quantized tied wte / lm_head)
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor) and not isinstance(w, torch.nn.Parameter) and not w.is_floating_point():
+            bias = getattr(m, "bias", None)
+            n += m.in_features * m.out_features + (bias.numel() if bias is not None else 0)
+    return n
+
+
 def token_bytes(tokenizer, ids) -> int:
     """UTF-8 bytes that token ids stand for (tiktoken's exact bytes for BPE, whose tokens may split characters)."""
     enc = getattr(tokenizer, "enc", None)
@@ -302,14 +290,12 @@ def all_reduce_sums(sums: dict, rt) -> dict:
 def eval_choices(parsed, model, tokenizer, window: int, n_vocab: int, rt):
     """HellaSwag, or LAMBADA with the last word as the only continuation. parsed: [(context, continuations,
     label)] (label None for LAMBADA)."""
-    from tqdm import tqdm
     parsed = parsed[:limit or None][rt.ddp_rank::rt.ddp_world_size]
     items, kept = encode_items([(c, e) for c, e, _ in parsed], tokenizer, window)
     s = {"n": 0, "acc": 0, "acc_norm": 0, "acc_norm_chars": 0, "nll": 0.0, "tokens": 0,
          "skipped": len(parsed) - len(items)}
-    shown = "acc" if task == "lambada" else "acc_norm"
-    bar = tqdm(total=len(items), desc=task, disable=not rt.master_process)
-    for j, scores in score_items(model, items, window, batch_size, n_vocab, rt):
+    for j, scores in progress(score_items(model, items, window, batch_size, n_vocab, rt), desc=task,
+                              total=len(items), unit="item"):
         _, conts, label = parsed[kept[j]]
         ll = [float(lp.sum()) for lp, _ in scores]
         if task == "lambada":
@@ -322,9 +308,6 @@ def eval_choices(parsed, model, tokenizer, window: int, n_vocab: int, rt):
                                  "acc_norm_chars": [v / max(len(e), 1) for v, e in zip(ll, conts)]}.items():
                 s[name] += int(max(range(len(values)), key=values.__getitem__) == label)  # ties: the first
         s["n"] += 1
-        bar.update()
-        bar.set_postfix({shown: f"{s[shown] / s['n']:.4f}"})
-    bar.close()
     s = all_reduce_sums(s, rt)
     n = int(s["n"])
     if n == 0:
@@ -337,12 +320,11 @@ def eval_choices(parsed, model, tokenizer, window: int, n_vocab: int, rt):
         {"skipped": int(s["skipped"]), "hellaswag_prompt": hellaswag_prompt}
 
 
-def perplexity_tokens(tokenizer) -> list:
-    """-> [(name, token array)]: the text file (after <|endoftext|>, so that its first token is scored too) or
-    the prepared split's token files, cut to --limit tokens in total."""
+def perplexity_tokens(tokenizer, text: Optional[str] = None) -> list:
+    """-> [(name, token array)]: the text file (after <|endoftext|>, so that its first token is scored too;
+    `text`: its text, already read) or the prepared split's token files, cut to --limit tokens in total."""
     if text_file:
-        with open(text_file, encoding="utf-8") as f:
-            text = f.read()
+        text = read_text(text_file, encoding) if text is None else text
         try:
             ids = tokenizer.encode_ordinary(text)
         except ValueError as e:
@@ -367,15 +349,14 @@ def perplexity_tokens(tokenizer) -> list:
     return out
 
 
-def eval_perplexity(model, tokenizer, window: int, n_vocab: int, rt):
-    from tqdm import tqdm
+def eval_perplexity(model, tokenizer, window: int, n_vocab: int, rt, text: Optional[str] = None):
     step = stride or max(window // 2, 1)
     if not 1 <= step <= window:
         raise ValueError(f"stride must be in 1..{window} (the window), got {stride!r}; --stride=0 is half the window")
     if bool(text_file) == bool(dataset):
         raise ValueError(f"--task=perplexity needs exactly one of --text_file=PATH or --dataset=NAME (data/NAME/"
                          f"{split}.bin), got text_file={text_file!r}, dataset={dataset!r}")
-    files = perplexity_tokens(tokenizer)
+    files = perplexity_tokens(tokenizer, text)
     for name, tokens in files:
         if int(tokens.max()) >= n_vocab:
             raise ValueError(f"{name!r} holds token id {int(tokens.max())}, beyond this model's tokenizer "
@@ -386,8 +367,7 @@ def eval_perplexity(model, tokenizer, window: int, n_vocab: int, rt):
     jobs = jobs[rt.ddp_rank::rt.ddp_world_size]
     eot = tokenizer.eot_token
     s = {"tokens": 0, "nll": 0.0, "text_nll": 0.0, "bytes": 0}
-    bar = tqdm(total=len(jobs), desc="perplexity", unit="window", disable=not rt.master_process)
-    for k in range(0, len(jobs), batch_size):
+    for k in progress(range(0, len(jobs), batch_size), desc="perplexity", unit="batch"):
         rows = [(np.asarray(t[b:e], dtype=np.int64), n) for t, (b, e, n) in jobs[k:k + batch_size]]
         for (ids, n), (logp, _) in zip(rows, score_batch(model, rows, n_vocab, rt)):
             text = ids[-n:] != eot  # bits per byte leaves <|endoftext|> out: it stands for no text
@@ -395,9 +375,6 @@ def eval_perplexity(model, tokenizer, window: int, n_vocab: int, rt):
             s["nll"] -= float(logp.sum())
             s["text_nll"] -= float(logp[torch.from_numpy(text)].sum())
             s["bytes"] += token_bytes(tokenizer, ids[-n:][text])
-        bar.update(len(rows))
-        bar.set_postfix(ppl=f"{math.exp(s['nll'] / max(s['tokens'], 1)):.3f}")
-    bar.close()
     s = all_reduce_sums(s, rt)
     nll = s["nll"] / s["tokens"]
     return int(s["tokens"]), {"nll": nll, "ppl": math.exp(nll), "bits_per_byte": s["text_nll"] / math.log(2) /
@@ -418,14 +395,16 @@ if __name__ == "__main__":
         raise ValueError(f"hellaswag_prompt must be 'ctx' or 'harness', got {hellaswag_prompt!r}")
     # read and check the data before the model loads: a bad row should not wait for gpt2-xl
     if task == "hellaswag":
-        parsed = [hellaswag_item(w, row, hellaswag_prompt) for w, row in load_rows("hellaswag")]
+        parsed = parse_rows(load_rows("hellaswag"), lambda w, row: hellaswag_item(w, row, hellaswag_prompt))
     elif task == "lambada":
-        parsed = [(context, [word], None) for context, word in (lambada_item(w, r) for w, r in load_rows("lambada"))]
+        parsed = [(context, [word], None) for context, word in parse_rows(load_rows("lambada"), lambada_item)]
     elif data_file or source != "url":
         raise ValueError("--data_file and --source are for hellaswag and lambada; perplexity reads --text_file or "
                          "--dataset")
     elif text_file and not os.path.isfile(text_file):
         raise FileNotFoundError(f"text file {text_file!r} does not exist")
+    # perplexity's text, read now: a wrong encoding fails naming the line, before the model loads
+    text = read_text(text_file, encoding) if task == "perplexity" and text_file else None
     if task != "perplexity":
         print0(f"{task}: {len(parsed):,} items" + (f", evaluating the first {limit:,}" if limit else ""))
     rt = setup_runtime(device, dtype)
@@ -439,7 +418,7 @@ if __name__ == "__main__":
         raise ValueError(f"block_size={block_size} exceeds the model's context of {model.config.block_size} "
                          f"tokens; use --block_size=0")
     name = os.path.join(out_dir, ckpt_name) if init_from == "resume" else init_from
-    print0(f"model: {name} ({model.num_params() / 1e6:.1f}M parameters), tokenizer {tokenizer.name} "
+    print0(f"model: {name} ({weight_count(model) / 1e6:.1f}M parameters), tokenizer {tokenizer.name} "
            f"({n_vocab:,} ids), window {window} tokens, batch {batch_size}")
     if compile:
         print0("compiling the model... (about a minute)")
@@ -447,7 +426,7 @@ if __name__ == "__main__":
 
     t0 = time.time()
     if task == "perplexity":
-        n, metrics, extra = eval_perplexity(model, tokenizer, window, n_vocab, rt)
+        n, metrics, extra = eval_perplexity(model, tokenizer, window, n_vocab, rt, text)
     else:
         n, metrics, extra = eval_choices(parsed, model, tokenizer, window, n_vocab, rt)
     seconds = time.time() - t0
@@ -462,7 +441,8 @@ if __name__ == "__main__":
     if rt.master_process:
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "task": task, "init_from": init_from,
                   "ckpt_name": ckpt_name if ckpt is not None else None,
-                  "iter_num": ckpt.get("iter_num") if ckpt is not None else None, unit: n, **metrics, **extra,
+                  "iter_num": (ckpt.get("resume") or {}).get("iter_num", ckpt.get("iter_num")) if ckpt is not None
+                  else None, unit: n, **metrics, **extra,
                   "limit": limit, "data": data_file or (source if task != "perplexity" else None),
                   "seconds": round(seconds, 2), "device": rt.device, "dtype": rt.dtype}
         append_jsonl(os.path.join(out_dir, "eval.jsonl"), record)

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import eval as ev
-from common import Runtime, load_model, save_checkpoint, write_tokens
+from common import Runtime, load_model, make_checkpoint, resume_state, save_checkpoint, write_tokens
+from dataloader import load_records
 from load_openai import config_to_hf, state_dict_to_hf
 from model import GPT, GPTConfig
 from tokenizer import CharTokenizer, get_tokenizer
@@ -79,8 +80,8 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     cfg = GPTConfig(block_size=WINDOW, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)
     model = GPT(cfg)
-    save_checkpoint({"model": model.state_dict(), "model_args": vars(cfg), "config": {}, "iter_num": 7,
-                     "best_val_loss": 0.0, "tokenizer": {"tokenizer": "gpt2"}}, str(d / "ckpt.pt"))
+    save_checkpoint(make_checkpoint("pretrain", model.state_dict(), vars(cfg), {}, {"tokenizer": "gpt2"},
+                                    resume=resume_state(7, "val_loss", 0.0)), str(d / "ckpt.pt"))
     from transformers import GPT2Config, GPT2LMHeadModel
     hf = GPT2LMHeadModel(GPT2Config(**config_to_hf(cfg), attn_implementation="eager")).eval()
     hf.load_state_dict(state_dict_to_hf(model.state_dict()))
@@ -125,6 +126,11 @@ def _oracle(hf, ctx_ids, cont_ids, window):
     return logp, logits.argmax(-1) == target
 
 
+def rows_of(path):
+    """[(FILE:LINE, row)] of a data file, as eval.py reads --data_file."""
+    return load_records(path).rows
+
+
 def load_eval(path):
     model, ckpt, tok = load_model(path, device="cpu")
     return model.eval(), tok
@@ -161,7 +167,7 @@ def test_hellaswag_loglikelihoods_match_oracle_and_batching_changes_nothing(setu
     """Per ending: the same log-likelihoods (1e-4) and greedy hits as the oracle, whatever the batch size. (The
     'harness' prompt only changes the strings: checked below and end to end in the CLI test.)"""
     model, tok = load_eval(setup["ckpt"])
-    parsed = [ev.hellaswag_item(w, row, "ctx") for w, row in ev.read_jsonl(setup["hellaswag"])]
+    parsed = [ev.hellaswag_item(w, row, "ctx") for w, row in rows_of(setup["hellaswag"])]
     items, kept = ev.encode_items([(c, e) for c, e, _ in parsed], tok, WINDOW)
     assert kept == [0, 1, 2, 3]
     assert len(items[2][0]) > WINDOW, "item 2's context must overflow the window to test the left cut"
@@ -212,7 +218,7 @@ def test_cli_hellaswag_and_lambada_report_oracle_metrics(setup, tmp_path, monkey
                   f"--data_file={setup['lambada']}", "--limit=5", f"--out_dir={tmp_path}")
     rec = last_record(tmp_path)
     correct, nll = 0, 0.0
-    for w, row in list(ev.read_jsonl(setup["lambada"])):
+    for w, row in list(rows_of(setup["lambada"])):
         context, word = ev.lambada_item(w, row)
         logp, greedy = oracle(hf, tok.encode_ordinary(context), tok.encode_ordinary(" " + word))
         correct += bool(greedy.all())
@@ -220,6 +226,76 @@ def test_cli_hellaswag_and_lambada_report_oracle_metrics(setup, tmp_path, monkey
     assert correct >= 1, "the greedy passage must be predicted"
     assert rec["items"] == 5 and rec["acc"] == pytest.approx(correct / 5)
     assert rec["ppl"] == pytest.approx(math.exp(nll / 5), rel=1e-5)
+
+def test_data_file_in_any_format_scores_the_same(setup, tmp_path, monkeypatch, capsys):
+    """LAMBADA from .jsonl, .jsonl.bz2, a .txt of one passage per line (CRLF) and a .json list: the same items,
+    the same numbers; a file in another encoding is named with the encoding to try, not a UnicodeDecodeError."""
+    import bz2
+    texts = [row["text"] for _, row in rows_of(setup["lambada"])]
+    with bz2.open(tmp_path / "lambada.jsonl.bz2", "wt") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+    (tmp_path / "lambada.txt").write_bytes("".join(t + "\r\n" for t in texts).encode())
+    (tmp_path / "lambada.json").write_text(json.dumps([{"text": t} for t in texts], indent=1))
+    results = []
+    for data in (setup["lambada"], tmp_path / "lambada.jsonl.bz2", tmp_path / "lambada.txt", tmp_path / "lambada.json"):
+        run_eval_here(monkeypatch, capsys, f"--init_from={setup['ckpt']}", "--task=lambada", f"--data_file={data}",
+                      f"--out_dir={tmp_path}")
+        rec = last_record(tmp_path)
+        results.append((rec["items"], rec["acc"], rec["ppl"]))
+    assert results[0][0] == len(texts) and results.count(results[0]) == 4, results
+    with bz2.open(tmp_path / "latin.txt.bz2", "wb") as f:
+        f.write("Caf\u00e9 au lait, said the old man to the waiter\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.txt.bz2:1: not valid utf-8 \(byte b'\\xe9' at column 4: .*\); the file "
+                                         r"is probably cp1252: pass --encoding=cp1252"):
+        run_eval_here(monkeypatch, capsys, f"--init_from={setup['ckpt']}", "--task=lambada",
+                      f"--data_file={tmp_path / 'latin.txt.bz2'}", f"--out_dir={tmp_path}")
+    run_eval_here(monkeypatch, capsys, f"--init_from={setup['ckpt']}", "--task=perplexity", "--encoding=cp1252",
+                  f"--text_file={tmp_path / 'latin.txt.bz2'}", f"--out_dir={tmp_path}")
+    assert last_record(tmp_path)["bytes"] == len("Caf\u00e9 au lait, said the old man to the waiter\n".encode())
+
+
+def test_bad_rows_are_reported_together_or_skipped(setup, tmp_path, monkeypatch, capsys):
+    path = write_jsonl(tmp_path / "h.jsonl", [HELLASWAG[0], {**HELLASWAG[1], "label": 9}, '{"ctx": ',
+                                              HELLASWAG[2], {"ctx": "x"}])
+    args = [f"--init_from={setup['ckpt']}", "--task=hellaswag", f"--data_file={path}", f"--out_dir={tmp_path}"]
+    with pytest.raises(ValueError, match=r"(?s)h.jsonl:3: invalid JSON .*\n.*h.jsonl:2: 'label' 9 is out of range "
+                                         r"for 4 endings.*\n.*h.jsonl:5: a HellaSwag item needs the keys .*\n3 bad "
+                                         r"records in .*h.jsonl': fix them, or skip bad records with "
+                                         r"--skip_bad_records=True"):
+        run_eval_here(monkeypatch, capsys, *args)
+    out = run_eval_here(monkeypatch, capsys, *args, "--skip_bad_records=True")
+    assert out.count("WARNING: skipped 3 bad records of") == 1
+    assert last_record(tmp_path)["items"] == 2
+
+
+def test_quantized_checkpoints_count_their_weights(setup, tmp_path, monkeypatch, capsys):
+    import quantize as Q
+    from common import load_checkpoint
+    model, _ = load_eval(setup["ckpt"])
+    n = model.num_params()
+    ckpt = load_checkpoint(setup["ckpt"])
+    for mode in ("int8", "int4"):
+        q = Q.WeightOnlyQuantizer(mode, 32)
+        save_checkpoint(Q.quantized_checkpoint(model, ckpt, None, q, setup["ckpt"]), str(tmp_path / f"{mode}.pt"))
+        qmodel, _ = load_eval(str(tmp_path / f"{mode}.pt"))
+        assert sum(p.numel() for p in qmodel.parameters()) < n // 10  # the weights are integer buffers
+        assert ev.weight_count(qmodel) == n, mode
+        out = run_eval_here(monkeypatch, capsys, f"--init_from={tmp_path / f'{mode}.pt'}", "--task=lambada",
+                            f"--data_file={setup['lambada']}", "--limit=1", f"--out_dir={tmp_path}")
+        assert f"({n / 1e6:.1f}M parameters)" in out and n / 1e6 >= 1.5
+    assert ev.weight_count(model) == n
+
+
+def test_progress_is_lines_when_redirected(setup, tmp_path):
+    """A log file gets about one progress line per tenth, not a redrawn bar per item."""
+    texts = [row["text"] for _, row in rows_of(setup["lambada"])] * 10
+    data = write_jsonl(tmp_path / "l.jsonl", [{"text": t} for t in texts])
+    r = subprocess.run([sys.executable, "eval.py", f"--init_from={setup['ckpt']}", "--task=lambada",
+                        f"--data_file={data}", "--batch_size=1", f"--out_dir={tmp_path}", "--device=cpu"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.startswith("lambada: ")]
+    assert 5 <= len(lines) <= 11 and "\r" not in r.stderr and lines[-1].startswith(f"lambada: {len(texts)}/"), r.stderr
 
 # ---------------------------------------------------------------------------------------------------------------
 # perplexity
@@ -343,22 +419,22 @@ def test_perplexity_on_prepared_token_shards(setup, tmp_path, monkeypatch):
     ({**HELLASWAG[0], "label": 4}, r"hellaswag\.jsonl:2: 'label' 4 is out of range for 4 endings"),
     ({**HELLASWAG[0], "endings": "one ending"}, r"hellaswag\.jsonl:2: 'endings' must be a list"),
     ({**HELLASWAG[0], "ctx": None}, r"hellaswag\.jsonl:2: 'ctx' must be a string"),
-    ('{"ctx": "broken', r"hellaswag\.jsonl:2: not valid JSON"),
+    ('{"ctx": "broken', r"hellaswag\.jsonl:2: invalid JSON"),
 ])
 def test_malformed_hellaswag_rows_name_the_line(tmp_path, line, match):
     path = write_jsonl(tmp_path / "hellaswag.jsonl", [HELLASWAG[0], line])
     with pytest.raises(ValueError, match=match):
-        [ev.hellaswag_item(w, row, "ctx") for w, row in ev.read_jsonl(path)]
+        [ev.hellaswag_item(w, row, "ctx") for w, row in rows_of(path)]
 
 
 def test_malformed_lambada_rows_and_bad_options(tmp_path, setup, monkeypatch):
     path = write_jsonl(tmp_path / "lambada.jsonl", [{"text": "a b"}, "", {"txt": "a b"}])
     with pytest.raises(ValueError, match=r"lambada\.jsonl:3: a LAMBADA item needs a 'text' string"):
-        [ev.lambada_item(w, row) for w, row in ev.read_jsonl(path)]
+        [ev.lambada_item(w, row) for w, row in rows_of(path)]
     with pytest.raises(ValueError, match=r"lambada\.jsonl:1: cannot split 'oneword'"):
         ev.lambada_item(f"{tmp_path}/lambada.jsonl:1", {"text": "oneword"})
     with pytest.raises(FileNotFoundError, match="data file .*missing.jsonl"):
-        list(ev.read_jsonl(str(tmp_path / "missing.jsonl")))
+        list(rows_of(str(tmp_path / "missing.jsonl")))
     model, tok = load_eval(setup["ckpt"])
     monkeypatch.setattr(ev, "text_file", setup["lambada"])
     monkeypatch.setattr(ev, "stride", WINDOW + 1)
@@ -419,42 +495,25 @@ def server(tmp_path):
     httpd.server_close()
 
 
-def test_download_verifies_checksum_and_never_leaves_a_partial_file(server, tmp_path):
-    url, www = server
-    data = "".join(json.dumps({"text": t}) + "\n" for t in LAMBADA).encode()
-    (www / "lambada_test.jsonl").write_bytes(data)
-    good = hashlib.sha256(data).hexdigest()
-    dest = tmp_path / "cache" / "lambada_test.jsonl"
-    ev.download(f"{url}/lambada_test.jsonl", str(dest), good)
-    assert dest.read_bytes() == data and os.listdir(dest.parent) == ["lambada_test.jsonl"]
-    dest.unlink()
-    with pytest.raises(ValueError, match=f"has sha256 {good}, expected 0000"):
-        ev.download(f"{url}/lambada_test.jsonl", str(dest), "0" * 64)
-    with pytest.raises(OSError, match="could not download .*404"):
-        ev.download(f"{url}/nothing.jsonl", str(dest), good)
-    with pytest.raises((OSError, ValueError), match="download"):  # the server promises more bytes than it sends
-        ev.download(f"{url}/short", str(dest), good)
-    assert os.listdir(dest.parent) == []
-
-
 def test_load_rows_downloads_once_into_the_cache(server, tmp_path, monkeypatch, capsys):
     url, www = server
     data = "".join(json.dumps({"text": t}) + "\n" for t in LAMBADA).encode()
     (www / "lambada_test.jsonl").write_bytes(data)
     monkeypatch.setenv("LLM_E2E_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(ev, "data_url", f"{url}/lambada_test.jsonl")
+    monkeypatch.setattr("common.time.sleep", lambda s: None)  # the downloader's waits between retries
     # a mirror serving other bytes than the official file is refused, and nothing is cached
-    with pytest.raises(ValueError, match="has sha256 .*expected 4aa8d02c"):
+    with pytest.raises(ValueError, match="downloaded corrupt: sha256 .*expected 4aa8d02c"):
         ev.load_rows("lambada")
-    assert os.listdir(tmp_path / "cache") == []
+    assert [f for f in os.listdir(tmp_path / "cache") if not f.endswith(".lock")] == []
     spec = {**ev.DATASETS["lambada"], "sha256": hashlib.sha256(data).hexdigest(), "items": len(LAMBADA)}
     monkeypatch.setitem(ev.DATASETS, "lambada", spec)
-    rows = ev.load_rows("lambada")
+    rows, _ = ev.load_rows("lambada")
     assert [r["text"] for _, r in rows] == LAMBADA and rows[0][0].endswith("lambada_test.jsonl:1")
     (tmp_path / "cache" / "lambada_test.jsonl").write_text("damaged")  # a damaged cache is fetched again
-    assert len(ev.load_rows("lambada")) == len(LAMBADA) and "WARNING" in capsys.readouterr().out
+    assert len(ev.load_rows("lambada")[0]) == len(LAMBADA) and "WARNING" in capsys.readouterr().out
     (www / "lambada_test.jsonl").unlink()  # from now on only the cache has it
-    assert len(ev.load_rows("lambada")) == len(LAMBADA)
+    assert len(ev.load_rows("lambada")[0]) == len(LAMBADA)
     monkeypatch.setattr(ev, "source", "ftp")
     with pytest.raises(ValueError, match="source must be 'url' or 'hf', got 'ftp'"):
         ev.load_rows("lambada")

@@ -256,3 +256,35 @@ def test_hub_records_keep_class_names(offline_hub, monkeypatch):
     assert recs.rows == [("nyu-mll/glue (train) record 0", {"sentence": "good", "label": 1})]
     assert recs.label_names == {"label": ["negative", "positive"]}
     assert calls[0] == (("nyu-mll/glue", "sst2"), {"split": "train", "data_dir": None, "cache_dir": None})
+
+
+def test_report_false_leaves_the_report_to_the_caller(tmp_path, capsys):
+    p = write(tmp_path / "a.jsonl", b'{"text": "a", "label": "x"}\n{"text": \n{"text": "b", "label": "maybe"}\n')
+    recs = load_records(p, require=["text"], report=False)
+    assert [w.rsplit("/", 1)[-1] for w in recs.bad] == ["a.jsonl:2: invalid JSON (Expecting value at column 10: "
+                                                         "'{\"text\": '); fix the line"]
+    bad = recs.bad + [f"{w}: label {r['label']!r} is none of the classes ['x']" for w, r in recs.rows
+                      if r["label"] != "x"]
+    with pytest.raises(ValueError, match=r"(?s)a.jsonl:2: invalid JSON.*\n.*a.jsonl:3: label 'maybe'.*\n2 bad records"):
+        report_bad(bad, False, recs.source)
+    assert capsys.readouterr().out == ""
+    empty = load_records(write(tmp_path / "b.jsonl", b"[]\n"), report=False)
+    assert empty.rows == [] and len(empty.bad) == 1  # a JSON list in a .jsonl: no record; the caller says so
+
+
+def test_streamed_txt_files_are_whole_documents(tmp_path, offline_hub):
+    """StreamingLoader on .txt files: each file one document, its line breaks kept (as prepare.py reads them)."""
+    import numpy as np
+
+    from dataloader import StreamingLoader
+    from tokenizer import get_tokenizer
+    (tmp_path / "books").mkdir()
+    texts = ["Chapter one.\n\nIt was a dark night.\n", "Chapter two.\n\n\nMorning came."]
+    for i, t in enumerate(texts):
+        (tmp_path / "books" / f"{i}.txt").write_text(t)
+    tok = get_tokenizer("gpt2")
+    ids = np.concatenate([[tok.eot_token] + tok.encode_ordinary(t) for t in texts])
+    loader = StreamingLoader(str(tmp_path / "books"), batch_size=1, block_size=len(ids) - 1, shuffle_buffer=1,
+                             prefetch=0)
+    x, y = loader.next_batch()
+    assert x[0].tolist() + y[0, -1:].tolist() == ids.tolist()
