@@ -9,8 +9,12 @@ input columns, two values a byte. The result is an ordinary checkpoint that ever
 
 Every Linear of the transformer blocks is quantized, and the token embedding that doubles as the LM head
 (weight tying) too unless --quantize_head=False. Activations, LayerNorms, biases and position embeddings stay
-in floating point. A matmul runs torch's fused int kernel where the device has one and dequantizes the weight
-on the fly elsewhere; --report says which, next to size, loss and decode speed for every mode.
+in floating point. A matmul runs torch's fused int kernel where the device has a fast one (int8 and int4 on CPU,
+int4 on CUDA) and dequantizes the weight on the fly elsewhere; on a GPU, decode with --compile=True (the
+StaticDecoder below) so that the dequantization fuses into the matmul. --report says which kernel, next to size,
+loss and decode speed for every mode.
+
+    python quantize.py --out_dir=out-gpt2 --mode=int8 --report=True --device=cuda --compile=True
 """
 
 import math
@@ -18,12 +22,14 @@ import os
 import statistics
 import sys
 import time
+from contextlib import nullcontext
+from typing import Optional
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import GPT, GPTConfig
+from model import GPT2_VOCAB_SIZE, GPT, GPTConfig, KVCache
 
 # ----------------------------------------------------------------------------------------------
 # int8: symmetric, one scale per output channel. w ~= q * s, q in [-127, 127], s = max|w_row| / 127,
@@ -52,7 +58,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         if not x.is_floating_point():  # token ids: embedding lookup, dequantizing only the rows asked for
-            return self.weight[x].float() * self.scales[x][..., None]  # (B, T, C)
+            return self.weight[x].to(self.scales.dtype) * self.scales[x][..., None]  # (B, T, C)
         if x.device.type == "cpu":
             # fused kernel: reads the int8 weight directly, 4x less memory traffic than fp32. On CPU it is fast
             # with bf16 activations only (768 -> 2304, batch 1: 0.6 ms in bf16, 6.1 ms in fp32, 1.9 ms for the
@@ -62,8 +68,18 @@ class Int8Linear(nn.Module):
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (B*T, K), dense rows
             y = torch._weight_int8pack_mm(x2, self.weight, self._unit).float() * self.scales
             y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        else:  # dequantize on the fly (torch.compile fuses the cast and the scale into the matmul)
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        else:
+            # CUDA and MPS: dequantize on the fly. In eager mode that writes the whole weight in the matmul dtype at
+            # every call (int8 then decodes slower than bf16 weights); inside a compiled one-token step
+            # (StaticDecoder) inductor turns the 1-row matmul into a fused reduction that reads the int8 weight once,
+            # 1 byte a weight (torch/_inductor/decomposition.py, mm, with coordinate_descent_tuning on).
+            # torch's CUDA _weight_int8pack_mm is not used: one thread per output, uncoalesced loads (pytorch/pytorch
+            # PR 190529), 2.3x slower than a Triton GEMV at 1 x 4096 x 4096 on an H20 (flagos-ai/FlagGems PR 5371).
+            # Scaling in fp32 also keeps inductor's weight-only-int8 pattern (torch/_inductor/fx_passes/
+            # quantization.py, bf16 scales only) from swapping that kernel back in.
+            dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            y = F.linear(x.to(dt), self.weight.to(dt)).float() * self.scales.float()
+            y = y.to(dt)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 # ----------------------------------------------------------------------------------------------
@@ -140,7 +156,9 @@ class Int4Linear(nn.Module):
         self._scales_and_zeros = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).contiguous().to(dtype)
 
     def forward(self, x):
-        kernel = int4_kernel(x.device, self.out_features, self.in_features)
+        # once packed, the layout names the kernel (int4_kernel asks the CUDA driver, which torch.compile cannot trace)
+        packed = self.layout != "plain" and self.weight.device == x.device
+        kernel = self.layout if packed else int4_kernel(x.device, self.out_features, self.in_features)
         if kernel == "dequantize" and self.layout == "plain":
             w = dequantize_int4(self.weight, self.scales, self.zeros).to(x.dtype)
             y = F.linear(x, w)
@@ -237,10 +255,12 @@ def quantized_model_from_checkpoint(ckpt: dict) -> GPT:
     return model
 
 
-def kernel_name(mode: str, device: torch.device, model: nn.Module) -> str:
+def kernel_name(mode: str, device: torch.device, model: nn.Module, compiled: bool = False) -> str:
     """How a quantized model's matmuls run on a device, for the report."""
     if mode == "int8":
-        return "int8 kernel, bf16 activations" if device.type == "cpu" else "dequantize on the fly"
+        if device.type == "cpu":
+            return "int8 kernel, bf16 activations"
+        return "dequantize, fused by compile" if compiled else "dequantize on the fly"
     names = {"cpu-int4pack": "int4 kernel, bf16 activations", "cuda-int4pack": "int4 tinygemm, bf16",
              "dequantize": "dequantize on the fly"}
     return " + ".join(sorted({names[int4_kernel(device, m.out_features, m.in_features)]
@@ -261,6 +281,105 @@ def linear_bytes(state_dict: dict, model: nn.Module) -> int:
              and isinstance(m, (nn.Linear, Int8Linear, Int4Linear))]
     return sum(state_dict[f"{n}.{p}"].numel() * state_dict[f"{n}.{p}"].element_size()
                for n in names for p in ("weight", "scales", "zeros") if f"{n}.{p}" in state_dict)
+
+# ----------------------------------------------------------------------------------------------
+# compiled decoding. model.generate's KVCache hands attention a longer slice at every position: a new shape per
+# token, which torch.compile would recompile for (or trace with dynamic shapes) and CUDA graphs cannot replay. Here
+# the step always reads the whole window, masked to the positions filled so far: one shape, traced once, replayed
+# as a CUDA graph on CUDA. This is gpt-fast's recipe (generate.py: decode_one_token compiled with
+# mode="reduce-overhead", fullgraph=True; prefill compiled with dynamic=True), which matters most on a GPU, where a
+# small model's decode step is bound by kernel launches rather than by reading the weights.
+
+
+def decode_step(model: GPT, idx: torch.Tensor, pos: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor):
+    """idx (B, 1) token ids at position pos ((1,) long tensor) -> next-token logits (B, vocab) in fp32. cache_k and
+    cache_v (n_layer, B, nh, block_size, hs) hold the keys and values of the positions before pos; the step writes
+    pos. The computation of model.forward in eval mode (no dropout); tests/test_quantize.py checks they agree."""
+    cfg = model.config
+    B, C, nh = idx.size(0), cfg.n_embd, cfg.n_head
+    x = model.transformer.wte(idx) + model.transformer.wpe(pos)  # (B, 1, C)
+    visible = (torch.arange(cfg.block_size, device=idx.device) <= pos)[None]  # (1, block_size) filled so far
+    for i, block in enumerate(model.transformer.h):
+        q, k, v = block.attn.c_attn(block.ln_1(x)).split(C, dim=2)
+        q = q.view(B, 1, nh, C // nh).transpose(1, 2)  # (B, nh, 1, hs)
+        k = k.view(B, 1, nh, C // nh).transpose(1, 2)  # (B, nh, 1, hs)
+        v = v.view(B, 1, nh, C // nh).transpose(1, 2)  # (B, nh, 1, hs)
+        cache_k[i].index_copy_(2, pos, k.to(cache_k.dtype))  # (B, nh, block_size, hs) with position pos written
+        cache_v[i].index_copy_(2, pos, v.to(cache_v.dtype))
+        y = F.scaled_dot_product_attention(q, cache_k[i], cache_v[i], attn_mask=visible)  # (B, nh, 1, hs)
+        x = x + block.attn.c_proj(y.transpose(1, 2).reshape(B, 1, C))
+        x = x + block.mlp(block.ln_2(x))
+    return model.lm_head(model.transformer.ln_f(x))[:, -1].float()  # (B, vocab)
+
+
+def prefill(model: GPT, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """The prompt idx (B, T) through model.forward, filling cache -> the last position's logits (B, vocab), fp32."""
+    logits, _ = model(idx, cache=cache, last_only=True)
+    return logits[:, -1].float()
+
+
+def pack_for_device(model: nn.Module, device: torch.device):
+    """Re-pack every int4 layer for the device's kernel now, which its first forward would do otherwise: a module
+    that replaces its own weight cannot be traced by torch.compile."""
+    for m in model.modules():
+        if isinstance(m, Int4Linear) and m.layout == "plain":
+            kernel = int4_kernel(device, m.out_features, m.in_features)
+            if kernel != "dequantize":
+                m._repack(kernel, torch.bfloat16)
+
+
+class StaticDecoder:
+    """Greedy decoding of a float or quantized GPT through prefill + decode_step, with one cache for the whole
+    window, allocated once and reused, so that compile=True traces prefill once (any prompt length) and the step
+    once. The window does not slide: the prompt and the new tokens must fit in block_size."""
+
+    def __init__(self, model: GPT, compile: bool = False):
+        self.model, self.cache = model, None
+        self.prefill, self.step = prefill, decode_step
+        if compile:
+            device = model.transformer.wpe.weight.device
+            pack_for_device(model, device)
+            # coordinate_descent_tuning lets inductor turn the 1-row matmuls into fused reductions (see Int8Linear);
+            # triton.cudagraphs is what mode="reduce-overhead" sets (torch.compile takes a mode or options, not both)
+            options = {"coordinate_descent_tuning": True, "triton.cudagraphs": device.type == "cuda"}
+            self.prefill = torch.compile(prefill, dynamic=True)
+            self.step = torch.compile(decode_step, fullgraph=True, options=options)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, autocast=nullcontext) -> torch.Tensor:
+        """idx (B, T) extended by max_new_tokens greedy tokens (ids below GPT-2's 50257 for a 50304 table, as in
+        model.generate). autocast: a context factory for the forward passes (e.g. Runtime.autocast)."""
+        cfg = self.model.config
+        B, T = idx.shape
+        if max_new_tokens < 1 or T + max_new_tokens > cfg.block_size:
+            raise ValueError(f"StaticDecoder needs 1 <= max_new_tokens and prompt + new tokens <= block_size "
+                             f"({cfg.block_size}), got a prompt of {T} and max_new_tokens={max_new_tokens!r}; "
+                             f"model.generate slides the window for longer outputs")
+        vocab_limit = GPT2_VOCAB_SIZE if cfg.vocab_size == 50304 else cfg.vocab_size
+        with autocast():
+            dev = idx.device.type
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else \
+                self.model.transformer.wpe.weight.dtype  # what the layers produce: the cache's dtype
+            c = self.cache
+            if c is None or c.shape[1] != B or c.k.dtype != dtype or c.k.device != idx.device:
+                c = self.cache = KVCache(cfg, B)
+                c.k = torch.zeros(c.shape, dtype=dtype, device=idx.device)
+                c.v = torch.zeros(c.shape, dtype=dtype, device=idx.device)
+                # same address at every call: CUDA graphs neither copy the cache in nor refuse to write into it
+                torch._dynamo.mark_static_address(c.k)
+                torch._dynamo.mark_static_address(c.v)
+            c.pos = 0  # what an earlier call left beyond the prompt is masked until overwritten
+            logits = self.prefill(self.model, idx, c)
+            pos = torch.full((1,), T, dtype=torch.long, device=idx.device)
+            out = [idx]
+            for i in range(max_new_tokens):
+                nxt = logits[:, :vocab_limit].argmax(dim=-1)  # (B,) read before the next replay overwrites logits
+                out.append(nxt[:, None])
+                if i < max_new_tokens - 1:
+                    torch.compiler.cudagraph_mark_step_begin()
+                    logits = self.step(self.model, nxt[:, None], pos, c.k, c.v)
+                    pos += 1
+        return torch.cat(out, dim=1)
 
 # ----------------------------------------------------------------------------------------------
 # the report: size, memory, loss and decode speed of the float model and of each quantized checkpoint
@@ -296,40 +415,53 @@ def eval_loss(model, batches, rt) -> float:
 
 
 @torch.no_grad()
-def decode_speeds(models: list, prompt: torch.Tensor, new_tokens: int, repeats: int, rt) -> list:
-    """Greedy decode tokens/s with the KV cache, median of repeats. Models take turns in every repeat, so
-    a busy machine slows them alike and the ratios stay fair."""
-    def run(model):
+def decode_speeds(models: list, prompt: torch.Tensor, new_tokens: int, repeats: int, rt, compile: bool = False) -> list:
+    """Greedy decode tokens/s with the KV cache, median of repeats: model.generate, or with compile the compiled
+    StaticDecoder. Models take turns in every repeat, so a busy machine slows them alike and the ratios stay fair."""
+    gens = [StaticDecoder(m, compile=True).generate if compile else
+            (lambda p, n, m=m: m.generate(p, n, temperature=0.0)) for m in models]
+
+    def run(gen):
         if rt.device_type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with rt.autocast():
-            model.generate(prompt, new_tokens, temperature=0.0)
+            gen(prompt, new_tokens)
         if rt.device_type == "cuda":
             torch.cuda.synchronize()
         return new_tokens / (time.perf_counter() - t0)
-    for model in models:
+    for gen in gens:
         with rt.autocast():
-            model.generate(prompt, 2, temperature=0.0)  # warm-up, and int4 re-packs for the device here
+            gen(prompt, min(4, new_tokens))  # warm-up: int4 re-packs for the device, compile traces, CUDA graphs record
     speeds = [[] for _ in models]
     for _ in range(repeats):
-        for i, model in enumerate(models):
-            speeds[i].append(run(model))
+        for i, gen in enumerate(gens):
+            speeds[i].append(run(gen))
     return [statistics.median(s) for s in speeds]
 
 
-def quantized_checkpoint(model: GPT, ckpt, tok, quantizer: WeightOnlyQuantizer, source: str) -> dict:
-    """The checkpoint to save: ckpt's entries (model_args, config, tokenizer...) with the quantized weights
-    and a 'quantization' entry; no optimizer state, which only training needs."""
-    if ckpt is not None and "quantization" in ckpt:
-        raise ValueError(f"{source!r} is already quantized ({ckpt['quantization'].get('mode')!r}); quantize the "
-                         f"float checkpoint instead, e.g. --ckpt_name=ckpt.pt")
+def quantized_checkpoint(model: GPT, ckpt: Optional[dict], tok, quantizer: WeightOnlyQuantizer, source: str) -> dict:
+    """The checkpoint to save, kind 'quantized': the quantized weights with ckpt's model_args, config and tokenizer,
+    and a 'quantization' entry naming source, the float checkpoint (a path, or a GPT-2 name), which
+    load_model(for_training=True) points to; no resume state, as integer weights take no gradients.
+    ckpt: the float checkpoint as load_checkpoint returns it, or None for OpenAI's GPT-2."""
+    from common import make_checkpoint
+    if ckpt is not None and (ckpt.get("kind") == "quantized" or "quantization" in ckpt):
+        q = ckpt.get("quantization") or {}
+        raise ValueError(f"{source!r} is already quantized ({q.get('mode')!r}); quantize the float checkpoint "
+                         f"instead, e.g. --init_from={q.get('source') or 'out/ckpt.pt'}")
     if ckpt is None:  # OpenAI's GPT-2: the entries a trained run would have
         ckpt = {"model_args": dict(vars(model.config)), "config": {}, "tokenizer": tok.meta()}
     quant = {"mode": quantizer.mode, "group_size": quantizer.group_size if quantizer.mode == "int4" else None,
-             "quantize_head": quantizer.quantize_head, "source": source, "source_iter": ckpt.get("iter_num")}
-    keep = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
-    return {**keep, "model": quantizer.quantize(model), "quantization": quant}
+             "quantize_head": quantizer.quantize_head, "source": source,
+             "source_iter": (ckpt.get("resume") or {}).get("iter_num")}
+    return make_checkpoint("quantized", quantizer.quantize(model), ckpt["model_args"], ckpt.get("config") or {},
+                           ckpt.get("tokenizer"), quantization=quant)
+
+
+def same_source(a: str, b: str) -> bool:
+    """Do two 'source' entries name the same float checkpoint (paths compared as absolute paths)?"""
+    return a == b or os.path.abspath(a) == os.path.abspath(b)
 
 
 if __name__ == "__main__":
@@ -360,6 +492,7 @@ if __name__ == "__main__":
     decode_repeats = 5  # decode speed is the median of this many runs
     device = "auto"  # the report's device: 'auto', 'cpu', 'cuda', 'mps' (quantizing itself runs on the CPU)
     dtype = "auto"  # activations: 'auto', 'float32', 'bfloat16', 'float16'
+    compile = False  # decode benchmark through the compiled StaticDecoder (CUDA graphs on CUDA); compiling takes minutes
     seed = 1337
     config = configure(globals(), sys.argv[1:]); globals().update(config)
     # ------------------------------------------------------------------------------------------
@@ -383,7 +516,7 @@ if __name__ == "__main__":
     # load the float model, quantize, save
     model, ckpt, tok = load_model(init_from, out_dir, "cpu", ckpt_name=ckpt_name)
     model.eval()
-    source = ckpt_name if init_from == "resume" else init_from
+    source = ckpt["path"] if ckpt is not None else init_from  # the float file (or GPT-2 name) it came from
     t0 = time.time()
     qckpt = quantized_checkpoint(model, ckpt, tok, quantizer, source)
     path = os.path.join(out_dir, f"ckpt_{mode}.pt")
@@ -405,14 +538,14 @@ if __name__ == "__main__":
         for m in WeightOnlyQuantizer.modes:
             p = os.path.join(out_dir, f"ckpt_{m}.pt")
             c = load_checkpoint(p) if os.path.exists(p) else None
-            if c is None or (c["quantization"]["source"], c["quantization"]["source_iter"]) != \
-                    (source, qckpt["quantization"]["source_iter"]):
+            if c is None or not same_source(c["quantization"]["source"], source) or \
+                    c["quantization"]["source_iter"] != qckpt["quantization"]["source_iter"]:
                 if c is not None:
                     print0(f"WARNING: skipping {p}: made from another checkpoint; re-run quantize.py --mode={m}")
                 continue
             qm = quantized_model_from_checkpoint(c).eval()
             label = m + (f" g{c['quantization']['group_size']}" if m == "int4" else "")
-            rows.append({"mode": label, "kernel": kernel_name(m, torch.device(rt.device), qm), "model": qm,
+            rows.append({"mode": label, "kernel": kernel_name(m, torch.device(rt.device), qm, compile), "model": qm,
                          "disk_bytes": os.path.getsize(p), "linear_bytes": linear_bytes(c["model"], qm)})
         T = min(block_size or model.config.block_size, model.config.block_size)
         batches = eval_batches(tok, data_dir, text_file, batch_size, T, eval_iters, seed) if data_dir or text_file \
@@ -424,7 +557,7 @@ if __name__ == "__main__":
             r["ppl"] = math.exp(r["loss"]) if batches else None
         prompt = batches[0][0][:1, :prompt_len] if batches else torch.randint(0, tok.n_vocab, (1, prompt_len))
         new = min(decode_tokens, model.config.block_size - prompt.size(1))  # stay within one window
-        speeds = decode_speeds([r.pop("model") for r in rows], prompt.to(rt.device), new, decode_repeats, rt)
+        speeds = decode_speeds([r.pop("model") for r in rows], prompt.to(rt.device), new, decode_repeats, rt, compile)
         metric = "val loss" if data_dir else "ppl"
         print0(f"\n{'mode':<9} {'kernel':<30} {'disk MB':>8} {'memory MB':>9} {'Linear MB':>15} "
                f"{metric:>17} {'decode tok/s':>15}")
@@ -443,8 +576,9 @@ if __name__ == "__main__":
         with open(report_path + ".tmp", "w") as f:
             json.dump({"device": rt.device, "dtype": rt.dtype, "threads": torch.get_num_threads(), "metric": metric,
                        "eval": {"dataset": dataset, "text_file": text_file, "batches": len(batches), "block_size": T},
-                       "decode": {"prompt_len": prompt.size(1), "new_tokens": new, "repeats": decode_repeats},
+                       "decode": {"prompt_len": prompt.size(1), "new_tokens": new, "repeats": decode_repeats,
+                                  "compile": compile},
                        "rows": rows}, f, indent=2)
         os.replace(report_path + ".tmp", report_path)
         print0(f"(Linear MB: the blocks' Linear weights with their scales; decode: greedy, batch 1, KV cache, {new} "
-               f"new tokens, median of {decode_repeats})\nwrote {report_path}")
+               f"new tokens, median of {decode_repeats}{', compiled' if compile else ''})\nwrote {report_path}")

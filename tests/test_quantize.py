@@ -1,11 +1,13 @@
 """
 quantize.py: int8 / int4 weight-only quantization. Rounding error bounds, the int4 packing, the fused kernels
-against the dequantized weights, checkpoint sizes, logits close to fp32, bad input, and the script end to end
+against the dequantized weights, checkpoint sizes and the checkpoint contract, logits close to fp32, the static-cache
+decoder against model.generate (eager, and traced whole by torch.compile), bad input, and the script end to end
 (report, then sample.py loading the quantized checkpoint). Tiny models (2 layers, 2 heads, 32 dims), CPU.
 """
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -16,8 +18,8 @@ import torch
 from torch.nn import functional as F
 
 import quantize as Q
-from common import load_checkpoint, save_checkpoint, write_tokens
-from model import GPT, GPTConfig
+from common import load_checkpoint, load_model, make_checkpoint, resume_state, save_checkpoint, write_tokens
+from model import GPT, GPTConfig, KVCache
 from tokenizer import CharTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,17 +134,55 @@ def test_quantized_model_layout_and_generation():
     assert tied.lm_head.weight is tied.transformer.wte.weight and tied.lm_head.weight.dtype == torch.float32
 
 
+@pytest.mark.parametrize("mode", ["fp32", "int8", "int4"])
+def test_static_decoder_matches_generate_and_compiles_whole(mode):
+    """decode_step re-states model.forward for one token over a whole-window cache: its greedy tokens must be
+    model.generate's, for float and quantized models, calls after calls (the cache is reused across prompts and
+    batch sizes). torch.compile(fullgraph=True) must trace it without a graph break, once for every position
+    (backend='eager': dynamo only, fast on a CPU; the CUDA tests run inductor and CUDA graphs)."""
+    model = tiny(n_embd=64)
+    m = model if mode == "fp32" else quantized(model, mode)
+    decoder = Q.StaticDecoder(m)
+    for prompt, new in ((torch.tensor([[1, 2, 3]]), 20), (torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]]), 12)):
+        expected = m.generate(prompt, new, temperature=0.0)
+        assert torch.equal(decoder.generate(prompt, new), expected), mode
+    torch._dynamo.reset()
+    traced = Q.StaticDecoder(m)
+    traced.step = torch.compile(Q.decode_step, fullgraph=True, backend="eager")
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    prompt = torch.tensor([[4, 3, 2, 1]])
+    assert torch.equal(traced.generate(prompt, 24), m.generate(prompt, 24, temperature=0.0))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1  # 23 positions, one graph
+    with torch.no_grad():  # the step's logits and cache entries, not just its argmax, against model.forward's
+        cache = KVCache(m.config, 1)
+        m(prompt, cache=cache)  # positions 0-3
+        k, v = cache.k.clone(), cache.v.clone()  # the whole window, zero from position 4 on
+        ref, _ = m(torch.tensor([[7]]), cache=cache)  # position 4
+        out = Q.decode_step(m, torch.tensor([[7]]), torch.tensor([4]), k, v)
+    torch.testing.assert_close(out, ref[:, -1], rtol=0, atol=1e-5)
+    torch.testing.assert_close((k, v), (cache.k, cache.v), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"prompt \+ new tokens <= block_size \(32\), got a prompt of 4 and "
+                                         r"max_new_tokens=29; model.generate slides the window"):
+        decoder.generate(prompt, 29)
+
+
 def test_saved_checkpoints_are_smaller_by_the_expected_factor(tmp_path):
     model = tiny(n_embd=128)
-    meta = {"model_args": asdict(model.config), "config": {}, "tokenizer": {"tokenizer": "gpt2"}, "iter_num": 7}
-    save_checkpoint({**meta, "model": model.state_dict()}, tmp_path / "ckpt.pt")
+    save_checkpoint({"model": model.state_dict(), "model_args": asdict(model.config)}, tmp_path / "weights.pt")
+    # a float checkpoint as train.py writes it: the contract's layout, with what resuming needs
+    adam = torch.optim.AdamW(model.parameters()).state_dict()
+    float_ckpt = make_checkpoint("pretrain", model.state_dict(), asdict(model.config), {"dataset": "x"},
+                                 {"tokenizer": "gpt2"}, resume=resume_state(7, "val_loss", 2.5, optimizer=adam))
+    save_checkpoint(float_ckpt, tmp_path / "ckpt.pt")
     fp32 = Q.linear_bytes(model.state_dict(), model)
     assert fp32 == 4 * 2 * (128 * 384 + 128 * 128 + 128 * 512 + 512 * 128)
     for mode in ("int8", "int4"):
         q = Q.WeightOnlyQuantizer(mode, 64)
-        ckpt = Q.quantized_checkpoint(model, {**meta, "model": model.state_dict(), "optimizer": {}}, None, q,
-                                      "ckpt.pt")
-        assert "optimizer" not in ckpt and ckpt["quantization"]["source_iter"] == 7
+        source = str(tmp_path / "ckpt.pt")
+        ckpt = Q.quantized_checkpoint(model, load_checkpoint(source), None, q, source)
+        assert ckpt["kind"] == "quantized" and ckpt["resume"] is None  # no optimizer state: inference only
+        assert ckpt["quantization"]["source"] == source and ckpt["quantization"]["source_iter"] == 7
+        assert ckpt["config"] == {"dataset": "x"} and ckpt["tokenizer"] == {"tokenizer": "gpt2"}
         save_checkpoint(ckpt, tmp_path / f"ckpt_{mode}.pt")
         loaded = load_checkpoint(str(tmp_path / f"ckpt_{mode}.pt"))  # weights_only: plain tensors only
         sd = loaded["model"]
@@ -154,8 +194,14 @@ def test_saved_checkpoints_are_smaller_by_the_expected_factor(tmp_path):
             assert sd["transformer.h.0.mlp.c_fc.weight"].dtype == torch.uint8
             assert qbytes == fp32 // 8 + fp32 // 32
             assert fp32 / qbytes == pytest.approx(6.4)
-        ratio = os.path.getsize(tmp_path / "ckpt.pt") / os.path.getsize(tmp_path / f"ckpt_{mode}.pt")
+        ratio = os.path.getsize(tmp_path / "weights.pt") / os.path.getsize(tmp_path / f"ckpt_{mode}.pt")
         assert ratio > (3.5 if mode == "int8" else 5.0), f"{mode}: file only {ratio:.2f}x smaller"
+        # every script loads it by name; training from it is refused, naming the float file to train from instead
+        qm, loaded, _ = load_model(str(tmp_path / f"ckpt_{mode}.pt"))
+        assert loaded["kind"] == "quantized" and isinstance(qm.lm_head, Q.Int8Linear)
+        with pytest.raises(ValueError, match=rf"is {mode}-quantized: .* cannot be trained\. Train from the float "
+                                             rf"checkpoint instead: --init_from={re.escape(source)}"):
+            load_model(str(tmp_path / f"ckpt_{mode}.pt"), for_training=True)
 
 
 def test_bad_input_is_refused_clearly():
