@@ -314,17 +314,19 @@ if master:
         print0(f"WARNING: {out_dir!r} holds an earlier run; this new one overwrites its checkpoint at the first save "
                f"(its log is now log.prev.jsonl). To continue that run instead: --init_from=resume")
 wandb_run = init_wandb(wandb_project, wandb_run_name, config, wandb_mode, out_dir) if wandb_log and master else None
-samples, plotted_at = [], 0  # wandb's sample table; the iteration loss.png shows
+samples, plotted_at, plotted_t = [], 0, 0.0  # wandb's sample table; the iteration and time loss.png shows
 
 
 def record(rec: dict):
     """A line of log.jsonl and the same numbers to wandb; loss.png redrawn after evaluations (except the first,
-    a single point) and at the end."""
-    global plotted_at
+    a single point; at most every 20 s, since drawing costs as much as many small steps) and at the end."""
+    global plotted_at, plotted_t
     append_jsonl(log_path, rec)
     if wandb_run is not None:
         wandb_run.log({k: v for k, v in rec.items() if k not in ("type", "iter") and v is not None}, step=rec["iter"])
-    if rec["type"] in ("eval", "summary") and rec["iter"] > 0 and rec["iter"] != plotted_at:
+    due = rec["type"] == "summary" or (rec["type"] == "eval" and time.time() - plotted_t >= 20)
+    if due and rec["iter"] > 0 and rec["iter"] != plotted_at:
+        plotted_t = time.time()
         recs = read_jsonl(log_path)
         curves = {name: ([r["iter"] for r in recs if r.get(key) is not None],
                          [r[key] for r in recs if r.get(key) is not None])
