@@ -6,6 +6,8 @@ safetensors, no TensorFlow needed), and our GPT in Hugging Face's format.
     python load_openai.py --model=gpt2-xl --source=hf --out_dir=out-xl  # Hugging Face's model.safetensors instead
     python load_openai.py --from_dir=path/to/124M --out_dir=out-gpt2    # files copied by hand (offline)
     python load_openai.py --model=gpt2 --check                          # greedy completion of a fixed prompt
+    python load_openai.py --init_from=out-shakespeare-char --export_hf=hf-char  # any checkpoint -> transformers
+    python load_openai.py --init_from=gpt2 --export_hf=hf-gpt2          # (bias=False models too: zero biases)
     python sample.py --init_from=gpt2                                    # GPT.from_pretrained -> load_pretrained
 
 Downloads are kept in $LLM_E2E_CACHE (default ~/.cache/llm-e2e), under openai/124M/ or hf/gpt2/. A file
@@ -17,18 +19,16 @@ transposed to nn.Linear's (out, in). Everything else is copied as is; lm_head is
 checkpoint has the same Conv1D layout with a leading 1 ([1, in, out], a 1x1 convolution).
 """
 
-import base64
 import glob
-import hashlib
 import json
 import os
 import sys
 import time
-from typing import Optional
 
 import numpy as np
 import torch
 
+from common import cache_root, download
 from model import GPT, GPTConfig
 
 # ----------------------------------------------------------------------------------------------
@@ -60,7 +60,9 @@ def config_to_hf(config: GPTConfig) -> dict:
             "n_head": config.n_head, "n_layer": config.n_layer, "vocab_size": config.vocab_size,
             "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "embd_pdrop": config.dropout,
             "attn_pdrop": config.dropout, "resid_pdrop": config.dropout, "tie_word_embeddings": True,
-            "bos_token_id": 50256, "eos_token_id": 50256}
+            # GPT-2's <|endoftext|>, for GPT-2's vocabulary (padded or not); a smaller one has no such id
+            "bos_token_id": 50256 if config.vocab_size > 50256 else None,
+            "eos_token_id": 50256 if config.vocab_size > 50256 else None}
 
 
 def state_dict_from_hf(hf_sd: dict, config: GPTConfig) -> dict:
@@ -94,10 +96,15 @@ def _expected_shapes(config: GPTConfig) -> dict:
 
 
 def state_dict_to_hf(sd: dict) -> dict:
-    """GPT2LMHeadModel state dict (Conv1D layout) from ours."""
+    """GPT2LMHeadModel state dict (Conv1D layout) from ours. A bias=False model gets zero biases: GPT-2's
+    format has them everywhere, and a Linear or LayerNorm without a bias is exactly one with a zero bias."""
     out = {}
     for k, v in sd.items():
         out[k] = (v.t() if k.endswith(TRANSPOSED) else v).contiguous()
+        if k.endswith(".weight") and k.split(".")[-2] in ("ln_1", "ln_2", "ln_f", "c_attn", "c_proj", "c_fc"):
+            bias = k[:-len("weight")] + "bias"
+            if bias not in sd:  # ours is (out, in) or (C,): the bias has the first dimension
+                out[bias] = torch.zeros(v.shape[0], dtype=v.dtype)
     return out
 
 
@@ -126,18 +133,19 @@ def model_from_state_dict(config: GPTConfig, sd: dict) -> GPT:
 
 
 def export_hf(model: GPT, out_dir: str):
-    """Write out_dir/config.json + model.safetensors that transformers' GPT2LMHeadModel.from_pretrained opens."""
+    """Write out_dir/config.json + model.safetensors that transformers' GPT2LMHeadModel.from_pretrained opens
+    (any shape; bias=False models with zero biases)."""
     from safetensors.torch import save_file
-    if not model.config.bias:
-        raise ValueError("GPT-2's Hugging Face format has biases everywhere; a bias=False model cannot be exported")
     os.makedirs(out_dir, exist_ok=True)
     sd = state_dict_to_hf({k: v.detach().cpu() for k, v in model.state_dict().items()})
     del sd["lm_head.weight"]  # tied to wte; safetensors refuses shared storage and HF re-ties it on load
     tmp = os.path.join(out_dir, "model.safetensors.tmp")
     save_file(sd, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
+    tmp = os.path.join(out_dir, "config.json.tmp")
+    with open(tmp, "w") as f:
         json.dump(config_to_hf(model.config), f, indent=2)
+    os.replace(tmp, os.path.join(out_dir, "config.json"))
 
 # ----------------------------------------------------------------------------------------------
 # TensorFlow's checkpoint (a "tensor bundle") read with numpy alone. Format, from tensorflow/core/util/
@@ -468,119 +476,6 @@ def pretrained_urls(name: str, source: str = "openai", openai_url: str = OPENAI_
     raise ValueError(f"source must be 'openai' (OpenAI's TensorFlow release) or 'hf' (Hugging Face), got {source!r}")
 
 
-def cache_root(cache_dir: str = "") -> str:
-    """The download cache: cache_dir, else $LLM_E2E_CACHE, else ~/.cache/llm-e2e."""
-    return cache_dir or os.environ.get("LLM_E2E_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llm-e2e")
-
-
-def _announced_checksums(response) -> dict:
-    """Checksums the server states: Azure's Content-MD5 (base64 MD5 of the whole blob; on a ranged reply it
-    is x-ms-blob-content-md5) and the Hub's X-Linked-Etag (sha256 of an LFS file, on the redirect)."""
-    out = {}
-    for r in (*response.history, response):
-        md5 = r.headers.get("x-ms-blob-content-md5") or (r.status_code == 200 and r.headers.get("Content-MD5"))
-        if md5:
-            out["md5"] = base64.b64decode(md5).hex()
-        etag = r.headers.get("X-Linked-Etag", "").strip('"')
-        if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag):
-            out["sha256"] = etag
-    return out
-
-
-def download(url: str, path: str, sha256: Optional[str] = None, retries: int = 4, backoff: float = 1.0,
-             timeout: float = 30.0, chunk_size: int = 1 << 16) -> str:
-    """Fetch url to path: streamed with a progress bar, resumed from path + '.part' with an HTTP Range
-    request after an interruption, retried (retries = failures in a row without progress, waiting backoff,
-    2*backoff, ... seconds), size and checksum (sha256 given, or announced by the server) verified, and
-    renamed to path only when complete. An existing path is taken as done: only this function writes it.
-    A connection lost mid-chunk loses that chunk's bytes (requests raises before returning them), so chunks
-    stay small."""
-    import requests
-    from tqdm import tqdm
-    if os.path.exists(path):
-        return path
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    part, failures, error, reached = path + ".part", 0, None, False
-    expect = {"sha256": sha256} if sha256 else {}
-    while failures < retries:
-        have = os.path.getsize(part) if os.path.exists(part) else 0
-        got = 0
-        try:
-            with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True,
-                              timeout=timeout) as r:
-                reached = True
-                if r.status_code == 404:
-                    raise FileNotFoundError(f"{url} answered 404 Not Found: check the model name and the base URL")
-                if r.status_code == 416 and have:  # nothing past our end: the partial file may be whole already
-                    total = int(r.headers.get("Content-Range", "*/-1").rsplit("/", 1)[1])
-                elif r.status_code >= 400:
-                    raise requests.HTTPError(f"{url} answered {r.status_code} {r.reason}", response=r)
-                else:
-                    if not sha256:
-                        expect.update(_announced_checksums(r))
-                    if r.status_code == 206 and r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
-                        total = int(r.headers["Content-Range"].rsplit("/", 1)[1])  # "bytes 100-199/200"
-                    else:  # a full reply (the server ignored Range, or this is the first try): start over
-                        have = 0
-                        total = int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
-                    with open(part, "ab" if have else "wb") as f, \
-                            tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                                 desc=os.path.basename(path), leave=False) as bar:
-                        for chunk in r.iter_content(chunk_size):
-                            f.write(chunk)
-                            bar.update(len(chunk))
-                            got += len(chunk)
-        except (requests.ConnectionError, requests.Timeout, requests.HTTPError,
-                requests.exceptions.ChunkedEncodingError) as e:  # the last: connection lost mid-body
-            if isinstance(e, requests.HTTPError) and e.response is not None and 400 <= e.response.status_code < 500 \
-                    and e.response.status_code not in (408, 429):
-                raise ValueError(f"{url}: {e}") from e
-            error = e
-        else:
-            size = os.path.getsize(part)
-            if total is not None and size < total:
-                error = ConnectionError(f"the connection closed after {size:,} of {total:,} bytes")
-            elif total is not None and size > total:
-                os.remove(part)
-                got, error = 0, ConnectionError(f"the partial file had {size:,} bytes, more than the {total:,} "
-                                                f"the server has")
-            else:
-                bad = _checksum_mismatch(part, expect)
-                if bad is None:
-                    os.replace(part, path)
-                    checked = " and ".join(["size"] + sorted(expect))
-                    print(f"downloaded {url} ({size:,} bytes, {checked} verified) -> {path}")
-                    return path
-                os.remove(part)  # corrupt: never resume from it
-                got, error = 0, ValueError(f"{url} downloaded corrupt: {bad}")
-        failures = 0 if got else failures + 1  # bytes kept reset the count: a flaky link still finishes
-        if failures < retries:
-            wait = backoff * 2 ** max(failures - 1, 0)
-            print(f"WARNING: download of {url} failed ({error}); retrying in {wait:g} s")
-            time.sleep(wait)
-    if isinstance(error, ValueError):
-        raise error
-    offline = "" if reached else f"no network connection to {url.split('/')[2]}: "
-    raise ConnectionError(f"{offline}could not download {url}: {retries} attempts in a row failed ({error}). "
-                          f"Copy the files by hand (from a machine that has a connection) and convert them offline: "
-                          f"python load_openai.py --from_dir=DIR --out_dir=OUT") from error
-
-
-def _checksum_mismatch(path: str, expect: dict) -> Optional[str]:
-    """None if the file's digests match every expected one, else a description of the first mismatch."""
-    if not expect:
-        return None
-    hashes = {k: hashlib.new(k) for k in expect}
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            for h in hashes.values():
-                h.update(block)
-    for k, h in hashes.items():
-        if h.hexdigest() != expect[k]:
-            return f"{k} {h.hexdigest()}, expected {expect[k]}"
-    return None
-
-
 def cache_folder(name: str, source: str, cache_dir: str = "") -> str:
     """Where a released size is kept: CACHE/openai/124M/ or CACHE/hf/gpt2/."""
     return os.path.join(cache_root(cache_dir), source, PRETRAINED[name][0] if source == "openai" else name)
@@ -596,11 +491,13 @@ def fetch_pretrained(name: str, source: str = "openai", cache_dir: str = "", ope
         target = os.path.join(folder, fname)
         fresh |= not os.path.exists(target)
         try:
-            download(url, target, sha256=BPE_FILES.get(fname), **download_kwargs)
+            download(url, target, sha256=BPE_FILES.get(fname), hint="Copy the files by hand (from a machine that "
+                     "has a connection) and convert them offline: python load_openai.py --from_dir=DIR "
+                     "--out_dir=OUT", **download_kwargs)
         except ConnectionError as e:
             raise ConnectionError(f"{e}\n{name} is these files, put in one folder: {' '.join(urls.values())}\n"
                                   f"then: python load_openai.py --from_dir=DIR --out_dir=out-{name}, and use "
-                                  f"--init_from=resume --out_dir=out-{name}") from e
+                                  f"--init_from=out-{name}") from e
     return folder, fresh
 
 
@@ -634,13 +531,16 @@ def load_pretrained(name: str, dropout: float = 0.0, source: str = "openai", cac
 if __name__ == "__main__":
     from dataclasses import asdict
 
-    from common import print0, save_checkpoint, setup_runtime
+    from common import load_model, make_checkpoint, print0, save_checkpoint, setup_runtime
     from configurator import configure
 
+    write_hf = export_hf  # the function: the --export_hf flag below takes its name in this namespace
     model = "gpt2"  # 'gpt2' (124M) | 'gpt2-medium' (355M) | 'gpt2-large' (774M) | 'gpt2-xl' (1558M)
     source = "openai"  # 'openai': OpenAI's TensorFlow release | 'hf': Hugging Face's model.safetensors
     from_dir = ""  # convert a folder already on disk (either layout, any shape) instead of downloading
-    out_dir = ""  # write OUT_DIR/ckpt.pt (train.py's format); '' = only fill the cache
+    init_from = ""  # for --export_hf: a checkpoint of any script (file, or folder with ckpt.pt) or a GPT-2 name
+    out_dir = ""  # write OUT_DIR/ckpt.pt (an 'imported' checkpoint every script reads); '' = only fill the cache
+    export_hf = ""  # write DIR/config.json + model.safetensors for transformers' GPT2LMHeadModel; '' = none
     check = False  # after loading, print the greedy completion of a fixed prompt
     cache_dir = ""  # '' = $LLM_E2E_CACHE, else ~/.cache/llm-e2e
     openai_url = OPENAI_URL  # base URL of OpenAI's release (a mirror works)
@@ -650,36 +550,61 @@ if __name__ == "__main__":
     argv = [a + "=True" if a == "--check" else a for a in sys.argv[1:]]  # a bare --check means --check=True
     config = configure({k: v for k, v in globals().items() if k.islower()}, argv); globals().update(config)
 
+    if not (out_dir or check or export_hf) and (from_dir or init_from):
+        raise ValueError(f"--{'from_dir' if from_dir else 'init_from'}={from_dir or init_from!r} needs --out_dir=DIR "
+                         f"(write DIR/ckpt.pt), --export_hf=DIR and/or --check")
+    if from_dir and init_from:
+        raise ValueError(f"pass one of --from_dir={from_dir!r} (a folder of downloaded files) and "
+                         f"--init_from={init_from!r} (a checkpoint or GPT-2 name)")
+    ckpt, tokenizer, tok_name = None, {"tokenizer": "gpt2"}, "gpt2"
+    t0 = time.time()
+    if init_from in PRETRAINED:
+        model = init_from
     if from_dir:
-        if not (out_dir or check):
-            raise ValueError(f"--from_dir={from_dir!r} needs --out_dir=DIR (write DIR/ckpt.pt) and/or --check")
-        t0 = time.time()
         gpt = load_dir(from_dir)
         origin = {"from_dir": os.path.abspath(from_dir)}
+    elif init_from and init_from not in PRETRAINED:
+        if out_dir:
+            raise ValueError(f"--init_from={init_from!r} is already a checkpoint: use it as it is, or --export_hf=DIR "
+                             f"to write it for transformers")
+        gpt, ckpt, tok = load_model(init_from, device="cpu")
+        if ckpt["kind"] == "quantized":
+            src = (ckpt.get("quantization") or {}).get("source") or "the float checkpoint it was made from"
+            raise ValueError(f"{ckpt['path']!r} is quantized; GPT-2's Hugging Face format holds float weights: export "
+                             f"the float checkpoint, --init_from={src}")
+        tokenizer, tok_name = ckpt.get("tokenizer") or tok.meta(), tok.name
     else:
         pretrained_urls(model, source)  # validates both before any download
-        t0 = time.time()
         gpt = load_pretrained(model, source=source, cache_dir=cache_dir, openai_url=openai_url, hf_url=hf_url)
         origin = {"pretrained": model, "source": source}
-    print0(f"loaded {from_dir or model} in {time.time() - t0:.1f} s: {gpt.num_params(non_embedding=False):,} "
-           f"parameters, {gpt.config}")
-    if not from_dir:
+    print0(f"loaded {from_dir or init_from or model} in {time.time() - t0:.1f} s: "
+           f"{gpt.num_params(non_embedding=False):,} parameters, {gpt.config}")
+    if not (from_dir or ckpt):
         print0(f"cached in {cache_root(cache_dir)} (set LLM_E2E_CACHE to move it)")
-    if gpt.config.vocab_size < 50257:
+    gpt2_vocab = tok_name == "gpt2" and gpt.config.vocab_size >= 50257
+    if not gpt2_vocab and ckpt is None:
         print0(f"WARNING: vocab_size {gpt.config.vocab_size} is smaller than GPT-2's 50257, so the model does not "
                f"use GPT-2's tokenizer; the files name no other, and the checkpoint records GPT-2's: replace its "
                f"'tokenizer' entry (tokenizer.meta()) before sampling")
     if out_dir:
-        ckpt = {"model": gpt.state_dict(), "model_args": asdict(gpt.config), "optimizer": None, "iter_num": 0,
-                "best_val_loss": float("inf"), "config": config, "tokenizer": {"tokenizer": "gpt2"},
-                "origin": origin}
+        # an import, not a run: no resume section, so --init_from=OUT_DIR starts a new run in every script
+        ckpt = make_checkpoint("imported", gpt.state_dict(), asdict(gpt.config), config, tokenizer, resume=None,
+                               origin=origin)
         path = os.path.join(out_dir, "ckpt.pt")
         save_checkpoint(ckpt, path)
-        print0(f"wrote {path}: python sample.py --init_from=resume --out_dir={out_dir}")
+        print0(f"wrote {path}: python sample.py --init_from={out_dir}")
+    if export_hf:
+        write_hf(gpt, export_hf)
+        print0(f"wrote {os.path.join(export_hf, 'config.json')} and model.safetensors: GPT2LMHeadModel."
+               f"from_pretrained({export_hf!r})" + ("" if gpt.config.bias else " (bias=False: exported as zero biases)"))
+        if not gpt2_vocab:
+            print0(f"WARNING: the model's tokenizer is {tok_name!r} ({gpt.config.vocab_size} ids), "
+                   f"not GPT-2's: transformers' GPT2Tokenizer does not fit it; encode text with this project's "
+                   f"tokenizer.py and pass the ids")
     if check:
         from tokenizer import get_tokenizer
         tok = get_tokenizer("gpt2")
-        if gpt.config.vocab_size < tok.n_vocab:
+        if not gpt2_vocab:
             print0("WARNING: --check skipped: it needs GPT-2's tokenizer")
         else:
             rt = setup_runtime(device, "float32")

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import load_openai as lo
-from common import load_checkpoint, model_from_checkpoint
-from model import GPT
+from common import download, load_checkpoint, load_model, make_checkpoint, model_from_checkpoint, save_checkpoint
+from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TF_DIR = os.path.join(ROOT, "tests", "fixtures", "gpt2_tiny_tf")
@@ -140,20 +140,77 @@ def test_names_and_shapes_are_checked(tmp_path):
         lo.load_dir(str(tmp_path / "empty"))
 
 
-def test_cli_from_dir_writes_a_train_format_checkpoint(tmp_path):
-    out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "load_openai.py", f"--from_dir={TF_DIR}", f"--out_dir={out}", "--check"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_cli_from_dir_writes_an_imported_checkpoint_and_hf_folder(tmp_path):
+    from transformers import GPT2LMHeadModel
+    out, hf = tmp_path / "out", tmp_path / "hf"
+    r = subprocess.run([sys.executable, "load_openai.py", f"--from_dir={TF_DIR}", f"--out_dir={out}", "--check",
+                        f"--export_hf={hf}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert f"wrote {out / 'ckpt.pt'}" in r.stdout and "loaded " + TF_DIR + " in " in r.stdout
+    assert f"wrote {out / 'ckpt.pt'}: python sample.py --init_from={out}" in r.stdout
+    assert "loaded " + TF_DIR + " in " in r.stdout and "resume" not in r.stdout
     # a 96-token vocabulary is not GPT-2's: said twice, as the checkpoint is written and as --check is skipped
     assert "WARNING: vocab_size 96 is smaller than GPT-2's 50257" in r.stdout
     assert "WARNING: --check skipped: it needs GPT-2's tokenizer" in r.stdout
-    ckpt = load_checkpoint(str(out))
-    assert ckpt["model_args"]["vocab_size"] == 96 and ckpt["iter_num"] == 0 and ckpt["config"]["from_dir"] == TF_DIR
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["kind"] == "imported" and ckpt["resume"] is None and ckpt["model_args"]["vocab_size"] == 96
+    assert ckpt["config"]["from_dir"] == TF_DIR and ckpt["origin"] == {"from_dir": TF_DIR}
     idx = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(1))
+    model, _, _ = load_model(str(out))  # --init_from=<that folder>, as every script loads it
     with torch.no_grad():
-        torch.testing.assert_close(model_from_checkpoint(ckpt).eval()(idx)[0], lo.load_dir(HF_DIR).eval()(idx)[0])
+        ref = lo.load_dir(HF_DIR).eval()(idx)[0]
+        torch.testing.assert_close(model.eval()(idx)[0], ref)
+        torch.testing.assert_close(GPT2LMHeadModel.from_pretrained(str(hf)).eval()(idx).logits, ref)
+
+
+def tiny_checkpoint(path, bias: bool, seed: int = 0):
+    """A 2-layer model whose every weight (biases and LayerNorm gains too) is random, saved as a real checkpoint."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=32, vocab_size=50304, n_layer=2, n_head=2, n_embd=32, bias=bias))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    save_checkpoint(make_checkpoint("pretrain", model.state_dict(), vars(model.config), {}, {"tokenizer": "gpt2"}),
+                    str(path))
+    return model.eval()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_export_hf_from_any_checkpoint_matches_transformers(tmp_path, bias):
+    """--init_from=CKPT --export_hf=DIR: transformers opens the folder and computes our logits; a bias-free
+    model is exported with zero biases, which is exactly what no bias is."""
+    from transformers import GPT2LMHeadModel
+    ours = tiny_checkpoint(tmp_path / "ckpt.pt", bias)
+    r = subprocess.run([sys.executable, "load_openai.py", f"--init_from={tmp_path / 'ckpt.pt'}",
+                        f"--export_hf={tmp_path / 'hf'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert ("bias=False: exported as zero biases" in r.stdout) == (not bias) and "WARNING" not in r.stdout
+    hf = GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
+    assert all(hf.state_dict()[f"transformer.h.{i}.mlp.c_fc.bias"].abs().sum() == 0 for i in range(2)) != bias
+    idx = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        err = (hf(idx).logits - ours(idx)[0]).abs().max().item()
+    assert err < 1e-4, f"exported logits differ by {err}"
+
+
+def test_cli_refuses_what_it_cannot_do(tmp_path, monkeypatch):
+    import runpy
+    import quantize as Q
+    model = tiny_checkpoint(tmp_path / "ckpt.pt", bias=False)
+    ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
+    save_checkpoint(Q.quantized_checkpoint(model, ckpt, None, Q.WeightOnlyQuantizer("int8"), str(tmp_path / "ckpt.pt")),
+                    str(tmp_path / "q.pt"))
+    cases = [([f"--init_from={tmp_path / 'q.pt'}", f"--export_hf={tmp_path / 'hf'}"],
+              r"q.pt' is quantized; GPT-2's Hugging Face format holds float weights: export the float checkpoint, "
+              r"--init_from=.*ckpt.pt"),
+             ([f"--init_from={tmp_path / 'ckpt.pt'}", f"--out_dir={tmp_path / 'o'}"],
+              r"--init_from='.*ckpt.pt' is already a checkpoint: use it as it is, or --export_hf=DIR"),
+             ([f"--init_from={tmp_path / 'ckpt.pt'}"], r"--init_from='.*ckpt.pt' needs --out_dir=DIR .*--export_hf=DIR"),
+             ([f"--from_dir={TF_DIR}", "--init_from=gpt2", "--check"], r"pass one of --from_dir=.* and --init_from='gpt2'")]
+    for argv, match in cases:
+        monkeypatch.setattr(sys, "argv", ["load_openai.py", *argv])
+        with pytest.raises(ValueError, match=match):
+            runpy.run_path(os.path.join(ROOT, "load_openai.py"), run_name="__main__")
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "o").exists()
 
 # ----------------------------------------------------------------------------------------------
 # the released sizes
@@ -246,26 +303,26 @@ def test_download_full_and_resumed(server, tmp_path):
     h.files["/a.bin"] = BLOB
     h.extra_headers["/a.bin"] = {"Content-MD5": MD5}
     path = str(tmp_path / "a.bin")
-    assert lo.download(url + "/a.bin", path, backoff=0) == path
+    assert download(url + "/a.bin", path, backoff=0) == path
     assert open(path, "rb").read() == BLOB and not os.path.exists(path + ".part")
     # interrupted, retried within the same call: the retry asks only for the rest
     h.cut_once["/a.bin"] = 100_000
     h.log.clear()
-    lo.download(url + "/a.bin", str(tmp_path / "b.bin"), backoff=0, chunk_size=1000)
+    download(url + "/a.bin", str(tmp_path / "b.bin"), backoff=0, chunk_size=1000)
     assert open(tmp_path / "b.bin", "rb").read() == BLOB
     assert h.log == [("/a.bin", None), ("/a.bin", "bytes=100000-")]
     # interrupted, then the server fails (503) until the retries run out: nothing under the real name...
     h.cut_once["/a.bin"], h.fail_next["/a.bin"] = 123_000, 2
-    with pytest.raises(ConnectionError, match=r"^could not download .*: 2 attempts in a row failed \(.*503.*--from_dir"):
-        lo.download(url + "/a.bin", str(tmp_path / "c.bin"), retries=2, backoff=0, chunk_size=1000)
+    with pytest.raises(ConnectionError, match=r"^could not download .*: 2 attempt\(s\) in a row failed \(.*503"):
+        download(url + "/a.bin", str(tmp_path / "c.bin"), retries=2, backoff=0, chunk_size=1000)
     assert not os.path.exists(tmp_path / "c.bin") and os.path.getsize(tmp_path / "c.bin.part") == 123_000
     h.log.clear()  # ... and a later run resumes the partial file
-    lo.download(url + "/a.bin", str(tmp_path / "c.bin"), backoff=0)
+    download(url + "/a.bin", str(tmp_path / "c.bin"), backoff=0)
     assert h.log == [("/a.bin", "bytes=123000-")] and open(tmp_path / "c.bin", "rb").read() == BLOB
     # a server that ignores Range: the partial file is discarded and the download starts over
     h.ignore_range = True
     (tmp_path / "d.bin.part").write_bytes(b"stale bytes")
-    lo.download(url + "/a.bin", str(tmp_path / "d.bin"), backoff=0)
+    download(url + "/a.bin", str(tmp_path / "d.bin"), backoff=0)
     assert open(tmp_path / "d.bin", "rb").read() == BLOB
 
 
@@ -275,19 +332,22 @@ def test_download_rejects_corrupt_files_and_reports_errors(server, tmp_path):
     h.extra_headers["/a.bin"] = {"Content-MD5": base64.b64encode(hashlib.md5(b"other").digest()).decode()}
     path = tmp_path / "a.bin"
     with pytest.raises(ValueError, match=r"downloaded corrupt: md5 [0-9a-f]{32}, expected"):
-        lo.download(url + "/a.bin", str(path), retries=2, backoff=0)
+        download(url + "/a.bin", str(path), retries=2, backoff=0)
     assert not path.exists() and not os.path.exists(str(path) + ".part")
     assert len(h.log) == 2  # a corrupt download is retried from scratch before giving up
     with pytest.raises(ValueError, match=r"downloaded corrupt: sha256"):
-        lo.download(url + "/a.bin", str(path), sha256="0" * 64, retries=1, backoff=0)
+        download(url + "/a.bin", str(path), sha256="0" * 64, retries=1, backoff=0)
     with pytest.raises(FileNotFoundError, match=r"/missing.bin answered 404 Not Found"):
-        lo.download(url + "/missing.bin", str(path), backoff=0)
+        download(url + "/missing.bin", str(path), backoff=0)
     with socket.socket() as s:  # a port with nothing listening: connection refused
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(ConnectionError, match=r"^no network connection to 127.0.0.1:\d+: could not download .*: 2 "
-                                              r"attempts in a row failed.*python load_openai.py --from_dir=DIR"):
-        lo.download(f"http://127.0.0.1:{port}/a.bin", str(path), retries=2, backoff=0)
+    with pytest.raises(ConnectionError, match=r"(?s)^no network connection to 127.0.0.1:\d+: could not download .*: "
+                                              r"2 attempt\(s\) in a row failed.*python load_openai.py --from_dir=DIR "
+                                              r"--out_dir=OUT\ngpt2 is these files.*then: python load_openai.py "
+                                              r"--from_dir=DIR --out_dir=out-gpt2, and use --init_from=out-gpt2$"):
+        lo.fetch_pretrained("gpt2", cache_dir=str(tmp_path / "c"), openai_url=f"http://127.0.0.1:{port}", retries=2,
+                            backoff=0)
     assert not path.exists()
 
 
@@ -309,12 +369,13 @@ def test_fetch_and_load_pretrained_from_a_mirror(server, tmp_path):
     cache = str(tmp_path / "cache")
     folder, fresh = lo.fetch_pretrained("gpt2", cache_dir=cache, openai_url=url, backoff=0)
     assert fresh and folder == os.path.join(cache, "openai", "124M")
-    assert sorted(os.listdir(folder)) == sorted(lo.OPENAI_FILES)
+    files = lambda d: sorted(f for f in os.listdir(d) if not f.endswith(".lock"))  # the downloader's lock files
+    assert files(folder) == sorted(lo.OPENAI_FILES)
     with pytest.raises(ValueError, match=r"describe GPTConfig\(block_size=32, vocab_size=96, n_layer=2.*not gpt2"):
         lo.load_pretrained("gpt2", cache_dir=cache, openai_url=url, backoff=0)
     h.log.clear()
     folder, fresh = lo.fetch_pretrained("gpt2", "hf", cache_dir=cache, hf_url=url, backoff=0)
-    assert fresh and sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]
+    assert fresh and files(folder) == ["config.json", "model.safetensors"]
     assert not lo.fetch_pretrained("gpt2", "hf", cache_dir=cache, hf_url=url)[1] and len(h.log) == 2  # cached
     # only the Hub's copy cached: load_pretrained(source='openai') uses it, contacting nobody (port 9 is closed)
     cache2 = str(tmp_path / "cache2")
