@@ -334,10 +334,13 @@ def tokenizer_for(ckpt: Optional[dict], meta: str = "", dataset_dir: str = ""):
     its dataset folder, else GPT-2's."""
     from tokenizer import CharTokenizer, load_tokenizer
     path = (ckpt or {}).get("path", "")
-    if ckpt is not None and ckpt.get("tokenizer") is not None:
+    stored = (ckpt or {}).get("tokenizer")
+    if stored is not None and "itos" not in stored and ckpt["model_args"].get("vocab_size", 50257) < 50257:
+        stored = None  # 'gpt2' recorded for a table too small for GPT-2's ids (imported files name no tokenizer)
+    if stored is not None:
         if meta:
             print0(f"WARNING: --meta={meta!r} is ignored: {path!r} stores its own tokenizer")
-        return load_tokenizer(ckpt["tokenizer"])
+        return load_tokenizer(stored)
     candidates = [(meta, "--meta")] if meta else []
     if path:
         candidates.append((os.path.join(os.path.dirname(path), "meta.pkl"), "next to the checkpoint"))
