@@ -10,28 +10,40 @@ Sentiment classification, GPT-2 124M on IMDB, then classify a sentence:
     python finetune.py config/finetune_imdb.py --init_from=resume --predict="What a wonderful film"
 Several GPUs:
     torchrun --standalone --nproc_per_node=8 finetune.py config/finetune_alpaca.py
-Your own data: --dataset=my.jsonl (instruct: fields instruction, input (optional), output; classify: text,
-label, also .csv). Your own pre-trained model: --init_from=out-shakespeare (a checkpoint file or folder).
+Ctrl-C or SIGTERM finishes the step and saves; the folder is all that continuing needs:
+    python finetune.py --init_from=resume --out_dir=out-sft
+Your own data, in .jsonl, .json, .csv, .tsv (any of them .gz/.bz2/.xz) or from the Hub, each bad record named:
+    python finetune.py --dataset=sft.jsonl --prompt_template=none   # {"prompt": ..., "response": ...}, formatted
+    python finetune.py --task=classify --dataset=train.tsv --val_split=dev.tsv --text_field=sentence
+    python finetune.py --task=classify --dataset=nyu-mll/glue --name=sst2 --val_split=validation
+Your own pre-trained model: --init_from=out-shakespeare (any checkpoint file or folder that holds a model).
 
-The prompt template is Alpaca's (below): "### Instruction:" (and "### Input:") then "### Response:", the
-response ended by <|endoftext|>. The loss counts response tokens only; prompts and padding are masked (-1).
-Records are right-padded: with causal attention, padding after a token never changes that token's output.
+The default prompt template is Alpaca's (below): "### Instruction:" (and "### Input:") then "### Response:",
+the response ended by <|endoftext|>. The loss is the mean over the response tokens of each optimizer step;
+prompts and padding are masked (-1). Records are right-padded: with causal attention, padding after a token
+never changes that token's output.
 """
 
+import functools
 import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from common import (append_jsonl, init_wandb, load_model, plot_curves, print0, rng_state, save_checkpoint,
-                    set_rng_state, setup_runtime)
+from common import (MAY_CHANGE, append_jsonl, catch_signals, check_schedule, gather_objects, init_wandb, last_name,
+                    load_model, lr_at, make_checkpoint, model_from_checkpoint, pad_right, plot_curves, print0,
+                    progress, read_jsonl, restore_rng, resume_command, resume_run, resume_state, rng_state,
+                    save_checkpoint, setup_runtime, stop_exit, tokenizer_for, truncate_log)
 from configurator import configure
+from dataloader import load_records, report_bad
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
 
@@ -44,13 +56,25 @@ PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an i
                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
                    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+TEMPLATES = ("alpaca", "none")  # 'none': the prompt as it is (records formatted already), input after a blank line
+# what a prompt formatted already tends to contain: Alpaca's, hh-rlhf's, ChatML's and Llama-2's turn markers
+TEMPLATE_MARKERS = ("### Response:", "### Instruction:", "\n\nAssistant:", "<|im_start|>", "[/INST]")
 
 
-def format_prompt(instruction: str, input: str = "") -> str:
-    """The Alpaca prompt for an instruction (and optional input); the response follows it directly."""
+def format_prompt(instruction: str, input: str = "", template: str = "alpaca") -> str:
+    """The prompt for an instruction (and optional input) in a template; the response follows it directly."""
+    if template not in TEMPLATES:
+        raise ValueError(f"prompt_template must be one of {TEMPLATES}, got {template!r}")
+    if template == "none":
+        return f"{instruction}\n\n{input}" if input else instruction
     if input:
         return PROMPT_INPUT.format(instruction=instruction, input=input)
     return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def template_marker(text: str) -> str:
+    """The first turn marker of a known template in text ('' if none): a sign that it is formatted already."""
+    return next((m for m in TEMPLATE_MARKERS if m in text), "")
 
 
 def encode_pair(tok, prompt: str, response: str, block_size: int, truncate: str = "right"):
@@ -76,9 +100,9 @@ def encode_pair(tok, prompt: str, response: str, block_size: int, truncate: str 
 
 
 @torch.no_grad()
-def answer(model, tok, instruction: str, input: str = "", max_new_tokens: int = 128) -> str:
+def answer(model, tok, instruction: str, input: str = "", max_new_tokens: int = 128, template: str = "alpaca") -> str:
     """The model's greedy response to an instruction, cut at <|endoftext|> (call model.eval() first)."""
-    ids = tok.encode_ordinary(format_prompt(instruction, input))
+    ids = tok.encode_ordinary(format_prompt(instruction, input, template))
     device = next(model.parameters()).device
     out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=0.0,
                          stop_token=tok.eot_token)
@@ -88,92 +112,93 @@ def answer(model, tok, instruction: str, input: str = "", max_new_tokens: int = 
     return tok.decode(new).strip()
 
 # ----------------------------------------------------------------------------------------------
-# data: records from the Hub or local files, checked, tokenized, batched
+# data: records from local files or the Hub, checked, tokenized, batched
+
+# used when a field key is at its default and the records lack that field but have one of these: the common
+# {"prompt": ..., "response": ...} SFT layout, and GLUE's 'sentence' (SST-2, CoLA)
+FIELD_FALLBACKS = {"instruction": ("prompt",), "output": ("response", "completion"), "text": ("sentence",)}
 
 
-def load_split(dataset: str, split: str, dataset_config: str = "", cache_dir: str = ""):
-    """One split as a datasets.Dataset -> (dataset, its name for messages). A split of a Hub dataset, or a
-    local .json/.jsonl/.csv file: `dataset` itself (split 'train') or a file given as the split."""
-    import datasets
-    is_file = lambda s: s.lower().endswith((".json", ".jsonl", ".csv")) or os.path.isfile(s)  # else: the Hub
-    path = split if is_file(split) else dataset if is_file(dataset) else None
-    if path == dataset and split != "train":
-        raise ValueError(f"{dataset!r} is a local file, which holds one split; for split {split!r} pass another "
-                         f"file (e.g. --test_split=test.jsonl)")
-    if path is not None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"data file {path!r} does not exist (expected a .json, .jsonl or .csv file)")
-        builder = "csv" if path.lower().endswith(".csv") else "json"
-        return datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir or None), repr(path)
-    try:
-        ds = datasets.load_dataset(dataset, dataset_config or None, split=split, cache_dir=cache_dir or None)
-    except Exception as e:  # no network, unknown name or split: the fix is the same
-        raise ValueError(f"could not load split {split!r} of the Hugging Face dataset {dataset!r} ({type(e).__name__}: "
-                         f"{e}). Check the name, or download the data elsewhere and pass the file: "
-                         f"--dataset=data.jsonl") from e
-    return ds, f"{dataset!r} split {split!r}"
+def read_split(dataset: str, split: str, fields: dict, names: Optional[list] = None, label_names=(), **load) -> tuple:
+    """One split, every record checked -> (source, rows, class names or None). split: a split of the Hub dataset
+    `dataset` ('train' of a local one), or a local file (folder, glob) of its own. fields: {config key: field},
+    instruct: instruction_field, input_field (optional), output_field; classify: text_field, label_field (an int
+    class id or a class name). rows: (where, instruction, input, output) or (where, text, class id), where =
+    'FILE:LINE'. Class names: `names` (from the training split), else label_names, the Hub's ClassLabel names,
+    the sorted string labels, or '0' .. the largest id. A missing, empty or mistyped field, or a label outside
+    the classes, is an error naming each bad record, or skipped with a warning under skip_bad. load: keyword
+    arguments of dataloader.load_records (name, header, encoding, skip_bad, cache_dir)."""
+    load["require"] = {f: f"--{k}" for k, f in fields.items() if f.isdigit()}  # a column index: rec[f] is set
+    if os.path.exists(split) or os.path.splitext(split)[1] or os.sep in split:
+        recs = load_records(split, **load)
+    elif split != "train" and (os.path.exists(dataset) or os.path.splitext(dataset)[1]):
+        raise ValueError(f"{dataset!r} is a local file, which holds one split; for split {split!r} pass a file of "
+                         f"its own (e.g. --{'test' if split == 'test' else 'val'}_split=dev.jsonl)")
+    else:
+        recs = load_records(dataset, split, **load)
+    first = recs.rows[0][1]
+    fields = dict(fields)
+    for key, field in fields.items():
+        alt = [f for f in FIELD_FALLBACKS.get(field, ()) if field not in first and f in first]
+        if key.replace("_field", "") == field and alt:  # the key is at its default
+            print0(f"{recs.source}: no {field!r} field, using {alt[0]!r} (--{key}={alt[0]})")
+            fields[key] = alt[0]
+    classify = "label_field" in fields
+    bad, rows = [], []
+    for where, rec in recs.rows:
+        problem = ""
+        for key, field in fields.items():
+            v, kinds = rec.get(field), (int, str) if key == "label_field" else (str,)
+            if v is None and key != "input_field":
+                present = sorted(k for k in rec if rec[k] is not None)
+                problem = (f"no field {field!r} (the record's fields are {present}); fix the record, or name the "
+                           f"field that holds it: --{key}={present[0] if present else 'NAME'}")
+            elif v is not None and (not isinstance(v, kinds) or isinstance(v, bool)):
+                problem = f"field {field!r} is {v!r} ({type(v).__name__}), expected {' or '.join(k.__name__ for k in kinds)}"
+            elif isinstance(v, str) and not v.strip() and key != "input_field":
+                problem = f"field {field!r} is empty ({v!r}); fill it in or delete the record"
+            if problem:
+                break
+        if problem:
+            bad.append(f"{where}: {problem}")
+        else:
+            rows.append([where] + ["" if rec.get(f) is None else rec[f] for f in fields.values()])
+    if classify and rows:
+        labels = [r[2] for r in rows]
+        if all(isinstance(v, str) and v.strip().lstrip("-").isdigit() for v in labels):
+            labels = [int(v) for v in labels]  # ids written as text, as CSV and TSV files hold them
+        kinds = {type(v).__name__: (r[0], v) for r, v in zip(rows, labels)}
+        if len(kinds) > 1:
+            raise ValueError(f"{recs.source}: field {fields['label_field']!r} mixes class names and ids (e.g. "
+                             f"{' and '.join(f'{w}: {v!r}' for w, v in kinds.values())}); use one kind")
+        hub = recs.label_names.get(fields["label_field"])
+        names = names or ([str(n) for n in label_names] or hub or (sorted(set(labels)) if "str" in kinds else
+                          [str(i) for i in range(max(0, *labels) + 1)]))
+        kept = []
+        for r, v in zip(rows, labels):
+            k = names.index(v) if isinstance(v, str) and v in names else v
+            if isinstance(k, int) and 0 <= k < len(names):
+                kept.append((r[0], r[1], k))
+            else:
+                bad.append(f"{r[0]}: label {v!r} is none of the classes {names} (ids 0..{len(names) - 1}); fix the "
+                           f"record, or name every class in id order: --label_names=\"{names + [str(v)]}\"")
+        rows = kept
+    report_bad(bad, load.get("skip_bad", False), recs.source)
+    if not rows:
+        raise ValueError(f"{recs.source}: no usable records (all {len(bad):,} were bad and skipped); fix them")
+    return recs.source, [tuple(r) for r in rows], names
 
 
-def column(ds, field: str, key: str, source: str, required: bool = True, kinds=(str,)) -> list:
-    """One field of every record, checked: a missing or mistyped value is an error naming the record.
-    key: the config key that names this field."""
-    if field not in ds.column_names and not required:
-        return [""] * len(ds)
-    values = ds[field] if field in ds.column_names else [None] * len(ds)
-    for i, v in enumerate(values):
-        if v is None and required:
-            raise ValueError(f"{source}: record {i} has no {field!r} field (the fields are {ds.column_names}); fix "
-                             f"the record, or name the field: --{key}=NAME")
-        if v is not None and not isinstance(v, kinds):
-            raise ValueError(f"{source}: record {i} field {field!r} is {v!r} ({type(v).__name__}), expected "
-                             f"{' or '.join(k.__name__ for k in kinds)}")
-    return ["" if v is None else v for v in values]
-
-
-def class_names(ds, labels: list, label_field: str, label_names: list, source: str) -> list:
-    """Class names in id order: label_names, else the dataset's ClassLabel names, else the sorted string
-    labels, else '0' .. str(largest label)."""
-    if len({isinstance(v, str) for v in labels}) > 1:
-        raise ValueError(f"{source}: field {label_field!r} mixes strings and integers; use one kind")
-    if label_names:
-        return [str(n) for n in label_names]
-    if getattr(ds.features.get(label_field), "names", None):
-        return list(ds.features[label_field].names)
-    if isinstance(labels[0], str):
-        return sorted(set(labels))
-    return [str(i) for i in range(max(labels) + 1)]
-
-
-def label_ids(labels: list, names: list, source: str) -> list:
-    """Labels as class ids in [0, len(names)): integers are range-checked, strings looked up in names."""
-    out = []
-    for i, v in enumerate(labels):
-        k = names.index(v) if isinstance(v, str) and v in names else v
-        if isinstance(k, str):
-            raise ValueError(f"{source}: record {i} has label {v!r}, which is none of the classes {names}; fix the "
-                             f"record, or list every class in id order: --label_names=\"{names + [v]}\"")
-        if not 0 <= k < len(names):
-            raise ValueError(f"{source}: record {i} has label {v!r}, outside [0, {len(names)}) for the classes "
-                             f"{names}; fix the record, or name every class in id order: --label_names=\"[...]\"")
-        out.append(int(k))
-    return out
-
-
-def encode_records(tok, rows: list, block_size: int, truncate: str, source: str):
-    """Token ids and labels per record -> (examples, counts of truncated / dropped / empty records).
-    rows: (record index, instruction, input, output) -> (x, y) from encode_pair, y = -1 on the prompt; or
-    (record index, text, class id) -> (ids, class id). truncate: 'left' drops prompt tokens first (instruct)
+def encode_records(tok, rows: list, block_size: int, truncate: str, source: str, template: str = "alpaca"):
+    """Token ids and labels per record -> (examples, counts of truncated / dropped records).
+    rows: (where, instruction, input, output) -> (x, y) from encode_pair, y = -1 on the prompt; or
+    (where, text, class id) -> (ids, class id). truncate: 'left' drops prompt tokens first (instruct)
     or keeps a text's end (classify), 'right' cuts the end, 'drop' skips the record."""
-    from tqdm import tqdm
-    examples, stats = [], dict(truncated=0, dropped=0, empty=0)
-    for i, *fields in tqdm(rows, desc=f"tokenizing {source}", disable=len(rows) < 5000):
-        instruct = len(fields) == 3
-        if not fields[0].strip() or (instruct and not fields[2].strip()):  # no instruction / output / text
-            stats["empty"] += 1
-            continue
+    examples, stats = [], dict(truncated=0, dropped=0)
+    for where, *fields in progress(rows, desc=f"tokenizing {source}", disable=len(rows) < 5000):
         try:
-            if instruct:
-                x, y, cut = encode_pair(tok, format_prompt(fields[0], fields[1]), fields[2], block_size,
+            if len(fields) == 3:  # instruct
+                x, y, cut = encode_pair(tok, format_prompt(fields[0], fields[1], template), fields[2], block_size,
                                         "prompt" if truncate == "left" else "right")
                 example, learnable = (x, y), any(t != -1 for t in y)
             else:
@@ -181,16 +206,15 @@ def encode_records(tok, rows: list, block_size: int, truncate: str, source: str)
                 cut = len(ids) > block_size
                 example, learnable = (ids[-block_size:] if truncate == "left" else ids[:block_size], fields[1]), True
         except ValueError as e:  # e.g. a character outside a char-level vocabulary
-            raise ValueError(f"{source}: record {i}: {e}") from e
+            raise ValueError(f"{where}: {e}") from e
         if (cut and truncate == "drop") or not learnable:  # no response token fits: nothing to learn
             stats["dropped"] += 1
             continue
         stats["truncated"] += cut
         examples.append(example)
     if not examples:
-        raise ValueError(f"{source}: no records left after filtering: {len(rows)} read, {stats['empty']} empty, "
-                         f"{stats['dropped']} too long for block_size {block_size} (truncate={truncate!r}); fix the "
-                         f"data, or use a longer --block_size or --truncate=left")
+        raise ValueError(f"{source}: no records left: all {len(rows):,} are too long for block_size {block_size} "
+                         f"(truncate={truncate!r}); use a longer --block_size, or --truncate=left")
     return examples, stats
 
 
@@ -216,19 +240,12 @@ def padded_fraction(lengths: list, batches: list) -> float:
 
 
 def make_batch(examples: list, idx, pad_id: int):
-    """Right-pad the records idx into x (B, T) and labels y (B, T), -1 where there is nothing to predict:
-    instruct, the next token at response positions; classify, the class at each text's last real token."""
+    """The records idx as x (B, T) and labels y (B, T), right-padded, -1 where there is nothing to predict:
+    instruct, the next token at response positions; classify, the class at each text's last real token (the
+    only position whose causal view covers the whole text)."""
     rows = [examples[i] for i in idx]
-    T = max(len(r[0]) for r in rows)
-    x = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
-    y = torch.full((len(rows), T), -1, dtype=torch.long)  # (B, T)
-    for r, (ids, label) in enumerate(rows):
-        x[r, :len(ids)] = torch.tensor(ids)
-        if isinstance(label, list):
-            y[r, :len(label)] = torch.tensor(label)
-        else:
-            y[r, len(ids) - 1] = label  # the only position whose causal view covers the whole text
-    return x, y
+    return pad_right([x for x, _ in rows], [y if isinstance(y, list) else [-1] * (len(x) - 1) + [y] for x, y in rows],
+                     pad_id)
 
 # ----------------------------------------------------------------------------------------------
 # model: the GPT with outputs only where there are labels
@@ -249,9 +266,9 @@ class Finetuned(nn.Module):
             torch.nn.init.normal_(self.head.weight, mean=0.0, std=0.02)  # GPT-2's init for every Linear
             torch.nn.init.zeros_(self.head.bias)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor):
-        """idx (B, T) ids, targets (B, T) labels, -1 where none -> (logits (N, vocab or classes), mean loss)
-        at the N labelled positions, in row-major order."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"):
+        """idx (B, T) ids, targets (B, T) labels, -1 where none -> (logits (N, vocab or classes), loss: the
+        mean or the sum over the N labelled positions), in row-major order."""
         t = self.gpt.transformer
         pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
         x = t.drop(t.wte(idx) + t.wpe(pos))  # (B, T, C), as in GPT.forward
@@ -260,7 +277,8 @@ class Finetuned(nn.Module):
         keep = targets.reshape(-1) != -1  # (B*T,)
         x = t.ln_f(x.reshape(-1, x.size(-1))[keep])  # (N, C); LayerNorm is per token, so gather first
         logits = (self.gpt.lm_head if self.head is None else self.head)(x)  # (N, vocab or classes)
-        return logits, F.cross_entropy(logits.float(), targets.reshape(-1)[keep])
+        loss = F.cross_entropy(logits.float(), targets.reshape(-1)[keep], reduction="none")  # (N,)
+        return logits, loss.sum(dtype=torch.float64) if reduction == "sum" else loss.mean()  # a sum: exact
 
 
 def freeze(gpt, n_trainable_layers: int) -> None:
@@ -278,43 +296,103 @@ def freeze(gpt, n_trainable_layers: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, examples: list, batches: list, pad_id: int, rt, desc: str = "") -> tuple:
-    """(mean loss, accuracy) per label over the batches: per response token (instruct) or per record."""
-    from tqdm import tqdm
+def evaluate(model, examples: list, batches: list, pad_id: int, rt, num_classes: int = 0, desc: str = "") -> tuple:
+    """(mean loss, accuracy, confusion matrix or None) per label over the batches: per response token
+    (instruct) or per record (classify: confusion[true class, predicted class] counts). Rank r takes batches
+    r, r + W, ...; the sums are all-reduced, so every rank returns the same numbers."""
     model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    for idx in tqdm(batches, desc=desc, disable=not desc):
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # (summed loss, correct, labels)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=rt.device)
+    mine = batches[rt.ddp_rank::rt.ddp_world_size]
+    for idx in progress(mine, desc=desc, disable=not desc or len(mine) < 100):
         x, y = (t.to(rt.device) for t in make_batch(examples, idx, pad_id))
         with rt.autocast():
-            logits, loss = model(x, y)
-        n = len(logits)
-        loss_sum, count = loss_sum + loss.item() * n, count + n
-        correct += int((logits.argmax(-1) == y[y != -1]).sum())
+            logits, loss = model(x, y, reduction="sum")
+        target, pred = y[y != -1], logits.argmax(-1)
+        sums += torch.stack([loss.double(), (pred == target).sum().double(), sums.new_tensor(len(target))])
+        if num_classes:
+            confusion.index_put_((target, pred), torch.ones_like(target), accumulate=True)
+    if rt.ddp:
+        torch.distributed.all_reduce(sums)
+        torch.distributed.all_reduce(confusion)
     model.train()
-    return loss_sum / count, correct / count
+    loss, acc = (sums[:2] / sums[2]).tolist()
+    return loss, acc, confusion.cpu() if num_classes else None
+
+
+def class_metrics(confusion: torch.Tensor) -> dict:
+    """Per-class precision, recall, F1 and support from confusion[true, predicted] counts, each a list in class
+    order; a class never predicted (or never present) scores 0 there, as scikit-learn's zero_division=0."""
+    c = confusion.double()
+    tp, predicted, support = c.diag(), c.sum(0), c.sum(1)
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), 0.0)
+    recall = torch.where(support > 0, tp / support.clamp(min=1), 0.0)
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), 0.0)
+    return dict(precision=precision.tolist(), recall=recall.tolist(), f1=f1.tolist(), support=support.long().tolist())
+
+
+def class_report(confusion: torch.Tensor, names: list) -> str:
+    """A table of per-class precision, recall, F1 and support with macro averages, then the confusion matrix:
+    on an imbalanced set (e.g. 87% of one class) accuracy alone hides a class the model never finds."""
+    m, w = class_metrics(confusion), max(12, *(len(n) for n in names))
+    lines = [f"{'class':<{w}} precision    recall        f1   support"]
+    for k, name in enumerate(names):
+        lines.append(f"{name:<{w}} {m['precision'][k]:9.4f} {m['recall'][k]:9.4f} {m['f1'][k]:9.4f} "
+                     f"{m['support'][k]:9,}")
+    macro = [sum(m[key]) / len(names) for key in ("precision", "recall", "f1")]
+    lines.append(f"{'macro avg':<{w}} {macro[0]:9.4f} {macro[1]:9.4f} {macro[2]:9.4f} {sum(m['support']):9,}")
+    cw = max(9, *(len(n) + 1 for n in names))
+    lines.append(f"confusion (rows: true class, columns: predicted)\n{'':<{w}}" + "".join(f"{n:>{cw}}" for n in names))
+    lines += [f"{name:<{w}}" + "".join(f"{int(v):>{cw},}" for v in row) for name, row in zip(names, confusion.tolist())]
+    return "\n".join(lines)
+
+
+def plot_confusion(path: str, confusions: dict, names: list, title: str):
+    """Confusion matrices {split: confusion} as PNG heatmaps side by side, counts written in, atomically."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    k = len(names)
+    fig, axes = plt.subplots(1, len(confusions), figsize=((2 + 0.8 * k) * len(confusions), 1.5 + 0.8 * k),
+                             squeeze=False)
+    for ax, (split, c) in zip(axes[0], confusions.items()):
+        ax.imshow(c.numpy(), cmap="Blues")
+        for (i, j), v in np.ndenumerate(c.numpy()):
+            ax.text(j, i, f"{v:,}", ha="center", va="center", color="white" if v > c.max() / 2 else "black")
+        ax.set(xticks=range(k), yticks=range(k), xticklabels=names, yticklabels=names, xlabel="predicted",
+               ylabel="true class", title=f"{split}: accuracy {c.diag().sum() / c.sum():.1%} of {int(c.sum()):,}")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
 
 # ----------------------------------------------------------------------------------------------
 # defaults: each can be set by a config file or --key=value
 # task and I/O
 task = 'instruct'  # 'instruct' (loss on responses) or 'classify' (linear head on the last token)
 out_dir = 'out-finetune'
-init_from = 'gpt2'  # 'scratch', 'resume' (out_dir/ckpt_name), 'gpt2'..'gpt2-xl', or a checkpoint file/folder
+init_from = 'gpt2'  # 'scratch', 'resume' (continue the run in out_dir), 'gpt2'..'gpt2-xl', or any checkpoint
 ckpt_name = 'ckpt.pt'
-always_save_checkpoint = True  # False: write the checkpoint only when val loss improves
+always_save_checkpoint = True  # False: ckpt_name holds the best val loss only (a stop saves ckpt_last.pt)
 predict = ''  # text: load init_from, print its response (instruct) or label + probabilities (classify), exit
 # data
-dataset = 'tatsu-lab/alpaca'  # Hugging Face dataset name, or a local .json / .jsonl / .csv file
-dataset_config = ''  # Hub config name, e.g. 'sst2' for dataset='glue'
+dataset = 'tatsu-lab/alpaca'  # a Hub dataset, or local .jsonl/.json/.csv/.tsv file(s), folder or glob
+name = ''  # the Hub dataset's configuration, e.g. 'sst2' for dataset='nyu-mll/glue'
 train_split = 'train'
 val_split = ''  # split name or local file; '' = hold out val_fraction of the training records
 val_fraction = 0.05  # share of the training records held out for validation (seeded)
 test_split = ''  # classify: split name or local file also scored at each eval ('test' for IMDB); '' = none
 max_records = 0  # 0 = all; N = at most N (random, seeded) records per split, for quick runs
+skip_bad_records = False  # True: skip (and count) bad records instead of stopping at them
+header = None  # CSV/TSV: None = guess whether the first row names the columns, True or False to say so
+encoding = 'utf-8'  # of local files (a UTF-8 or UTF-16 byte-order mark is honoured); e.g. 'latin-1'
 cache_dir = ''  # folder for datasets' cache; '' = its default (~/.cache/huggingface/datasets)
-instruction_field = 'instruction'
+instruction_field = 'instruction'  # records without it may hold 'prompt' (used then); CSV/TSV: a name or index
 input_field = 'input'  # optional, may be missing or empty
-output_field = 'output'
-text_field = 'text'
+output_field = 'output'  # else 'response' or 'completion'
+prompt_template = 'alpaca'  # 'alpaca' (with input: its Input section), or 'none': the prompt as it is
+text_field = 'text'  # else 'sentence'
 label_field = 'label'  # integer class ids or class-name strings
 label_names = []  # class names in id order; [] = the dataset's ClassLabel names, the sorted strings, or '0'..
 truncate = 'left'  # over block_size: 'left' cuts the start (instruct: prompt tokens only), 'right' the end, 'drop'
@@ -327,7 +405,7 @@ bias = True
 dropout = 0.0  # for every init_from; 0.1 is a common choice when fine-tuning on little data
 block_size = 1024  # tokens per record at most; a model with a longer window is cropped to this
 n_trainable_layers = -1  # -1 = train all; k >= 0: freeze all but the last k blocks (+ final LayerNorm, head)
-# optimization: AdamW, linear warmup then cosine decay to min_lr
+# optimization: AdamW, linear warmup then cosine decay to min_lr at max_iters
 batch_size = 8  # records per micro-batch (per GPU)
 gradient_accumulation_steps = 1  # micro-batches per optimizer step (per GPU)
 epochs = 3.0  # passes over the training records
@@ -335,7 +413,7 @@ max_iters = 0  # optimizer steps; 0 = derived from epochs
 learning_rate = 5e-5
 min_lr = 0.0
 warmup_iters = 100
-decay_lr = True
+decay_lr = True  # False: constant learning_rate after the warmup
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.999
@@ -343,7 +421,7 @@ grad_clip = 1.0  # 0 = off
 # evaluation and logging
 eval_interval = 200
 eval_iters = 20  # batches per split at each eval
-final_eval = True  # classify: accuracy on the full val and test splits after training
+final_eval = True  # classify: accuracy, per-class F1 and confusion.png on the full val and test splits
 log_interval = 10
 sample_interval = 200  # instruct: show greedy answers to held-out instructions every N iters; 0 = off
 num_samples = 3  # held-out instructions shown
@@ -360,11 +438,16 @@ seed = 1337
 
 # ----------------------------------------------------------------------------------------------
 if __name__ == "__main__":  # the helpers above are imported by align.py and sample.py; the run is below
-    config = configure(globals(), sys.argv[1:]); globals().update(config)
+    explicit = set()  # the keys set by config files or --key=value
+    config = configure(globals(), sys.argv[1:], explicit=explicit)
+    ckpt = None
+    if config["init_from"] == "resume" and not config["predict"]:  # the saved config is the base
+        config, ckpt = resume_run(config, explicit, ("sft", "classify"), "finetune.py", MAY_CHANGE + ("epochs",))
+    globals().update(config)
     for key, valid in (("task", ("instruct", "classify")), ("truncate", ("left", "right", "drop")),
-                       ("batching", ("sorted", "random"))):
+                       ("batching", ("sorted", "random")), ("prompt_template", TEMPLATES)):
         if config[key] not in valid:
-            raise ValueError(f"{key} must be one of {valid}, got {config[key]!r}")
+            raise ValueError(f"{key} must be one of {valid}, got {config[key]!r}; e.g. --{key}={valid[0]}")
     for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
                 "block_size"):
         if config[key] < 1:
@@ -379,13 +462,13 @@ if __name__ == "__main__":  # the helpers above are imported by align.py and sam
     # --predict: run a fine-tuned model on one text, then exit
     if predict:
         gpt, ckpt, tok = load_model(init_from, out_dir, rt.device, ckpt_name=ckpt_name)
-        if task == "classify" or (ckpt or {}).get("task") == "classify":
+        if task == "classify" or (ckpt or {}).get("kind") == "classify":
             if "head" not in (ckpt or {}):
                 raise ValueError(f"init_from={init_from!r} has no classification head: train one first (python "
                                  f"finetune.py config/finetune_imdb.py), then pass its out_dir with --init_from=resume")
             model = Finetuned(gpt, len(ckpt["labels"])).to(rt.device).eval()
             model.head.load_state_dict(ckpt["head"])
-            examples, _ = encode_records(tok, [(0, predict, 0)], gpt.config.block_size,
+            examples, _ = encode_records(tok, [("--predict", predict, 0)], gpt.config.block_size,
                                          ckpt["config"].get("truncate", "left"), "--predict")
             with torch.no_grad(), rt.autocast():
                 logits, _ = model(*(t.to(rt.device) for t in make_batch(examples, [0], 0)))
@@ -394,30 +477,23 @@ if __name__ == "__main__":  # the helpers above are imported by align.py and sam
             print0(f"label: {ckpt['labels'][k]} ({probs[k]:.4f})")
             print0("probabilities: " + ", ".join(f"{n}={p:.4f}" for n, p in zip(ckpt["labels"], probs)))
         else:
+            template = ((ckpt or {}).get("config") or {}).get("prompt_template", prompt_template)
             with rt.autocast():
-                print0(answer(gpt.eval(), tok, predict, "", max_new_tokens))
+                print0(answer(gpt.eval(), tok, predict, "", max_new_tokens, template))
         sys.exit(0)
 
     # ------------------------------------------------------------------------------------------
     # data: read and check every record before building the model
     rng = np.random.default_rng(seed)
-    raw, names = {}, None  # split -> (source, [(record index, fields...)]); class names
-    for name, split in (("train", train_split), ("val", val_split), ("test", test_split if task == "classify" else "")):
-        if not split:
-            continue
-        ds, source = load_split(dataset, split, dataset_config, cache_dir)
-        if len(ds) == 0:
-            raise ValueError(f"{source} has no records")
-        if task == "instruct":
-            cols = [column(ds, instruction_field, "instruction_field", source),
-                    column(ds, input_field, "input_field", source, required=False),
-                    column(ds, output_field, "output_field", source)]
-        else:
-            labels = column(ds, label_field, "label_field", source, kinds=(int, str))
-            names = names or class_names(ds, labels, label_field, label_names, source)
-            cols = [column(ds, text_field, "text_field", source), label_ids(labels, names, source)]
-        order = rng.permutation(len(ds))[:max_records or None]  # seeded: a random subset, in random order
-        raw[name] = (source, [(int(i), *(c[i] for c in cols)) for i in order])
+    raw, names = {}, None  # split -> (source, [(where, fields...)]); class names
+    fields = dict(instruction_field=instruction_field, input_field=input_field, output_field=output_field) \
+        if task == "instruct" else dict(text_field=text_field, label_field=label_field)
+    for split, which in (("train", train_split), ("val", val_split), ("test", test_split if task == "classify" else "")):
+        if which:
+            source, rows, names = read_split(dataset, which, fields, names, label_names, name=name, header=header,
+                                             encoding=encoding, skip_bad=skip_bad_records, cache_dir=cache_dir)
+            order = rng.permutation(len(rows))[:max_records or None]  # seeded: a random subset, in random order
+            raw[split] = (source, [rows[i] for i in order])
     if "val" not in raw:  # hold out val_fraction of the (shuffled) training records
         source, rows = raw["train"]
         n_val = max(1, round(len(rows) * val_fraction))
@@ -428,15 +504,23 @@ if __name__ == "__main__":  # the helpers above are imported by align.py and sam
     raw = {k: raw[k] for k in ("train", "val", "test") if k in raw}
     if task == "classify" and len(names) < 2:
         raise ValueError(f"{raw['train'][0]}: found only the classes {names}; classification needs at least 2")
+    if task == "instruct" and prompt_template != "none":  # a template around a finished prompt: wrapped twice
+        marked = [(w, template_marker(p)) for s, rows in raw.values() for w, p, *_ in rows if template_marker(p)]
+        if marked:
+            print0(f"WARNING: {len(marked):,} prompts look formatted already ({marked[0][0]} contains "
+                   f"{marked[0][1]!r}), and prompt_template={prompt_template!r} wraps each in its template again. "
+                   f"If the records hold finished prompts: --prompt_template=none")
 
     # ------------------------------------------------------------------------------------------
     # model, tokenizer, tokens
     if init_from == "scratch":
-        tok, ckpt = get_tokenizer("gpt2"), None
+        tok = get_tokenizer("gpt2")
         gpt = GPT(GPTConfig(block_size=block_size, vocab_size=50304, n_layer=n_layer, n_head=n_head,
                             n_embd=n_embd, dropout=dropout, bias=bias))  # 50257 ids padded to a multiple of 64
+    elif ckpt is not None:  # resume: the checkpoint that resume_run read
+        gpt, tok = model_from_checkpoint(ckpt, dropout), tokenizer_for(ckpt)
     else:
-        gpt, ckpt, tok = load_model(init_from, out_dir, "cpu", dropout=dropout, ckpt_name=ckpt_name)
+        gpt, _, tok = load_model(init_from, out_dir, "cpu", dropout=dropout, ckpt_name=ckpt_name, for_training=True)
     if block_size < gpt.config.block_size:
         gpt.crop_block_size(block_size)
     T = gpt.config.block_size
@@ -445,34 +529,31 @@ if __name__ == "__main__":  # the helpers above are imported by align.py and sam
     pad_id = tok.eot_token if tok.eot_token is not None else 0  # any id: padding is never a label
 
     data = {}  # split -> (examples, lengths)
-    for name, (source, rows) in raw.items():
-        examples, n = encode_records(tok, rows, T, truncate, source)
-        lengths = [len(e[0]) for e in examples]
-        data[name] = (examples, lengths)
-        print0(f"{name}: {len(examples):,} records from {source}, {sum(lengths):,} tokens (mean "
+    for split, (source, rows) in raw.items():
+        examples, n = encode_records(tok, rows, T, truncate, source, prompt_template)
+        data[split] = (examples, [len(e[0]) for e in examples])
+        lengths = data[split][1]
+        print0(f"{split}: {len(examples):,} records from {source}, {sum(lengths):,} tokens (mean "
                f"{np.mean(lengths):.0f}, max {max(lengths)}), {n['truncated']:,} of them truncated to {T} tokens")
-        if n["dropped"] or n["empty"]:
-            print0(f"WARNING: {name}: skipped {n['empty']:,} records with an empty text and {n['dropped']:,} too long "
-                   f"for {T} tokens (truncate={truncate!r}; --truncate=left keeps what fits)")
+        if n["dropped"]:
+            print0(f"WARNING: {split}: skipped {n['dropped']:,} records too long for {T} tokens (truncate={truncate!r};"
+                   f" --truncate=left keeps what fits)")
     train_examples, train_lengths = data["train"]
-    plan = {}  # epoch -> its batches (the current epoch only)
-
-    def train_batches(epoch):
-        if epoch not in plan:
-            plan.clear()
-            plan[epoch] = plan_batches(train_lengths, batch_size, seed, epoch, batching)
-        return plan[epoch]
-
-    nb = len(train_batches(0))
+    n_labels = np.array([1 if isinstance(y, int) else len(y) - y.count(-1) for _, y in train_examples])
+    plan = functools.lru_cache(maxsize=2)(lambda epoch: plan_batches(train_lengths, batch_size, seed, epoch, batching))
+    nb = len(plan(0))
+    batch_of = lambda g: plan(g // nb)[g % nb]  # micro-batch g of the run (all ranks, in order)
     print0(f"batches: {nb:,} per epoch of up to {batch_size} records, {batching}; padding is "
-           f"{padded_fraction(train_lengths, train_batches(0)):.1%} of the tokens (in random order: "
+           f"{padded_fraction(train_lengths, plan(0)):.1%} of the tokens (in random order: "
            f"{padded_fraction(train_lengths, plan_batches(train_lengths, batch_size, seed, 0, 'random')):.1%})")
     # a fixed random sample of each split for the evals during training
     eval_sets = {k: (ex, plan_batches(ln, batch_size, seed + 1, 0)[:eval_iters]) for k, (ex, ln) in data.items()}
     steps_per_epoch = nb / (gradient_accumulation_steps * world)
-    max_iters = max_iters or max(1, math.ceil(epochs * steps_per_epoch))
+    max_iters = max_iters or max(1, math.ceil(epochs * steps_per_epoch))  # not saved: a resumed run derives it again
     print0(f"{max_iters:,} iterations = {max_iters / steps_per_epoch:.2f} epochs; {batch_size} x "
            f"{gradient_accumulation_steps} x {world} records per iteration (batch x accumulation x GPUs)")
+    decay_iters = max(max_iters, warmup_iters + 1)  # the cosine ends with the run (a warmup as long: no decay)
+    check_schedule(learning_rate, warmup_iters, decay_iters, max_iters, min_lr, decay_lr)
 
     # ------------------------------------------------------------------------------------------
     # what trains, the optimizer, resume
@@ -488,21 +569,21 @@ if __name__ == "__main__":  # the helpers above are imported by align.py and sam
     n_all, n_train = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in params)
     frozen = f" (the last {n_trainable_layers} blocks, ln_f{', head' * (task == 'classify')})"
     print0(f"parameters: {n_all / 1e6:.2f}M, trainable {n_train / 1e6:.2f}M" + frozen * (n_trainable_layers >= 0))
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")  # fp16 only: loss scaling
     iter_num, best_val_loss = 0, float("inf")
-    if init_from == "resume":
-        if ckpt.get("task") != task or ckpt.get("labels") != (names if task == "classify" else None):
-            raise ValueError(f"{os.path.join(out_dir, ckpt_name)!r} was written for task={ckpt.get('task')!r}, labels "
-                             f"{ckpt.get('labels')}, not task={task!r}, labels {names}; resume with the config that "
-                             f"wrote it, or start a new run from it: --init_from={out_dir!r} --out_dir=NEW")
-        if ckpt["config"]["n_trainable_layers"] != n_trainable_layers:
-            raise ValueError(f"n_trainable_layers={n_trainable_layers} differs from the resumed run's "
-                             f"{ckpt['config']['n_trainable_layers']}; resume with the same value")
+    if ckpt is not None:
+        if ckpt.get("labels") != (names if task == "classify" else None):
+            raise ValueError(f"{ckpt['path']!r} was trained on the classes {ckpt.get('labels')}, but the data now "
+                             f"holds {names}; resume with the data it was trained on, or start a new run from it: "
+                             f"--init_from={out_dir!r} --out_dir=NEW_DIR")
         if model.head is not None:
             model.head.load_state_dict(ckpt["head"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        set_rng_state(ckpt["rng"])
-        print0(f"resuming at iteration {iter_num} (best val loss {best_val_loss:.4f})")
+        state = ckpt["resume"]
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        iter_num, best_val_loss = state["iter_num"], state["best"]["value"]
+        restore_rng(state["rng"], rt)  # last: building the model above drew random numbers
     ckpt = None  # free the loaded weights
     train_model = model
     if compile:
@@ -511,125 +592,156 @@ if __name__ == "__main__":  # the helpers above are imported by align.py and sam
     if rt.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_model = DDP(train_model, device_ids=[rt.ddp_local_rank] if rt.device_type == "cuda" else None)
-    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")  # fp16 only: loss scaling
-    wandb_run = init_wandb(wandb_project, wandb_run_name, config, wandb_mode, out_dir) if wandb_log and master else None
     shown = raw["val"][1][:num_samples] if task == "instruct" else []  # held-out instructions to answer
 
-    def get_lr(it):
-        if it < warmup_iters:  # linear warmup
-            return learning_rate * (it + 1) / (warmup_iters + 1)
-        if not decay_lr:
-            return learning_rate
-        ratio = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
-        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)  # cosine decay
+    # ------------------------------------------------------------------------------------------
+    # what the loop calls: checkpoints, evaluation, logs
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        if iter_num:
+            truncate_log(log_path, iter_num)  # what was logged after the checkpoint is logged again
+        elif os.path.exists(log_path):
+            os.replace(log_path, os.path.join(out_dir, "log.prev.jsonl"))
+            print0(f"WARNING: {out_dir!r} holds an earlier run; this one overwrites its checkpoint at the first save "
+                   f"(its log is now log.prev.jsonl). To continue that run instead: --init_from=resume")
+    wandb_run = init_wandb(wandb_project, wandb_run_name, config, wandb_mode, out_dir) if wandb_log and master else None
+
+    def record(rec: dict):
+        append_jsonl(log_path, rec)
+        if wandb_run is not None:
+            wandb_run.log({k: v for k, v in rec.items() if k not in ("type", "iter")}, step=rec["iter"])
+
+    def save(name: str):
+        """out_dir/name with everything an exact resume needs (a collective under DDP: the RNG of every rank)."""
+        rngs = gather_objects(rng_state(), rt)
+        if master:
+            extra = dict(head=model.head.state_dict(), labels=names) if model.head is not None else {}
+            resume = resume_state(iter_num, "val_loss", best_val_loss, optimizer.state_dict(), scaler.state_dict(),
+                                  rngs)
+            save_checkpoint(make_checkpoint("classify" if task == "classify" else "sft", gpt.state_dict(),
+                                            asdict(gpt.config), config, tok.meta(), resume, **extra),
+                            os.path.join(out_dir, name))
+            print0(f"saved {os.path.join(out_dir, name)} (iteration {iter_num:,})")
+
+    def stop_non_finite(what: str, value: float):
+        """Exit at once: saving weights that produce nan/inf would only destroy the last good checkpoint."""
+        sys.exit(f"ERROR: the {what} became {value} at iteration {iter_num:,}: the weights are broken, so nothing was "
+                 f"saved. Lower --learning_rate or check the data, then continue from the last good checkpoint in "
+                 f"{out_dir!r}: {resume_command(sys.argv, rt, out_dir)}")
+
+    def run_eval():
+        rec = {"type": "eval", "iter": iter_num}
+        for split, (examples, batches) in eval_sets.items():
+            rec[f"{split}_loss"], rec[f"{split}_acc"], _ = evaluate(model, examples, batches, pad_id, rt)
+        if not math.isfinite(rec["val_loss"]):
+            stop_non_finite("val loss", rec["val_loss"])
+        print0(f"eval {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in rec.items() if k not in ("type", "iter")))
+        if master:
+            record(rec)
+            recs = read_jsonl(log_path)
+            for kind in ("loss", "acc"):
+                curves = {k: ([r["iter"] for r in recs if k in r], [r[k] for r in recs if k in r])
+                          for k in [kind] + [f"{s}_{kind}" for s in eval_sets]}
+                plot_curves(os.path.join(out_dir, f"{kind}.png"), curves, f"finetune.py task={task}, {dataset}",
+                            ylabel=kind)
+        return rec["val_loss"]
 
     # ------------------------------------------------------------------------------------------
     # training loop
-    log_path, history = os.path.join(out_dir, "log.jsonl"), {}
-    os.makedirs(out_dir, exist_ok=True)
-    start_iter, t_start, t0 = iter_num, time.time(), time.time()
-    real_tokens = all_tokens = count = window = 0  # since the last log line
-    loss_sum = correct = 0.0
-    while True:
-        last_iter = iter_num >= max_iters
-        t_pause = time.time()  # evals and samples are not training time
-        if master and (iter_num % eval_interval == 0 or last_iter) and (iter_num > start_iter or start_iter == 0):
-            rec = {"iter": iter_num}
-            for name, (examples, batches) in eval_sets.items():
-                rec[f"{name}_loss"], rec[f"{name}_acc"] = evaluate(model, examples, batches, pad_id, rt)
-            print0(f"eval {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in rec.items() if k != "iter"))
-            if not math.isfinite(rec["val_loss"]):  # never overwrite a good checkpoint with broken weights
-                raise RuntimeError(f"val loss is {rec['val_loss']} at iteration {iter_num}; the last good checkpoint "
-                                   f"is in {out_dir!r}: resume from it with a lower --learning_rate")
-            for k, v in rec.items():
-                history.setdefault(k, ([], []))[0].append(iter_num)
-                history[k][1].append(v)
-            for kind in ("loss", "acc"):
-                curves = {k: v for k, v in history.items() if k.endswith(kind)}
-                plot_curves(os.path.join(out_dir, f"{kind}.png"), curves, f"finetune.py task={task}, {dataset}",
-                            ylabel=kind)
-            append_jsonl(log_path, rec)
-            if wandb_run is not None:
-                wandb_run.log(rec, step=iter_num)
-            if iter_num > start_iter and (rec["val_loss"] < best_val_loss or always_save_checkpoint):
-                best_val_loss = min(best_val_loss, rec["val_loss"])
-                # train.py's keys (sample.py reads them), plus what this task adds
-                ckpt = {"model": gpt.state_dict(), "model_args": asdict(gpt.config), "config": config,
-                        "optimizer": optimizer.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
-                        "tokenizer": tok.meta(), "task": task, "rng": rng_state()}
-                if model.head is not None:
-                    ckpt.update(head=model.head.state_dict(), labels=names)
-                save_checkpoint(ckpt, os.path.join(out_dir, ckpt_name))
-                print0(f"saved checkpoint to {os.path.join(out_dir, ckpt_name)}")
-        if master and shown and sample_interval and (iter_num % sample_interval == 0 or last_iter):
-            gpt.eval()
-            for i, instruction, inp, reference in shown:
-                with rt.autocast():
-                    reply = answer(gpt, tok, instruction, inp, max_new_tokens)
-                print0(f"sample {iter_num}: {instruction!r}" + (f" + {inp!r}" if inp else "") +
-                       f"\n  -> {reply!r}\n  reference: {reference!r}")
-                append_jsonl(log_path, {"iter": iter_num, "instruction": instruction, "input": inp, "response": reply})
-            gpt.train()
-        t0 += time.time() - t_pause
-        if last_iter:
-            break
-
-        # one optimizer step: gradient_accumulation_steps micro-batches on each rank
-        lr = get_lr(iter_num)
+    stop = catch_signals()
+    G, start_iter, t_start = gradient_accumulation_steps, iter_num, time.time()
+    if iter_num == 0:
+        run_eval()  # the starting model's loss, a baseline
+    sums = torch.zeros(5, dtype=torch.float64, device=rt.device)  # since the last log line: (summed loss, correct,
+    t_log, window, saved_at = time.time(), 0, iter_num  # labels, real tokens, all tokens)
+    while iter_num < max_iters:
+        lr = lr_at(iter_num, learning_rate, warmup_iters, decay_iters, min_lr, decay_lr)
         for group in optimizer.param_groups:
-            group["lr"] = lr
-        for micro in range(gradient_accumulation_steps):
-            g = (iter_num * gradient_accumulation_steps + micro) * world + rt.ddp_rank  # global micro-batch number
-            idx = train_batches(g // nb)[g % nb]
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        # one optimizer step: G micro-batches on each of the world ranks; micro-batch m of rank r is batch
+        # (iter_num * G + m) * world + r of the run. The loss is the mean over every label of the whole step, so
+        # each micro-batch's summed loss is divided by the step's label count, known from the plan without any
+        # communication; the factor world undoes DDP's averaging of the gradients over the ranks.
+        step = [batch_of((iter_num * G + m) * world + r) for m in range(G) for r in range(world)]
+        total = float(sum(n_labels[idx].sum() for idx in step))
+        for micro in range(G):
+            idx = step[micro * world + rt.ddp_rank]
             x, y = (t.to(rt.device) for t in make_batch(train_examples, idx, pad_id))
-            if rt.ddp:  # sync gradients on the last micro-step only
-                train_model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
-            with rt.autocast():
-                logits, loss = train_model(x, y)
-            scaler.scale(loss / gradient_accumulation_steps).backward()
-            n = len(logits)
-            loss_sum, count = loss_sum + loss.detach() * n, count + n
-            correct += (logits.detach().argmax(-1) == y[y != -1]).sum()
-            real_tokens, all_tokens = real_tokens + sum(train_lengths[i] for i in idx), all_tokens + x.numel()
-        norm = 0.0
-        if grad_clip > 0:
-            scaler.unscale_(optimizer)
-            norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+            # DDP averages gradients over the ranks at the last micro-step only; before it they just accumulate
+            with train_model.no_sync() if rt.ddp and micro < G - 1 else nullcontext():
+                with rt.autocast():
+                    logits, loss = train_model(x, y, reduction="sum")
+                scaler.scale(loss * (world / total)).backward()
+            correct = (logits.detach().argmax(-1) == y[y != -1]).sum()
+            sums += torch.stack([loss.detach().double(), correct.double(), sums.new_tensor(len(logits)),
+                                 sums.new_tensor(float(sum(train_lengths[i] for i in idx))), sums.new_tensor(x.numel())])
+        scaler.unscale_(optimizer)  # clip and log the true gradient norm (a no-op unless fp16)
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         iter_num, window = iter_num + 1, window + 1
-
-        if iter_num % log_interval == 0 and master:
-            dt = time.time() - t0
-            lossf, acc = float(loss_sum) / count, float(correct) / count
-            if not math.isfinite(lossf):
-                raise RuntimeError(f"loss is {lossf} at iteration {iter_num}; the last good checkpoint is in "
-                                   f"{out_dir!r}: resume from it with a lower --learning_rate")
-            tok_s = real_tokens * world / dt
-            print0(f"iter {iter_num}: loss {lossf:.4f}, acc {acc:.3f}, lr {lr:.2e}, norm {norm:.2f}, "
-                   f"{dt * 1000 / window:.1f}ms/iter, {tok_s:,.0f} tok/s, "
-                   f"padding {1 - real_tokens / all_tokens:.1%}")
-            rec = {"loss": lossf, "acc": acc, "lr": lr, "norm": norm, "tok_per_s": tok_s}
-            append_jsonl(log_path, {"iter": iter_num, **rec})
-            if wandb_run is not None:
-                wandb_run.log(rec, step=iter_num)
-            t0, real_tokens, all_tokens, count, window, loss_sum, correct = time.time(), 0, 0, 0, 0, 0.0, 0.0
+        stopping = stop.agreed(rt)
+        eval_due = iter_num % eval_interval == 0 or iter_num == max_iters
+        if iter_num % log_interval == 0 or eval_due or stopping:  # and before any save: is the loss finite?
+            if rt.ddp:
+                torch.distributed.all_reduce(sums)
+            loss_sum, correct, count, real, padded = sums.tolist()
+            if not math.isfinite(loss_sum):
+                stop_non_finite("training loss", loss_sum / count)
+            dt = time.time() - t_log
+            rec = {"type": "train", "iter": iter_num, "loss": loss_sum / count, "acc": correct / count, "lr": lr,
+                   "norm": norm.item(), "tok_per_s": real / dt}
+            print0(f"iter {iter_num}: loss {rec['loss']:.4f}, acc {rec['acc']:.3f}, lr {lr:.2e}, norm {rec['norm']:.2f}, "
+                   f"{dt * 1000 / window:.1f}ms/iter, {rec['tok_per_s']:,.0f} tok/s, padding {1 - real / padded:.1%}")
+            if master:
+                record(rec)
+            sums.zero_()
+            t_log, window = time.time(), 0
+        if eval_due:
+            val_loss = run_eval()
+            improved, best_val_loss = val_loss < best_val_loss, min(best_val_loss, val_loss)
+            if improved or always_save_checkpoint:
+                save(ckpt_name)
+                saved_at = iter_num
+        if master and shown and sample_interval and (iter_num % sample_interval == 0 or iter_num == max_iters):
+            gpt.eval()
+            for where, instruction, inp, reference in shown:
+                with rt.autocast():
+                    reply = answer(gpt, tok, instruction, inp, max_new_tokens, prompt_template)
+                print0(f"sample {iter_num}: {instruction!r}" + (f" + {inp!r}" if inp else "") +
+                       f"\n  -> {reply!r}\n  reference: {reference!r}")
+                record({"type": "sample", "iter": iter_num, "instruction": instruction, "input": inp, "response": reply})
+            gpt.train()
+        if stopping:
+            if saved_at != iter_num:  # a run that keeps its best checkpoint keeps it: the stop goes to ckpt_last.pt
+                save(ckpt_name if always_save_checkpoint else last_name(ckpt_name))
+            stop_exit(stopping, rt, sys.argv, out_dir)
+        if eval_due:
+            t_log = time.time()  # log lines time the training steps, not evaluations, samples and saves
 
     # ------------------------------------------------------------------------------------------
-    # summary
-    if master and task == "classify" and final_eval:  # every record of val and test, not a sample
-        for name in ("val", "test"):
-            if name in data:
-                examples, lengths = data[name]
-                loss, acc = evaluate(model, examples, plan_batches(lengths, batch_size, seed, 0), pad_id, rt,
-                                     desc=f"final {name}")
-                print0(f"final {name}: accuracy {acc:.4f} on {len(examples):,} records, loss {loss:.4f}")
-                append_jsonl(log_path, {"iter": iter_num, f"final_{name}_acc": acc, f"final_{name}_loss": loss})
+    # summary: classification scored on every record of val and test, not a sample
+    confusions = {}
+    for split in ("val", "test") if task == "classify" and final_eval else ():
+        if split in data:
+            examples, lengths = data[split]
+            loss, acc, confusions[split] = evaluate(model, examples, plan_batches(lengths, batch_size, seed, 0),
+                                                    pad_id, rt, len(names), desc=f"final {split}")
+            print0(f"final {split}: accuracy {acc:.4f} on {len(examples):,} records, loss {loss:.4f}\n"
+                   + class_report(confusions[split], names))
+            if master:
+                m = class_metrics(confusions[split])
+                record({"type": "final", "iter": iter_num, f"final_{split}_acc": acc, f"final_{split}_loss": loss,
+                        f"final_{split}_f1": m["f1"], f"final_{split}_confusion": confusions[split].tolist()})
+    if master and confusions:
+        plot_confusion(os.path.join(out_dir, "confusion.png"), confusions, names, os.path.basename(dataset))
+        print0(f"confusion matrices in {os.path.join(out_dir, 'confusion.png')}")
     if master:
         mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if rt.device_type == "cuda" else ""
-        print0(f"done: {iter_num} iterations in {time.time() - t_start:.1f}s, best val loss {best_val_loss:.4f}{mem}; "
-               f"metrics in {log_path}")
+        print0(f"done: {iter_num - start_iter:,} iterations in {time.time() - t_start:.1f}s, best val loss "
+               f"{best_val_loss:.4f}{mem}; metrics in {log_path}")
     if wandb_run is not None:
         wandb_run.finish()
     if rt.ddp:
