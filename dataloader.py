@@ -493,7 +493,7 @@ def local_paths(source: str) -> Optional[list]:
             files = [p]
         else:
             raise FileNotFoundError(f"data file {p!r} does not exist" + (f" (in {source!r})" if len(parts) > 1 else "")
-                                    + "; pass an existing file, folder or glob, e.g. --dataset=train.jsonl")
+                                    + "; pass an existing file, folder or glob")
         if not files:
             raise FileNotFoundError(f"{p!r} matches no data files (formats: {', '.join(sorted(RECORD_FORMATS))}, "
                                     f"optionally .gz/.bz2/.xz, or no extension)")
