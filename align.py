@@ -390,7 +390,8 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     iters = max_iters or steps_per_epoch
     print0(f"{total_batch_pairs} pairs per step = {batch_size} per micro-step x {accum} grad accum x {world} "
            f"processes; {iters:,} iterations ({iters / steps_per_epoch:.2f} epochs)")
-    check_schedule(learning_rate, warmup_iters, iters, iters, min_lr, decay=lr_schedule == "cosine")
+    if not eval_only:  # warn now about a schedule that cannot do what its numbers say
+        check_schedule(learning_rate, warmup_iters, iters, iters, min_lr, decay=lr_schedule == "cosine")
 
     # ------------------------------------------------------------------------------------------
     # the reference: stored log-probs (resume), precomputed once, or a frozen copy held alongside
@@ -513,7 +514,8 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     stop = catch_signals()  # SIGINT/SIGTERM: finish the step, save, print the resume command
     start_iter, saved_at, t_start = iter_num, iter_num, time.time()
     if iter_num == 0 or eval_only:
-        evaluate()  # the baseline: policy == reference, loss log 2 and reward accuracy 0.5 exactly
+        m = evaluate()  # the baseline: policy == reference, loss log 2 and reward accuracy 0.5 exactly
+        best_val_loss = min(best_val_loss, m["loss"])
     if iter_num >= iters and not eval_only:
         print0(f"nothing to do: the run is at iteration {iter_num:,} and max_iters is {iters:,}")
     t0, tokens_seen, last_log = time.time(), 0, iter_num  # throughput since the last log line, evals excluded

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import re
 import runpy
 import signal
 import subprocess
@@ -66,7 +67,7 @@ def tiny_model(seed=0):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """Synthetic pairs in both layouts and a starting checkpoint (a randomly initialised tiny model)."""
+    """Synthetic pairs in both layouts, a starting checkpoint (a randomly initialised tiny model), a config file."""
     d = tmp_path_factory.mktemp("align")
     model, tok = tiny_model()
     save_checkpoint({"model": model.state_dict(), "model_args": dataclasses.asdict(model.config), "iter_num": 0,
@@ -77,14 +78,18 @@ def workdir(tmp_path_factory):
     same = "\n\nHuman: ab\n\nAssistant: ab."
     write_jsonl(d / "hh" / "train.jsonl.gz", synthetic(200, 2, "hh") + [{"chosen": same, "rejected": same}] * 3)
     write_jsonl(d / "hh" / "test.jsonl.gz", synthetic(32, 3, "hh"))
+    (d / "align_synthetic.py").write_text(CONFIG.format(cache=str(d / "cache")))  # for the end-to-end runs
     return d
+
+
+def env(hf_home):
+    return {**ENV, "HF_HOME": str(hf_home), "HF_DATASETS_OFFLINE": "1"}  # no home-directory cache, no network
 
 
 def run(args, hf_home):
     """Run align.py as a user would; return its output (stdout + stderr), failing with it on a non-zero exit."""
-    env = {**ENV, "HF_HOME": str(hf_home), "HF_DATASETS_OFFLINE": "1"}  # no home-directory cache, no network
-    p = subprocess.run([sys.executable, "align.py", *args, "--device=cpu", "--compile=False"], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, "align.py", *args, "--device=cpu", "--compile=False"], cwd=REPO,
+                       env=env(hf_home), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p.stdout + p.stderr
 
@@ -320,9 +325,8 @@ cache_dir = {cache!r}  # datasets' cache, inside the test's folder
 @pytest.fixture(scope="module")
 def trained(workdir):
     """A run from a config file, in a subprocess as a user starts it."""
-    out, config = str(workdir / "out"), workdir / "align_synthetic.py"
-    config.write_text(CONFIG.format(cache=str(workdir / "cache")))
-    log = run([str(config), f"--init_from={workdir / 'start'}", f"--dataset={workdir / 'train.jsonl'}",
+    out = str(workdir / "out")
+    log = run([str(workdir / "align_synthetic.py"), f"--init_from={workdir / 'start'}", f"--dataset={workdir / 'train.jsonl'}",
                f"--val_split={workdir / 'val.jsonl'}", f"--out_dir={out}", "--max_iters=40"], workdir / "hf")
     return out, log
 
@@ -369,6 +373,128 @@ def test_resume_continues_exactly(trained, workdir, main):
     resumed = {r["iter"]: r["loss"] for r in records(out, "train")}
     assert resumed == full
     assert records(out, "val")[-1] == records(trained[0], "val")[-1]
+
+
+def test_sigint_saves_and_resume_with_no_flags_equals_the_uninterrupted_run(trained, workdir, tmp_path, main):
+    """Ctrl-C finishes the step, saves and prints the resume command; that command alone (no config file, no data
+    flags: the saved config is the base) continues to the same training losses, bit for bit, and the same final
+    held-out metrics as the uninterrupted 40 steps (CPU, float32, one thread; dropout 0.1 checks that the RNG
+    continues). A log line torn by the interruption does not block the resume."""
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "align.py", str(workdir / "align_synthetic.py"), f"--out_dir={out}",
+                          f"--init_from={workdir / 'start'}", f"--dataset={workdir / 'train.jsonl'}",
+                          f"--val_split={workdir / 'val.jsonl'}", "--max_iters=40", "--log_interval=1",
+                          "--device=cpu", "--compile=False"], cwd=REPO, env=env(workdir / "hf"),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in p.stdout:  # training runs (and the handler is installed) once the first step is logged
+        lines.append(line)
+        if line.startswith("iter 7:"):
+            p.send_signal(signal.SIGINT)
+            break
+    rest, _ = p.communicate(timeout=120)
+    output = "".join(lines) + rest
+    assert p.returncode == 128 + signal.SIGINT, output
+    ckpt = load_checkpoint(str(out))
+    stopped = ckpt["resume"]["iter_num"]
+    assert 7 <= stopped < 20 and ckpt["kind"] == "dpo" and len(ckpt["resume"]["rng"]) == 1, output
+    assert "SIGINT: finishing this step" in output and f"saved {out / 'ckpt.pt'} (iteration {stopped:,}, SIGINT)" \
+        in output
+    command = output.split("Resume with:\n")[1].split("\n")[0].strip()
+    assert command == f"python align.py --init_from=resume --out_dir={out}", output
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"iter": 99, "split": "tr')  # torn by a kill mid-append
+    log = main(command.split()[2:])  # in this process: the same run, without a second start-up
+    assert f"resuming {out / 'ckpt.pt'} (dpo, iteration {stopped:,}) with its saved config" in log
+    assert "skipped a torn log line" in log and "reference model: frozen copy in memory" in log
+    full = {r["iter"]: r["loss"] for r in records(trained[0], "train")}
+    resumed = {r["iter"]: r["loss"] for r in records(out, "train")}
+    assert sorted(resumed) == list(range(1, 41)) and {i: resumed[i] for i in full} == full
+    assert records(out, "val")[-1] == records(trained[0], "val")[-1]
+    assert [r["iter"] for r in records(out, "val")] == [0, 20, 40]  # the resumed leg did not evaluate again
+
+
+INTERRUPTED_SAVE = """
+import os, runpy, signal, sys
+import torch
+save, interrupts = torch.save, int(sys.argv[1])
+
+
+def interrupted_save(*args, **kwargs):  # Ctrl-C pressed while a checkpoint is being written
+    global interrupts
+    if interrupts:
+        interrupts -= 1
+        os.kill(os.getpid(), signal.SIGINT)
+    return save(*args, **kwargs)
+
+
+torch.save = interrupted_save
+sys.argv = ["align.py", *sys.argv[2:]]
+runpy.run_path("align.py", run_name="__main__")
+"""
+
+
+def interrupted_run(workdir, out, interrupts):
+    """A best-only run (always_save_checkpoint=False) whose first `interrupts` checkpoint writes get a Ctrl-C: the
+    first at iteration 5, when the held-out loss improves on log 2."""
+    return subprocess.run([sys.executable, "-c", INTERRUPTED_SAVE, str(interrupts), str(workdir / "align_synthetic.py"),
+                           f"--out_dir={out}", f"--init_from={workdir / 'start'}",
+                           f"--dataset={workdir / 'train.jsonl'}", f"--val_split={workdir / 'val.jsonl'}",
+                           "--max_iters=40", "--eval_interval=5", "--always_save_checkpoint=False", "--device=cpu"],
+                          cwd=REPO, env=env(workdir / "hf"), capture_output=True, text=True, timeout=300)
+
+
+def test_ctrl_c_in_a_best_only_run_saves_beside_the_best_checkpoint(workdir, tmp_path, main):
+    """Ctrl-C while the best checkpoint (iteration 5) is written: the file is completed, the run finishes step 6 and
+    saves that state in ckpt_last.pt, never over the best model in ckpt.pt; the resume continues from the newer
+    ckpt_last.pt. No temporary file is left."""
+    out = tmp_path / "out"
+    p = interrupted_run(workdir, out, 1)
+    output = p.stdout + p.stderr
+    assert p.returncode == 128 + signal.SIGINT, output
+    assert "SIGINT: finishing this step, then saving a checkpoint (Ctrl-C again to abort without saving)" in output
+    assert sorted(os.listdir(out)) == ["align.png", "ckpt.pt", "ckpt_last.pt", "log.jsonl"], output
+    best, last = load_checkpoint(str(out / "ckpt.pt")), load_checkpoint(str(out / "ckpt_last.pt"))
+    val5 = [r for r in records(out, "val") if r["iter"] == 5][0]["loss"]
+    assert best["resume"]["iter_num"] == 5 and best["resume"]["best"] == {"name": "dpo_val_loss", "value": val5}
+    assert last["resume"]["iter_num"] == 6 and last["resume"]["best"]["value"] == val5
+    assert f"saved {out / 'ckpt_last.pt'} (iteration 6, SIGINT)" in output
+    log = main(["--init_from=resume", f"--out_dir={out}", "--max_iters=8"])
+    assert f"resuming {out / 'ckpt_last.pt'} (dpo, iteration 6)" in log and "changed max_iters: 40 -> 8" in log
+    assert [r["iter"] for r in records(out, "train")][-1] == 8
+
+
+@pytest.mark.xfail(strict=True, reason="common.save_checkpoint blocks SIGINT with pthread_sigmask, which only the "
+                                       "main thread honours; `import torch` starts a second thread that takes it")
+def test_second_ctrl_c_during_the_stop_save_aborts_after_the_file_is_complete(workdir, tmp_path):
+    """Ctrl-C again while the stop checkpoint is written: the run aborts (KeyboardInterrupt), but only once
+    ckpt_last.pt is complete; no temporary file is left either way."""
+    out = tmp_path / "out"
+    p = interrupted_run(workdir, out, 2)
+    output = p.stdout + p.stderr
+    assert p.returncode != 0 and "KeyboardInterrupt" in output, output
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")], os.listdir(out)
+    assert load_checkpoint(str(out / "ckpt_last.pt"))["resume"]["iter_num"] == 6, output
+
+
+def test_schedule_warning_and_non_finite_loss_stops_without_saving(workdir, main, tmp_path):
+    """align's defaults (learning_rate 1e-6, 150 warmup steps) on 400 pairs (25 steps of 16) never lift the learning
+    rate above 1.7e-7: a warning says so before training. A learning rate of 1e20 breaks the weights at the first
+    step; the run stops at once, saving nothing."""
+    common = ["--device=cpu", f"--init_from={workdir / 'start'}", f"--dataset={workdir / 'train.jsonl'}",
+              f"--val_split={workdir / 'val.jsonl'}", "--block_size=32", "--batch_size=16", "--total_batch_pairs=16",
+              "--val_pairs=16"]
+    log = main([*common, f"--out_dir={tmp_path / 'slow'}", "--eval_interval=100"])
+    assert "25 iterations (1.00 epochs)" in log
+    assert "WARNING: warmup_iters=150 is not shorter than the run (max_iters=25): the learning rate never reaches " \
+           "learning_rate=1e-06, only 1.66e-07" in log
+    with pytest.raises(SystemExit) as stop:
+        main([*common, f"--out_dir={tmp_path / 'nan'}", "--learning_rate=1e20", "--warmup_iters=0", "--grad_clip=0.0",
+              "--max_iters=10", "--eval_interval=5"])
+    message = str(stop.value.code)
+    assert re.match(r"ERROR: the training loss became nan at iteration [12]: the weights are broken, so nothing was "
+                    r"saved", message), message
+    assert "--init_from=resume" in message and not (tmp_path / "nan" / "ckpt.pt").exists()
 
 
 def test_hh_rlhf_jsonl_gz_files_with_precomputed_reference(workdir, main):
