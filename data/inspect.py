@@ -21,7 +21,7 @@ import json
 
 import numpy as np
 
-from common import read_tokens
+from common import progress, read_tokens
 from configurator import configure
 from dataloader import token_files
 from tokenizer import CharTokenizer, get_tokenizer
@@ -46,9 +46,8 @@ def load_tokenizer_for(folder: str):
 
 def token_counts(files: list) -> np.ndarray:
     """How often each id occurs in the files, read in chunks so that shards of any size fit in memory."""
-    from tqdm import tqdm
     counts = np.zeros(1 << 16, dtype=np.int64)
-    for f in tqdm(files, desc="counting", unit="file", disable=len(files) < 4):
+    for f in progress(files, desc="counting", unit="file", disable=len(files) < 4):
         data = read_tokens(f)
         for i in range(0, len(data), 1 << 24):
             counts += np.bincount(data[i:i + (1 << 24)], minlength=1 << 16)
