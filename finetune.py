@@ -154,7 +154,8 @@ def read_split(dataset: str, split: str, fields: dict, names: Optional[list] = N
                 problem = (f"no field {field!r} (the record's fields are {present}); fix the record, or name the "
                            f"field that holds it: --{key}={present[0] if present else 'NAME'}")
             elif v is not None and (not isinstance(v, kinds) or isinstance(v, bool)):
-                problem = f"field {field!r} is {v!r} ({type(v).__name__}), expected {' or '.join(k.__name__ for k in kinds)}"
+                expected = " or ".join(k.__name__ for k in kinds)
+                problem = f"field {field!r} is {v!r} ({type(v).__name__}), expected {expected}"
             elif isinstance(v, str) and not v.strip() and key != "input_field":
                 problem = f"field {field!r} is empty ({v!r}); fill it in or delete the record"
             if problem:
@@ -488,7 +489,8 @@ if __name__ == "__main__":  # the helpers above are imported by align.py and sam
     raw, names = {}, None  # split -> (source, [(where, fields...)]); class names
     fields = dict(instruction_field=instruction_field, input_field=input_field, output_field=output_field) \
         if task == "instruct" else dict(text_field=text_field, label_field=label_field)
-    for split, which in (("train", train_split), ("val", val_split), ("test", test_split if task == "classify" else "")):
+    splits = (("train", train_split), ("val", val_split), ("test", test_split if task == "classify" else ""))
+    for split, which in splits:
         if which:
             source, rows, names = read_split(dataset, which, fields, names, label_names, name=name, header=header,
                                              encoding=encoding, skip_bad=skip_bad_records, cache_dir=cache_dir)
@@ -674,8 +676,8 @@ if __name__ == "__main__":  # the helpers above are imported by align.py and sam
                     logits, loss = train_model(x, y, reduction="sum")
                 scaler.scale(loss * (world / total)).backward()
             correct = (logits.detach().argmax(-1) == y[y != -1]).sum()
-            sums += torch.stack([loss.detach().double(), correct.double(), sums.new_tensor(len(logits)),
-                                 sums.new_tensor(float(sum(train_lengths[i] for i in idx))), sums.new_tensor(x.numel())])
+            real = sum(train_lengths[i] for i in idx)
+            sums += torch.stack([loss.detach(), correct.double(), *sums.new_tensor([len(logits), real, x.numel()])])
         scaler.unscale_(optimizer)  # clip and log the true gradient norm (a no-op unless fp16)
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
         scaler.step(optimizer)
@@ -693,8 +695,9 @@ if __name__ == "__main__":  # the helpers above are imported by align.py and sam
             dt = time.time() - t_log
             rec = {"type": "train", "iter": iter_num, "loss": loss_sum / count, "acc": correct / count, "lr": lr,
                    "norm": norm.item(), "tok_per_s": real / dt}
-            print0(f"iter {iter_num}: loss {rec['loss']:.4f}, acc {rec['acc']:.3f}, lr {lr:.2e}, norm {rec['norm']:.2f}, "
-                   f"{dt * 1000 / window:.1f}ms/iter, {rec['tok_per_s']:,.0f} tok/s, padding {1 - real / padded:.1%}")
+            print0(f"iter {iter_num}: loss {rec['loss']:.4f}, acc {rec['acc']:.3f}, lr {lr:.2e}, norm "
+                   f"{rec['norm']:.2f}, {dt * 1000 / window:.1f}ms/iter, {rec['tok_per_s']:,.0f} tok/s, padding "
+                   f"{1 - real / padded:.1%}")
             if master:
                 record(rec)
             sums.zero_()
@@ -712,7 +715,8 @@ if __name__ == "__main__":  # the helpers above are imported by align.py and sam
                     reply = answer(gpt, tok, instruction, inp, max_new_tokens, prompt_template)
                 print0(f"sample {iter_num}: {instruction!r}" + (f" + {inp!r}" if inp else "") +
                        f"\n  -> {reply!r}\n  reference: {reference!r}")
-                record({"type": "sample", "iter": iter_num, "instruction": instruction, "input": inp, "response": reply})
+                record({"type": "sample", "iter": iter_num, "instruction": instruction, "input": inp,
+                        "response": reply})
             gpt.train()
         if stopping:
             if saved_at != iter_num:  # a run that keeps its best checkpoint keeps it: the stop goes to ckpt_last.pt

@@ -8,6 +8,11 @@
 # setting of his main chapter, which reaches 95.67% on SMS spam (ch06). GPT-2 124M is slow on a CPU; a first look:
 #   python finetune.py config/finetune_imdb.py --device=cpu --max_records=500 --max_iters=50 --eval_iters=2 \
 #       --n_trainable_layers=1 --final_eval=False
+# The same head on GLUE SST-2 (67k sentences), from the Hub or from its own TSV files (sentence<TAB>label):
+#   python finetune.py config/finetune_imdb.py --dataset=nyu-mll/glue --name=sst2 --test_split='' \
+#       --val_split=validation --out_dir=out-sst2
+#   python finetune.py config/finetune_imdb.py --dataset=SST-2/train.tsv --val_split=SST-2/dev.tsv \
+#       --test_split='' --text_field=sentence --label_names="['negative','positive']" --out_dir=out-sst2
 
 task = 'classify'
 out_dir = 'out-imdb'
@@ -28,3 +33,4 @@ decay_lr = False  # the reference's constant rate
 weight_decay = 0.1
 eval_interval = 500
 eval_iters = 20  # 160 reviews per split per eval; the final full pass is exact
+final_eval = True  # per-class precision/recall/F1 and out-imdb/confusion.png for val and test at the end

@@ -2,6 +2,7 @@
 #   python data/shakespeare/prepare.py
 #   python train.py config/finetune_shakespeare.py                 # downloads GPT-2's weights once (load_openai.py)
 #   python sample.py --init_from=resume --out_dir=out-shakespeare --start="ROMEO:"
+#   python train.py --init_from=resume --out_dir=out-shakespeare   # after a Ctrl-C: continues the saved run
 # Bigger GPUs: --init_from=gpt2-xl (1.5B) --batch_size=1 fits 40 GB with the same 32 accumulation steps.
 # CPU: --device=cpu --compile=False --block_size=256 --batch_size=4 --total_batch_size=4096 (minutes per iteration).
 
@@ -12,7 +13,7 @@ data_order = "random"
 eval_interval = 5
 eval_iters = 40
 log_interval = 1
-always_save_checkpoint = False  # 300k tokens are overfit quickly: keep the checkpoint with the best val loss
+always_save_checkpoint = False  # 300k tokens overfit quickly: ckpt.pt keeps the best val loss (a stop: ckpt_last.pt)
 wandb_project = "shakespeare"
 wandb_run_name = "finetune-gpt2"
 sample_interval = 10

@@ -139,7 +139,7 @@ def test_labels_mask_exactly_the_prompt_and_the_padding():
     full = gpt(xb)[0]  # (B, T, vocab) logits at every position
     assert torch.allclose(loss, F.cross_entropy(full[yb != -1], yb[yb != -1]), atol=1e-5)
     assert torch.allclose(loss, gpt(xb, yb)[1], atol=1e-5)
-    assert torch.allclose(Finetuned(gpt)(xb, yb, reduction="sum")[1], loss * len(logits), atol=1e-3)
+    assert torch.allclose(Finetuned(gpt)(xb, yb, reduction="sum")[1].float(), loss * len(logits), atol=1e-3)
 
 
 def test_prompt_templates_and_the_formatted_prompt_detector():
@@ -385,8 +385,9 @@ def test_accumulation_4_x_batch_2_equals_batch_8(tmp_path, monkeypatch, capsys):
     common_args = [f"--dataset={data}", "--init_from=scratch", *TINY, "--batching=random", "--max_iters=3",
                    "--val_fraction=0.2", "--eval_interval=3", "--eval_iters=1", "--log_interval=1",
                    "--sample_interval=0", "--learning_rate=1e-4", "--warmup_iters=0", "--dropout=0.0"]
+    csv_data = write_csv(tmp_path / "c.csv", sentiment_rows(30, 1))
     for task in ("instruct", "classify"):
-        extra = [] if task == "instruct" else ["--task=classify", f"--dataset={write_csv(tmp_path / 'c.csv', sentiment_rows(30, 1))}"]
+        extra = [] if task == "instruct" else ["--task=classify", f"--dataset={csv_data}"]
         run_here(common_args + extra + [f"--out_dir={tmp_path / task / 'big'}", "--batch_size=8"], monkeypatch)
         run_here(common_args + extra + [f"--out_dir={tmp_path / task / 'acc'}", "--batch_size=2",
                                         "--gradient_accumulation_steps=4"], monkeypatch)
@@ -423,11 +424,17 @@ def test_ddp_two_ranks_equal_one_process_with_the_whole_batch(tmp_path, monkeypa
 
 def test_templated_records_warn_and_prompt_template_none_uses_them_as_they_are(tmp_path, monkeypatch, capsys):
     path = tmp_path / "sft.jsonl"  # prompts formatted already: the common {"prompt", "response"} SFT layout
-    path.write_text("".join(json.dumps({"prompt": format_prompt(q), "response": a}) + "\n" for q, a in FACTS * 2))
+    path.write_text("".join(json.dumps({"prompt": format_prompt(q), "response": a}) + "\n" for q, a in FACTS * 2)
+                    + '{"prompt": "a record without its response"}\n')
     args = [f"--dataset={path}", f"--val_split={path}", "--init_from=scratch", *TINY, "--block_size=256",
             "--max_iters=1", "--eval_iters=1", "--sample_interval=0", f"--out_dir={tmp_path / 'out'}"]
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:17: no field 'response' \(the record's fields are "
+                                         r"\['prompt'\]\)"):  # before any training
+        run_here(args, monkeypatch)
+    args.append("--skip_bad_records=True")
     run_here(args, monkeypatch)
     out = capsys.readouterr().out
+    assert f"WARNING: skipped 1 bad record of {str(path)!r} (the first: {path}:17: no field 'response'" in out
     assert "no 'instruction' field, using 'prompt' (--instruction_field=prompt)" in out
     assert "no 'output' field, using 'response' (--output_field=response)" in out
     assert re.search(rf"WARNING: 32 prompts look formatted already \({re.escape(str(path))}:\d+ contains '### "
