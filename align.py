@@ -30,10 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (append_jsonl, catch_signals, check_schedule, gather_objects, init_wandb, last_name, load_model,
-                    lr_at, make_checkpoint, model_from_checkpoint, pad_right, plot_curves, print0, progress,
-                    read_jsonl, restore_rng, resume_run, resume_state, rng_state, save_checkpoint, setup_runtime,
-                    stop_exit, tokenizer_for, truncate_log)
+from common import (MAY_CHANGE, append_jsonl, catch_signals, check_schedule, gather_objects, init_wandb, last_name,
+                    load_model, lr_at, make_checkpoint, model_from_checkpoint, pad_right, plot_curves, print0,
+                    progress, read_jsonl, restore_rng, resume_run, resume_state, rng_state, save_checkpoint,
+                    setup_runtime, stop_exit, tokenizer_for, truncate_log)
 from configurator import configure
 from dataloader import load_records, local_paths, report_bad
 from finetune import encode_pair, format_prompt
@@ -302,7 +302,8 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     resume = config["init_from"] == "resume"
     ckpt = None
     if resume:  # the saved run's config is the base: --init_from=resume --out_dir=X alone continues X
-        config, ckpt = resume_run(config, explicit, ("dpo",), "align.py")
+        # learning_rate may change too: a leg that diverged continues from its last good checkpoint with a lower one
+        config, ckpt = resume_run(config, explicit, ("dpo",), "align.py", MAY_CHANGE + ("learning_rate",))
     globals().update(config)
     # checks that need neither data nor model: a typo fails in a second, not after loading
     for key, allowed in dict(loss_type=_LOSS_TYPES, prompt_template=("none", "alpaca"),
@@ -506,8 +507,8 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     def stop_non_finite(what: str, value: float):
         """Exit at once: saving weights that produce nan/inf would only destroy the last good checkpoint."""
         sys.exit(f"ERROR: the {what} became {value} at iteration {iter_num:,}: the weights are broken, so nothing was "
-                 f"saved. The last good checkpoint (if any) is in {out_dir!r}; lower --learning_rate, then resume: "
-                 f"python align.py --init_from=resume --out_dir={out_dir} --learning_rate=...")
+                 f"saved. Continue from the last good checkpoint in {out_dir!r} (if any) with a lower learning rate: "
+                 f"python align.py --init_from=resume --out_dir={out_dir} --learning_rate={learning_rate / 10:g}")
 
     # ------------------------------------------------------------------------------------------
     # training loop: one optimizer step per iteration; evaluate (and save) every eval_interval steps
@@ -592,11 +593,12 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
         else:
             import resource  # Unix; ru_maxrss is in KiB on Linux (bytes on macOS)
             peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10:,.0f} MiB peak RSS"
-        evals = [r for r in read_jsonl(log_path) if r["split"] == "val"]
-        a, b = evals[0], evals[-1]
-        print0(f"done: {iter_num - start_iter} iterations in {time.time() - t_start:.1f} s; held-out reward acc "
-               f"{a['reward_acc']:.3f} -> {b['reward_acc']:.3f}, loss {a['loss']:.4f} -> {b['loss']:.4f} (iterations "
-               f"{a['iter']:,} -> {b['iter']:,}); peak memory {peak}")
+        evals = [r for r in read_jsonl(log_path) if r["split"] == "val"]  # the whole run, resumed legs included
+        a, b = (evals[0], evals[-1]) if evals else (None, None)
+        held_out = (f"held-out reward acc {a['reward_acc']:.3f} -> {b['reward_acc']:.3f}, loss {a['loss']:.4f} -> "
+                    f"{b['loss']:.4f} (iterations {a['iter']:,} -> {b['iter']:,}); " if evals else "")
+        print0(f"done: {iter_num - start_iter} iterations in {time.time() - t_start:.1f} s; {held_out}peak memory "
+               f"{peak}")
     if wandb_run:
         wandb_run.finish()
     if rt.ddp:

@@ -459,9 +459,14 @@ def test_ctrl_c_in_a_best_only_run_saves_beside_the_best_checkpoint(workdir, tmp
     assert best["resume"]["iter_num"] == 5 and best["resume"]["best"] == {"name": "dpo_val_loss", "value": val5}
     assert last["resume"]["iter_num"] == 6 and last["resume"]["best"]["value"] == val5
     assert f"saved {out / 'ckpt_last.pt'} (iteration 6, SIGINT)" in output
-    log = main(["--init_from=resume", f"--out_dir={out}", "--max_iters=8"])
-    assert f"resuming {out / 'ckpt_last.pt'} (dpo, iteration 6)" in log and "changed max_iters: 40 -> 8" in log
-    assert [r["iter"] for r in records(out, "train")][-1] == 8
+    with pytest.raises(ValueError, match=r"resuming .*ckpt_last.pt' with different settings would make another run: "
+                                         r"beta: 0.1 -> 0.5\. Only these may change"):
+        main(["--init_from=resume", f"--out_dir={out}", "--beta=0.5"])
+    # a lower learning rate may continue a run (the fix a diverged run is told)
+    log = main(["--init_from=resume", f"--out_dir={out}", "--max_iters=8", "--learning_rate=5e-3"])
+    assert f"resuming {out / 'ckpt_last.pt'} (dpo, iteration 6) with its saved config: changed learning_rate: 0.01 " \
+           f"-> 0.005; max_iters: 40 -> 8" in log
+    assert [r["iter"] for r in records(out, "train")][-1] == 8 and records(out, "train")[-1]["lr"] == 5e-3
 
 
 @pytest.mark.xfail(strict=True, reason="common.save_checkpoint blocks SIGINT with pthread_sigmask, which only the "
@@ -494,7 +499,8 @@ def test_schedule_warning_and_non_finite_loss_stops_without_saving(workdir, main
     message = str(stop.value.code)
     assert re.match(r"ERROR: the training loss became nan at iteration [12]: the weights are broken, so nothing was "
                     r"saved", message), message
-    assert "--init_from=resume" in message and not (tmp_path / "nan" / "ckpt.pt").exists()
+    assert f"--init_from=resume --out_dir={tmp_path / 'nan'} --learning_rate=1e+19" in message
+    assert not (tmp_path / "nan" / "ckpt.pt").exists()
 
 
 def test_hh_rlhf_jsonl_gz_files_with_precomputed_reference(workdir, main):
