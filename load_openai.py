@@ -597,6 +597,9 @@ if __name__ == "__main__":
         write_hf(gpt, export_hf)
         print0(f"wrote {os.path.join(export_hf, 'config.json')} and model.safetensors: GPT2LMHeadModel."
                f"from_pretrained({export_hf!r})" + ("" if gpt.config.bias else " (bias=False: exported as zero biases)"))
+        if ckpt is not None and ckpt["kind"] == "classify":
+            print0(f"WARNING: the classification head ({len(ckpt.get('labels') or [])} classes) is not exported: "
+                   f"GPT2LMHeadModel has the language-model head only; classify with finetune.py --predict=TEXT")
         if not gpt2_vocab:
             print0(f"WARNING: the model's tokenizer is {tok_name!r} ({gpt.config.vocab_size} ids), "
                    f"not GPT-2's: transformers' GPT2Tokenizer does not fit it; encode text with this project's "
