@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -480,6 +481,39 @@ def test_second_ctrl_c_during_the_stop_save_aborts_after_the_file_is_complete(wo
     assert p.returncode != 0 and "KeyboardInterrupt" in output, output
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")], os.listdir(out)
     assert load_checkpoint(str(out / "ckpt_last.pt"))["resume"]["iter_num"] == 6, output
+
+
+def test_ddp_follows_one_process_and_sigterm_stops_every_rank_together(workdir, tmp_path, main):
+    """2 ranks (torchrun, gloo) x 8 pairs take the same pairs per step as 1 process x 2 micro-steps of 8, so the
+    losses agree to float rounding (dropout 0: the ranks draw their own masks). SIGTERM to torchrun (as a scheduler
+    sends it) is forwarded to both ranks; they agree on the step to stop at, save one checkpoint holding both
+    ranks' RNG states, and print the torchrun command that resumes."""
+    args = [str(workdir / "align_synthetic.py"), f"--init_from={workdir / 'start'}", "--dropout=0.0",
+            f"--dataset={workdir / 'train.jsonl'}", f"--val_split={workdir / 'val.jsonl'}", "--batch_size=8",
+            "--log_interval=1", "--eval_interval=1000", "--device=cpu"]
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "align.py", *args, "--max_iters=1000", f"--out_dir={tmp_path / 'ddp'}"], cwd=REPO,
+                         env=env(workdir / "hf"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith("iter 4:"):
+            p.send_signal(signal.SIGTERM)
+            break
+    rest, _ = p.communicate(timeout=120)
+    output = "".join(lines) + rest
+    ckpt = load_checkpoint(str(tmp_path / "ddp"))
+    stopped = ckpt["resume"]["iter_num"]
+    assert "DDP world size 2" in output and "8 per micro-step x 1 grad accum x 2 processes" in output, output
+    assert 4 <= stopped < 20 and len(ckpt["resume"]["rng"]) == 2, output
+    assert "stopped by SIGTERM. Resume with:\n  torchrun --nproc_per_node=2 (and your other torchrun flags) align.py " \
+           f"--init_from=resume --out_dir={tmp_path / 'ddp'}" in output
+    assert not torch.equal(ckpt["resume"]["rng"][0]["torch"], ckpt["resume"]["rng"][1]["torch"])  # seed + rank
+    log = main([*args, f"--max_iters={stopped}", f"--out_dir={tmp_path / 'one'}"])
+    assert "8 per micro-step x 2 grad accum x 1 processes" in log
+    one, ddp = records(tmp_path / "one", "train"), records(tmp_path / "ddp", "train")
+    assert [r["iter"] for r in ddp] == list(range(1, stopped + 1))  # rank 0 alone logs
+    np.testing.assert_allclose([r["loss"] for r in ddp], [r["loss"] for r in one], rtol=0, atol=1e-5)
 
 
 def test_schedule_warning_and_non_finite_loss_stops_without_saving(workdir, main, tmp_path):
