@@ -1,6 +1,10 @@
 # DPO on Anthropic's helpful-and-harmless preferences (Anthropic/hh-rlhf: ~161k training pairs, 8.5k test pairs).
 #   python align.py config/align_hh.py --init_from=out-sft
 #   torchrun --standalone --nproc_per_node=8 align.py config/align_hh.py --init_from=out-sft
+#   python align.py --init_from=resume --out_dir=out-align-hh       # after Ctrl-C or a preemption: continue exactly
+# The dataset's own files, downloaded once (no network while training), one half of it:
+#   python align.py config/align_hh.py --init_from=out-sft --dataset=hh-rlhf/harmless-base/train.jsonl.gz \
+#       --val_split=hh-rlhf/harmless-base/test.jsonl.gz
 # Recipe of the DPO paper (Rafailov et al. 2023, arXiv:2305.18290, section 6.1 and appendix B): start from a model
 # fine-tuned on the preferred responses (SFT), then one epoch of DPO with beta 0.1, 64 pairs per step and 150
 # warmup steps. Watch the held-out reward accuracy and logp_drift in the eval lines.
