@@ -17,6 +17,7 @@ that 1 process draws in twice as many steps, and resuming needs nothing but the 
 import bisect
 import bz2
 import csv
+import difflib
 import encodings
 import glob
 import gzip
@@ -460,8 +461,12 @@ def _record_problem(rec: dict, require: dict) -> str:
     for f, flag in require.items():
         if rec.get(f) is None:
             fields = sorted(k for k in rec if rec[k] is not None)
+            # the suggestion: a field of a similar name, else the one holding the longest text
+            close = difflib.get_close_matches(f, fields, n=1)
+            longest = sorted(fields, key=lambda k: -len(rec[k]) if isinstance(rec[k], str) else 0)
+            guess = (close or longest or ["NAME"])[0]
             return (f"no field {f!r} (the record's fields are {fields}); fix the record, or name the field that "
-                    f"holds it: {flag}={fields[0] if fields else 'NAME'}")
+                    f"holds it: {flag}={guess}")
         if isinstance(rec[f], str) and not rec[f].strip():
             return f"field {f!r} is empty ({rec[f]!r}); fill it in or delete the record"
     return ""
@@ -791,9 +796,9 @@ def _hub_records(source: str, split: str, name: str, data_dir: str, cache_dir: s
         msg = str(e).strip().split("\n")[0]
         low = msg.lower()
         if "config" in low and ("missing" in low or "not found" in low or "available" in low):
-            fix = "pass its configuration with --name=CONFIG (the available ones are listed above)"
+            fix = "pass its configuration with --name=CONFIG, one of those the message names"
         elif "split" in low:
-            fix = "pass one of the splits listed above"
+            fix = "pass one of the splits the message names"
         elif isinstance(e, (ConnectionError, TimeoutError)) or "connect" in low or "offline" in low or "resolve" in low:
             fix = ("no network: run where the Hub is reachable, or download the data and pass the local file "
                    "(--dataset=train.jsonl)")

@@ -146,7 +146,7 @@ def test_missing_field_names_the_fields_present_and_empty_text(tmp_path):
         load_records(p, require=TEXT_LABEL)
     msg = str(e.value).split("\n")
     assert msg[0].endswith("a.jsonl:1: no field 'text' (the record's fields are ['label', 'sentence']); fix the "
-                           "record, or name the field that holds it: --text_field=label")
+                           "record, or name the field that holds it: --text_field=sentence")
     assert msg[1].endswith("a.jsonl:2: field 'text' is empty ('  '); fill it in or delete the record")
     assert msg[2].endswith("a.jsonl:3: a JSON line must be one record, an object {\"field\": value, ...}; this one "
                            "is a list: '[1, 2]'")
