@@ -13,8 +13,9 @@ the first shard being the validation split, plus meta.json. Each document is pre
 
 Documents stream in through `datasets` (nothing is downloaded up front) and are tokenized in num_proc worker
 processes. Plain text (.txt, optionally .gz/.bz2/.xz) is read here, whole: a file is one document, line breaks
-and blank lines included, or, with --doc_separator, the pieces between separators are. Re-running resumes: finished shards (listed in meta.json, with a valid header) are kept and the
-stream continues where the first missing or broken shard starts. Then: python train.py config/train_fineweb.py
+and blank lines included, or, with --doc_separator, the pieces between separators are. Re-running resumes:
+finished shards (listed in meta.json, with a valid header) are kept and the stream continues where the first
+missing or broken shard starts. Then: python train.py config/train_fineweb.py
 """
 
 import glob
