@@ -246,11 +246,11 @@ def response_tokens(pairs: list) -> torch.Tensor:
 # defaults (python align.py config/align_hh.py --key=value ...)
 # I/O
 out_dir = "out-align"
-init_from = "gpt2"  # 'resume' (out_dir/ckpt_name), a GPT-2 name, or a checkpoint file/folder (e.g. 'out-sft')
+init_from = "gpt2"  # 'resume' (continue the run in out_dir), a GPT-2 name, or any model checkpoint (e.g. 'out-sft')
 ckpt_name = "ckpt.pt"
 eval_interval = 50  # iterations between held-out evaluations (and checkpoints)
 log_interval = 10  # iterations between training log lines
-always_save_checkpoint = True  # False: save only when the held-out loss improves
+always_save_checkpoint = True  # False: save only when the held-out loss improves (a stop goes to ckpt_last.pt)
 eval_only = False  # evaluate the starting model on the held-out pairs, then exit
 wandb_log = False
 wandb_project = "align"

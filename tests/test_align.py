@@ -576,6 +576,12 @@ def test_instruction_records_csv_and_a_broken_jsonl_line(workdir, main, tmp_path
         w.writerows(synthetic(24, 8, "explicit"))
     log = main([*common, f"--dataset={tmp_path / 'pairs.csv'}", f"--out_dir={tmp_path / 'o3'}"])
     assert "data: 16 training pairs" in log and "0 (0.0%) truncated" in log
+    # explicit held-out pairs in another format: a TSV with a header
+    (tmp_path / "val.tsv").write_text("prompt\tchosen\trejected\n" + "".join(
+        f"{r['prompt']}\t{r['chosen']}\t{r['rejected']}\n" for r in synthetic(12, 10, "explicit")))
+    log = main([*common, f"--dataset={tmp_path / 'pairs.csv'}", f"--val_split={tmp_path / 'val.tsv'}",
+                f"--out_dir={tmp_path / 'o5'}"])
+    assert "data: 24 training pairs" in log and "8 held-out pairs" in log
     lines = [json.dumps(r) for r in synthetic(20, 9, "explicit")]
     lines[4] = lines[4][:25]  # torn mid-record
     (tmp_path / "broken.jsonl").write_text("\n".join(lines) + "\n")
