@@ -43,7 +43,7 @@ from common import (MAY_CHANGE, append_jsonl, catch_signals, check_schedule, gat
                     progress, read_jsonl, restore_rng, resume_command, resume_run, resume_state, rng_state,
                     save_checkpoint, setup_runtime, stop_exit, tokenizer_for, truncate_log)
 from configurator import configure
-from dataloader import load_records, report_bad
+from dataloader import COMPRESSIONS, RECORD_FORMATS, load_records, report_bad
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
 
@@ -129,9 +129,11 @@ def read_split(dataset: str, split: str, fields: dict, names: Optional[list] = N
     the classes, is an error naming each bad record, or skipped with a warning under skip_bad. load: keyword
     arguments of dataloader.load_records (name, header, encoding, skip_bad, cache_dir)."""
     load["require"] = {f: f"--{k}" for k, f in fields.items() if f.isdigit()}  # a column index: rec[f] is set
-    if os.path.exists(split) or os.path.splitext(split)[1] or os.sep in split:
+    ends = tuple(ext + c for ext in RECORD_FORMATS for c in ("", *COMPRESSIONS))
+    local = lambda s: os.path.exists(s) or s.lower().endswith(ends)  # else a Hub name (or split)
+    if local(split):
         recs = load_records(split, **load)
-    elif split != "train" and (os.path.exists(dataset) or os.path.splitext(dataset)[1]):
+    elif split != "train" and local(dataset):
         raise ValueError(f"{dataset!r} is a local file, which holds one split; for split {split!r} pass a file of "
                          f"its own (e.g. --{'test' if split == 'test' else 'val'}_split=dev.jsonl)")
     else:
@@ -507,7 +509,7 @@ if __name__ == "__main__":  # the helpers above are imported by align.py and sam
     if task == "classify" and len(names) < 2:
         raise ValueError(f"{raw['train'][0]}: found only the classes {names}; classification needs at least 2")
     if task == "instruct" and prompt_template != "none":  # a template around a finished prompt: wrapped twice
-        marked = [(w, template_marker(p)) for s, rows in raw.values() for w, p, *_ in rows if template_marker(p)]
+        marked = [(w, template_marker(p)) for _, recs in raw.values() for w, p, *_ in recs if template_marker(p)]
         if marked:
             print0(f"WARNING: {len(marked):,} prompts look formatted already ({marked[0][0]} contains "
                    f"{marked[0][1]!r}), and prompt_template={prompt_template!r} wraps each in its template again. "
@@ -655,8 +657,9 @@ if __name__ == "__main__":  # the helpers above are imported by align.py and sam
     G, start_iter, t_start = gradient_accumulation_steps, iter_num, time.time()
     if iter_num == 0:
         run_eval()  # the starting model's loss, a baseline
-    sums = torch.zeros(5, dtype=torch.float64, device=rt.device)  # since the last log line: (summed loss, correct,
-    t_log, window, saved_at = time.time(), 0, iter_num  # labels, real tokens, all tokens)
+    sums = torch.zeros(2, dtype=torch.float64, device=rt.device)  # since the last log line: summed loss, correct
+    counts = np.zeros(3)  # and on the host: labels, real tokens, all tokens (real + padding)
+    t_log, window, saved_at = time.time(), 0, iter_num
     while iter_num < max_iters:
         lr = lr_at(iter_num, learning_rate, warmup_iters, decay_iters, min_lr, decay_lr)
         for group in optimizer.param_groups:
@@ -675,9 +678,8 @@ if __name__ == "__main__":  # the helpers above are imported by align.py and sam
                 with rt.autocast():
                     logits, loss = train_model(x, y, reduction="sum")
                 scaler.scale(loss * (world / total)).backward()
-            correct = (logits.detach().argmax(-1) == y[y != -1]).sum()
-            real = sum(train_lengths[i] for i in idx)
-            sums += torch.stack([loss.detach(), correct.double(), *sums.new_tensor([len(logits), real, x.numel()])])
+            sums += torch.stack([loss.detach(), (logits.detach().argmax(-1) == y[y != -1]).sum().double()])
+            counts += [n_labels[idx].sum(), sum(train_lengths[i] for i in idx), x.numel()]
         scaler.unscale_(optimizer)  # clip and log the true gradient norm (a no-op unless fp16)
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
         scaler.step(optimizer)
@@ -687,9 +689,10 @@ if __name__ == "__main__":  # the helpers above are imported by align.py and sam
         stopping = stop.agreed(rt)
         eval_due = iter_num % eval_interval == 0 or iter_num == max_iters
         if iter_num % log_interval == 0 or eval_due or stopping:  # and before any save: is the loss finite?
+            totals = torch.cat([sums, torch.tensor(counts, device=rt.device)])
             if rt.ddp:
-                torch.distributed.all_reduce(sums)
-            loss_sum, correct, count, real, padded = sums.tolist()
+                torch.distributed.all_reduce(totals)
+            loss_sum, correct, count, real, padded = totals.tolist()
             if not math.isfinite(loss_sum):
                 stop_non_finite("training loss", loss_sum / count)
             dt = time.time() - t_log
@@ -701,6 +704,7 @@ if __name__ == "__main__":  # the helpers above are imported by align.py and sam
             if master:
                 record(rec)
             sums.zero_()
+            counts[:] = 0
             t_log, window = time.time(), 0
         if eval_due:
             val_loss = run_eval()
