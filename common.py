@@ -14,6 +14,7 @@ import random
 import re
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -236,8 +237,13 @@ def save_checkpoint(obj: dict, path: str):
     for tmp in _stale_tmp(path):
         os.unlink(tmp)
     tmp = f"{path}.{os.getpid()}.tmp"
-    blocked = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    # Defer the signals at the Python level: a handler always runs in the main thread, but a blocked signal mask
+    # would cover this thread only, and torch runs threads of its own that would receive the signal instead.
+    deferred, previous = [], {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in previous:
+            signal.signal(s, lambda signum, frame: deferred.append(signum))
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -255,7 +261,14 @@ def save_checkpoint(obj: dict, path: str):
             os.unlink(tmp)
         raise
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a signal that came meanwhile is delivered now
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum in deferred:  # now the file is whole: what the signals would have done
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
 
 
 def strip_compile_prefix(state_dict: dict) -> dict:
@@ -412,8 +425,8 @@ def load_model(init_from: str, out_dir: str = "", device: str = "cpu", dropout: 
 
 
 # keys that may change between the legs of one run: where and how it runs, how often it reports, how long it goes
-MAY_CHANGE = ("init_from", "out_dir", "ckpt_name", "max_iters", "lr_decay_iters", "eval_interval", "eval_iters",
-              "eval_only", "log_interval", "sample_interval", "sample_prompt", "sample_tokens", "num_samples",
+MAY_CHANGE = ("init_from", "out_dir", "ckpt_name", "max_iters", "epochs", "lr_decay_iters", "eval_interval",
+              "eval_iters", "eval_only", "log_interval", "sample_interval", "sample_prompt", "sample_tokens", "num_samples",
               "max_new_tokens", "always_save_checkpoint", "save_best", "final_eval", "predict", "wandb_log",
               "wandb_project", "wandb_run_name", "wandb_mode", "device", "dtype", "compile", "data_dir", "cache_dir",
               "peak_flops")

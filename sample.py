@@ -96,7 +96,8 @@ if tok.n_vocab > V:
 
 if instruct:
     from finetune import format_prompt
-    text = format_prompt(instruct, start)
+    # the template the model was fine-tuned with (finetune.py's prompt_template), else Alpaca's
+    text = format_prompt(instruct, start, ((ckpt or {}).get("config") or {}).get("prompt_template", "alpaca"))
 elif start:
     text = start
 else:
