@@ -439,9 +439,9 @@ def resume_run(config: dict, explicit: set, kinds: tuple, script: str, may_chang
     path = resume_path(config["out_dir"], config.get("ckpt_name", "ckpt.pt"))
     ckpt = load_checkpoint(path)
     if ckpt["kind"] not in kinds or ckpt.get("resume") is None:
-        what = "weights only (no optimizer state)" if ckpt.get("resume") is None else f"a {ckpt['kind']} run"
-        raise ValueError(f"{path!r} holds {what}, written by {ckpt['kind']!r}; {script} --init_from=resume continues "
-                         f"only its own runs ({', '.join(kinds)}). To start a {script} run from this model: "
+        what = "weights only, no optimizer state" if ckpt.get("resume") is None else "another script's run"
+        raise ValueError(f"{path!r} is a {ckpt['kind']!r} checkpoint ({what}); {script} --init_from=resume continues "
+                         f"only its own runs ({', '.join(kinds)}). To start a new {script} run from this model: "
                          f"--init_from={os.path.dirname(path) or '.'} --out_dir=NEW_DIR")
     saved = ckpt["config"]
     out = dict(config)

@@ -219,3 +219,136 @@ def test_second_ctrl_c_during_a_save_leaves_a_whole_checkpoint(tmp_path, runner)
     assert k["code"] != 0
     state = load_checkpoint(str(out / "ckpt.pt"))["resume"]
     assert state["iter_num"] > 0
+
+# ----------------------------------------------------------------------------------------------
+# the checkpoint matrix: what every script writes, every script that takes a model reads
+
+CHARS = "\n" + "".join(chr(i) for i in range(32, 127))  # 96 characters: the TF fixture's vocabulary size
+PRODUCERS = ("pretrain", "sft", "classify", "dpo", "imported", "int8", "int4")
+CONSUMERS = ("train init", "train resume", "finetune init", "finetune resume", "align init", "align resume",
+             "sample", "eval", "attention_viz", "quantize", "export_hf")
+
+
+def expected(producer: str, consumer: str):
+    """None where the cell must work, else a phrase of its clear error."""
+    quantized = producer in ("int8", "int4")
+    if quantized and consumer in ("train init", "finetune init", "align init"):
+        return "cannot be trained"
+    if consumer.endswith("resume"):
+        own = {"train": ("pretrain",), "finetune": ("sft", "classify"), "align": ("dpo",)}[consumer.split()[0]]
+        if producer not in own:
+            return "weights only" if producer in ("imported", "int8", "int4") else "another script's run"
+    if quantized and consumer in ("quantize", "export_hf"):
+        return "quantized"
+    return None
+
+
+def test_every_checkpoint_in_every_script(tmp_path, runner, capsys):
+    import shutil
+    tok = CharTokenizer(list(CHARS))
+    text = "".join(TEXT + "".join(CHARS[1:]) + "\n" for _ in range(3))
+    data = tmp_path / "data"
+    data.mkdir()
+    ids = np.array(tok.encode(text), dtype=np.uint16)
+    write_tokens(str(data / "train.bin"), ids)
+    write_tokens(str(data / "val.bin"), ids[:600])
+    tok.save(str(data / "meta.pkl"))
+    lines = [line for line in TEXT.splitlines() if line]
+    sft = [{"instruction": f"next: {a}", "output": b[:12]} for a, b in zip(lines, lines[1:])]
+    cls = [{"text": line, "label": i % 2} for i, line in enumerate(lines)]
+    pairs = [{"prompt": a[:10], "chosen": b[:10], "rejected": a[-10:]} for a, b in zip(lines, lines[1:])]
+    files = {}
+    for name, recs in (("sft", sft), ("cls", cls), ("pairs", pairs)):
+        for part, chunk in (("train", recs), ("val", recs[:4])):
+            files[name, part] = tmp_path / f"{name}_{part}.jsonl"
+            files[name, part].write_text("".join(json.dumps(r) + "\n" for r in chunk))
+    (tmp_path / "text.txt").write_text(TEXT)
+    tiny = ["--device=cpu", "--compile=False", "--log_interval=1", "--eval_interval=1", "--seed=1"]
+    ft = [*tiny, "--batch_size=2", "--eval_iters=1", "--max_iters=2", "--warmup_iters=0", "--learning_rate=1e-3",
+          "--block_size=32", "--sample_interval=0", "--prompt_template=none"]
+    ft_sft = [*ft, f"--dataset={files['sft', 'train']}", f"--val_split={files['sft', 'val']}"]
+    ft_cls = [*ft, "--task=classify", f"--dataset={files['cls', 'train']}", f"--val_split={files['cls', 'val']}",
+              "--final_eval=False"]
+    al = [*tiny, f"--dataset={files['pairs', 'train']}", f"--val_split={files['pairs', 'val']}", "--max_iters=2",
+          "--batch_size=2", "--total_batch_pairs=2", "--val_pairs=4", "--block_size=32", "--warmup_iters=0",
+          "--learning_rate=1e-4"]
+    tr = [*tiny, f"--data_dir={data}", "--batch_size=2", "--total_batch_size=0", "--block_size=32", "--eval_iters=1",
+          "--warmup_iters=0", "--learning_rate=1e-3", "--min_lr=1e-4", "--max_iters=2", "--lr_decay_iters=2"]
+
+    def run(argv, name):
+        r = runner(argv, tmp_path / f"{name}.txt", folder=tmp_path)
+        return r["code"], open(tmp_path / f"{name}.txt").read()
+
+    made = {}  # producer -> checkpoint path
+    steps = [
+        ("pretrain", ["train.py", *tr, "--n_layer=2", "--n_head=2", "--n_embd=32", f"--out_dir={tmp_path / 'pre'}"],
+         tmp_path / "pre" / "ckpt.pt"),
+        ("sft", ["finetune.py", *ft_sft, f"--init_from={tmp_path / 'pre'}", f"--out_dir={tmp_path / 'sft'}"],
+         tmp_path / "sft" / "ckpt.pt"),
+        ("classify", ["finetune.py", *ft_cls, f"--init_from={tmp_path / 'pre'}", f"--out_dir={tmp_path / 'cls'}"],
+         tmp_path / "cls" / "ckpt.pt"),
+        ("dpo", ["align.py", *al, f"--init_from={tmp_path / 'sft'}", f"--out_dir={tmp_path / 'dpo'}"],
+         tmp_path / "dpo" / "ckpt.pt"),
+        ("imported", ["load_openai.py", f"--from_dir={os.path.join(ROOT, 'tests', 'fixtures', 'gpt2_tiny_tf')}",
+                      f"--out_dir={tmp_path / 'imp'}"], tmp_path / "imp" / "ckpt.pt"),
+        ("int8", ["quantize.py", f"--init_from={tmp_path / 'pre'}", "--mode=int8", f"--out_dir={tmp_path / 'q8'}",
+                  "--device=cpu"], tmp_path / "q8" / "ckpt_int8.pt"),
+        ("int4", ["quantize.py", f"--init_from={tmp_path / 'pre'}", "--mode=int4", "--group_size=32",
+                  f"--out_dir={tmp_path / 'q4'}", "--device=cpu"], tmp_path / "q4" / "ckpt_int4.pt"),
+    ]
+    for producer, argv, path in steps:
+        code, out = run(argv, f"make-{producer}")
+        assert code == 0 and path.exists(), f"{producer}: {out[-3000:]}"
+        made[producer] = path
+        if producer == "imported":  # the TF files name no tokenizer: the vocabulary goes next to the checkpoint
+            shutil.copy(data / "meta.pkl", tmp_path / "imp" / "meta.pkl")
+        assert load_checkpoint(str(path))["kind"] == {"int8": "quantized", "int4": "quantized"}.get(producer, producer)
+
+    def consumer_argv(consumer, producer, path, new):
+        if consumer.endswith("resume"):  # the producer's checkpoint as the run in a fresh folder
+            os.makedirs(new)
+            shutil.copy(path, os.path.join(new, "ckpt.pt"))
+            state = load_checkpoint(str(path))["resume"]
+            more = [f"--init_from=resume", f"--out_dir={new}", f"--max_iters={(state or {}).get('iter_num', 0) + 1}"]
+            return [f"{consumer.split()[0]}.py", *more]
+        return {"train init": ["train.py", *tr, f"--init_from={path}", f"--out_dir={new}"],
+                "finetune init": ["finetune.py", *ft_sft, f"--init_from={path}", f"--out_dir={new}"],
+                "align init": ["align.py", *al, f"--init_from={path}", f"--out_dir={new}"],
+                "sample": ["sample.py", f"--init_from={path}", "--device=cpu", "--num_samples=1",
+                           "--max_new_tokens=3", "--start=From"],
+                "eval": ["eval.py", f"--init_from={path}", "--task=perplexity", f"--text_file={tmp_path / 'text.txt'}",
+                         "--device=cpu", f"--out_dir={new}"],
+                "attention_viz": ["attention_viz.py", f"--init_from={path}", "--text=From fairest creatures",
+                                  f"--out_dir={new}", "--device=cpu"],
+                "quantize": ["quantize.py", f"--init_from={path}", "--mode=int8", f"--out_dir={new}", "--device=cpu"],
+                "export_hf": ["load_openai.py", f"--init_from={path}", f"--export_hf={new}"]}[consumer]
+
+    table, failures = {}, []
+    for p in PRODUCERS:
+        for c in CONSUMERS:
+            new = str(tmp_path / f"{p}-{c.replace(' ', '-')}")
+            code, out = run(consumer_argv(c, p, made[p], new), f"{p}-{c.replace(' ', '-')}")
+            last = out.strip().splitlines()[-1] if out.strip() else ""
+            want = expected(p, c)
+            if want is None:
+                ok = code == 0
+                table[p, c] = "ok" if ok else "FAIL"
+            else:
+                ok = code != 0 and re_clear(last) and want in last
+                table[p, c] = "error" if ok else "FAIL"
+            if not ok:
+                failures.append(f"{p} -> {c}: exit {code}, expected {want or 'success'}; last line: {last[:400]}")
+    width = max(map(len, PRODUCERS)) + 2
+    with capsys.disabled():
+        print("\ncheckpoint matrix (ok = works, error = the named clear error it should give):")
+        print(" " * width + " | ".join(c.ljust(8) for c in CONSUMERS))
+        for p in PRODUCERS:
+            print(p.ljust(width) + " | ".join(table[p, c].ljust(max(8, len(c))) for c in CONSUMERS))
+        print(f"{sum(v != 'FAIL' for v in table.values())}/{len(table)} cells as expected")
+    assert not failures, "\n".join(failures)
+
+
+def re_clear(line: str) -> bool:
+    """A clear error: one of the exception types the scripts raise for bad input, with its message."""
+    import re
+    return re.match(r"^(ValueError|FileNotFoundError|TypeError): \S", line) is not None
