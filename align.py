@@ -322,6 +322,14 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
         if config[key] < 1:
             raise ValueError(f"{key} must be >= 1, got {config[key]!r}")
     local, local_val = local_paths(dataset), val_split and local_paths(val_split)  # a missing file: an error now
+    # a folder (or glob) is all its files: a held-out file among them would be trained on
+    held_out_names = ("test", "val", "validation")
+    leak = sorted(set(local or []) & set(local_val or [])) or [
+        p for p in (local or []) if not local_val and os.path.basename(p).split(".")[0] in held_out_names]
+    if leak:
+        raise ValueError(f"--dataset={dataset!r} includes held-out pairs {leak}, which would be trained on; name the "
+                         f"training and the held-out files apart, e.g. --dataset=DIR/train.jsonl.gz "
+                         f"--val_split=DIR/test.jsonl.gz")
     rt = setup_runtime(device, dtype)
     master, world = rt.master_process, rt.ddp_world_size
     if total_batch_pairs % (batch_size * world):

@@ -222,7 +222,8 @@ def test_instruction_input_records_become_alpaca_prompts():
     exactly as finetune.py does for SFT, so an SFT model sees the prompts it was trained on."""
     recs = rows([{"instruction": "Rewrite the sentence in passive voice.", "input": "The cat chased the mouse.",
                   "output": "x", "chosen": "The mouse was chased by the cat.", "rejected": "Cat chase mouse."},
-                 {"instruction": "Name a primary colour.", "output": "y", "chosen": "Red.", "rejected": "Red is nice."}],
+                 {"instruction": "Name a primary colour.", "output": "y", "chosen": "Red.",
+                  "rejected": "Red is nice."}],
                 "prefs.json")
     triples, identical, mismatched = align.preference_triples(recs, "prefs.json", "alpaca")
     assert triples == [("prefs.json:1", format_prompt("Rewrite the sentence in passive voice.",
@@ -299,11 +300,12 @@ def test_config_errors(args, error, match, main):
 def test_checkpoint_and_data_errors(workdir, main):
     start = str(workdir / "start")
     for args, match in (([f"--init_from={start}", f"--out_dir={start}"], r"is this run's own checkpoint"),
-                        ([f"--init_from=resume", f"--out_dir={start}"], r"holds weights only \(no optimizer state\), "
-                         r"written by 'imported'; align.py --init_from=resume continues only its own runs \(dpo\)"),
+                        ([f"--init_from=resume", f"--out_dir={start}"], r"'imported' checkpoint .*align.py "
+                         r"--init_from=resume continues only its own runs \(dpo\)"),
                         ([f"--init_from={start}", "--block_size=64"], r"block_size=64 exceeds the model's context"),
                         ([f"--init_from={start}", "--block_size=32", "--val_pairs=500", f"--cache_dir={workdir}/cache"],
-                         r"train.jsonl' has 400 usable pairs, too few to hold out val_pairs=500 .*--val_split=val.jsonl")):
+                         r"train.jsonl' has 400 usable pairs, too few to hold out val_pairs=500 "
+                         r".*--val_split=val.jsonl")):
         with pytest.raises(ValueError, match=match):
             main([*args, "--device=cpu", f"--dataset={workdir / 'train.jsonl'}"])
 
@@ -329,7 +331,8 @@ cache_dir = {cache!r}  # datasets' cache, inside the test's folder
 def trained(workdir):
     """A run from a config file, in a subprocess as a user starts it."""
     out = str(workdir / "out")
-    log = run([str(workdir / "align_synthetic.py"), f"--init_from={workdir / 'start'}", f"--dataset={workdir / 'train.jsonl'}",
+    log = run([str(workdir / "align_synthetic.py"), f"--init_from={workdir / 'start'}",
+               f"--dataset={workdir / 'train.jsonl'}",
                f"--val_split={workdir / 'val.jsonl'}", f"--out_dir={out}", "--max_iters=40"], workdir / "hf")
     return out, log
 
@@ -543,9 +546,13 @@ def test_hh_rlhf_jsonl_gz_files_with_precomputed_reference(workdir, main):
     """hh-rlhf conversations from its own file layout (train.jsonl.gz, test.jsonl.gz), the reference's log-probs
     precomputed; a block of 24 tokens truncates every pair prompt-first."""
     out = str(workdir / "hh_out")
+    with pytest.raises(ValueError, match=r"--dataset='.*hh' includes held-out pairs \['.*test.jsonl.gz'\], which "
+                                         r"would be trained on; .*--val_split=DIR/test.jsonl.gz"):
+        main(["--device=cpu", f"--init_from={workdir / 'start'}", f"--dataset={workdir / 'hh'}"])  # the folder
     log = main(["--device=cpu", f"--init_from={workdir / 'start'}", f"--dataset={workdir / 'hh' / 'train.jsonl.gz'}",
                 f"--val_split={workdir / 'hh' / 'test.jsonl.gz'}", f"--out_dir={out}",
-                "--precompute_ref=True", "--max_iters=10", "--block_size=24", "--batch_size=8", "--total_batch_pairs=16",
+                "--precompute_ref=True", "--max_iters=10", "--block_size=24", "--batch_size=8",
+                "--total_batch_pairs=16",
                 "--val_pairs=32", "--learning_rate=1e-2", "--warmup_iters=2", "--eval_interval=10", "--log_interval=5"])
     assert "200 training pairs" in log and "32 held-out pairs" in log and "dropped 3 with identical responses" in log
     assert "232 (100.0%) truncated prompt-first to block_size 24" in log  # 26 prompt + 6 response chars > 25
