@@ -52,6 +52,7 @@ compare_hf = False  # the same measurements on transformers' GPT2LMHeadModel (ra
 quant_modes = "int8,int4"  # also decode with these weight-only quantized copies (quantize.py); '' = none
 group_size = 64  # int4 group size
 decode_compile = False  # also prefill and decode every model through quantize.StaticDecoder, compiled (CUDA graphs)
+decode_tune = True  # with decode_compile: coordinate descent tuning of the step (faster matrix-vector, slower compile)
 # shapes and repeats
 peak_size = 0  # n of the n x n x n peak matmul; 0 = 2048 on CPU, 8192 on GPUs
 batch_size = 4  # training sequences per step (nanoGPT's GPT-2 run: 16 per GPU at seq_len 1024)
@@ -451,7 +452,7 @@ if decode:
     compiled = {}
     if decode_compile:
         print0("compiling prefill and the decode step of every model (the warm-up runs take a while)...")
-        decoders = {m: StaticDecoder(qm, compile=True) for m, qm in models.items()}
+        decoders = {m: StaticDecoder(qm, compile=True, tune=decode_tune) for m, qm in models.items()}
 
         def run_decoder(d, p, n):
             with dctx():

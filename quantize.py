@@ -69,17 +69,20 @@ class Int8Linear(nn.Module):
             y = torch._weight_int8pack_mm(x2, self.weight, self._unit).float() * self.scales
             y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         else:
-            # CUDA and MPS: dequantize on the fly. In eager mode that writes the whole weight in the matmul dtype at
-            # every call (int8 then decodes slower than bf16 weights); inside a compiled one-token step
-            # (StaticDecoder) inductor turns the 1-row matmul into a fused reduction that reads the int8 weight once,
-            # 1 byte a weight (torch/_inductor/decomposition.py, mm, with coordinate_descent_tuning on).
+            # CUDA and MPS: dequantize on the fly. Eagerly that writes the whole weight in the matmul dtype at every
+            # call, so int8 decodes slower than bf16 weights. Compiled (StaticDecoder), one row is written as a
+            # product and a sum, which inductor fuses into one reduction that reads the int8 weight once, 1 byte a
+            # weight (gpt-fast's int8 speed-up relies on the same fusion); more rows go to a dequantize + matmul.
             # torch's CUDA _weight_int8pack_mm is not used: one thread per output, uncoalesced loads (pytorch/pytorch
             # PR 190529), 2.3x slower than a Triton GEMV at 1 x 4096 x 4096 on an H20 (flagos-ai/FlagGems PR 5371).
-            # Scaling in fp32 also keeps inductor's weight-only-int8 pattern (torch/_inductor/fx_passes/
-            # quantization.py, bf16 scales only) from swapping that kernel back in.
+            # Scaling in fp32 keeps inductor's weight-only-int8 pattern (torch/_inductor/fx_passes/quantization.py,
+            # bf16 scales only) from swapping that kernel back in.
             dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            y = F.linear(x.to(dt), self.weight.to(dt)).float() * self.scales.float()
-            y = y.to(dt)
+            if torch.compiler.is_compiling() and x.numel() == self.in_features:
+                y = (x.to(dt).float()[..., None, :] * self.weight.float()).sum(-1)  # (..., N): never materialized
+            else:
+                y = F.linear(x.to(dt), self.weight.to(dt)).float()
+            y = (y * self.scales.float()).to(dt)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 # ----------------------------------------------------------------------------------------------
@@ -318,14 +321,17 @@ def prefill(model: GPT, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
     return logits[:, -1].float()
 
 
-def pack_for_device(model: nn.Module, device: torch.device):
-    """Re-pack every int4 layer for the device's kernel now, which its first forward would do otherwise: a module
-    that replaces its own weight cannot be traced by torch.compile."""
+def prepare_for_device(model: nn.Module, device: torch.device):
+    """What the quantized layers' first forward would set up, done now: torch.compile would otherwise trace a
+    module that changes itself, and compile again once it has. int4 layers are re-packed for the device's kernel;
+    int8 layers get the unit scales of the CPU kernel."""
     for m in model.modules():
         if isinstance(m, Int4Linear) and m.layout == "plain":
             kernel = int4_kernel(device, m.out_features, m.in_features)
             if kernel != "dequantize":
                 m._repack(kernel, torch.bfloat16)
+        elif isinstance(m, Int8Linear) and device.type == "cpu" and m._unit is None:
+            m._unit = torch.ones(m.out_features, dtype=torch.bfloat16, device=device)
 
 
 class StaticDecoder:
@@ -333,15 +339,16 @@ class StaticDecoder:
     window, allocated once and reused, so that compile=True traces prefill once (any prompt length) and the step
     once. The window does not slide: the prompt and the new tokens must fit in block_size."""
 
-    def __init__(self, model: GPT, compile: bool = False):
+    def __init__(self, model: GPT, compile: bool = False, tune: bool = True):
         self.model, self.cache = model, None
         self.prefill, self.step = prefill, decode_step
         if compile:
             device = model.transformer.wpe.weight.device
-            pack_for_device(model, device)
-            # coordinate_descent_tuning lets inductor turn the 1-row matmuls into fused reductions (see Int8Linear);
-            # triton.cudagraphs is what mode="reduce-overhead" sets (torch.compile takes a mode or options, not both)
-            options = {"coordinate_descent_tuning": True, "triton.cudagraphs": device.type == "cuda"}
+            prepare_for_device(model, device)
+            # tune: inductor's coordinate descent tuning, which gpt-fast turns on: the 1-row matmuls become fused
+            # reductions tuned to reach the memory bandwidth (torch/_inductor/decomposition.py, mm), at the price of
+            # a longer compile. triton.cudagraphs is what mode="reduce-overhead" sets (a mode or options, not both)
+            options = {"coordinate_descent_tuning": tune, "triton.cudagraphs": device.type == "cuda"}
             self.prefill = torch.compile(prefill, dynamic=True)
             self.step = torch.compile(decode_step, fullgraph=True, options=options)
 

@@ -138,8 +138,8 @@ def test_quantized_model_layout_and_generation():
 def test_static_decoder_matches_generate_and_compiles_whole(mode):
     """decode_step re-states model.forward for one token over a whole-window cache: its greedy tokens must be
     model.generate's, for float and quantized models, calls after calls (the cache is reused across prompts and
-    batch sizes). torch.compile(fullgraph=True) must trace it without a graph break, once for every position
-    (backend='eager': dynamo only, fast on a CPU; the CUDA tests run inductor and CUDA graphs)."""
+    batch sizes). torch.compile must trace prefill once for any prompt length and the step (fullgraph) once for
+    every position (backend='eager': dynamo only, fast on a CPU; the CUDA tests run inductor and CUDA graphs)."""
     model = tiny(n_embd=64)
     m = model if mode == "fp32" else quantized(model, mode)
     decoder = Q.StaticDecoder(m)
@@ -147,12 +147,15 @@ def test_static_decoder_matches_generate_and_compiles_whole(mode):
         expected = m.generate(prompt, new, temperature=0.0)
         assert torch.equal(decoder.generate(prompt, new), expected), mode
     torch._dynamo.reset()
-    traced = Q.StaticDecoder(m)
+    traced = Q.StaticDecoder(m)  # what compile=True does, with dynamo's 'eager' backend
+    Q.prepare_for_device(m, torch.device("cpu"))
+    traced.prefill = torch.compile(Q.prefill, dynamic=True, backend="eager")
     traced.step = torch.compile(Q.decode_step, fullgraph=True, backend="eager")
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    prompt = torch.tensor([[4, 3, 2, 1]])
-    assert torch.equal(traced.generate(prompt, 24), m.generate(prompt, 24, temperature=0.0))
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1  # 23 positions, one graph
+    for prompt in (torch.tensor([[1, 2, 3, 4, 5, 6, 7]]), torch.tensor([[4, 3, 2, 1]])):
+        assert torch.equal(traced.generate(prompt, 24), m.generate(prompt, 24, temperature=0.0))
+    # two prompt lengths and 46 positions: one graph for prefill, one for the step
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 2
     with torch.no_grad():  # the step's logits and cache entries, not just its argmax, against model.forward's
         cache = KVCache(m.config, 1)
         m(prompt, cache=cache)  # positions 0-3
