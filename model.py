@@ -133,6 +133,102 @@ class Block(nn.Module):
         return x, att
 
 
+def newton_schulz(G: torch.Tensor, coefficients: tuple, steps: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """G (m, n) -> about U V^T of its SVD G = U S V^T, by `steps` quintic Newton-Schulz iterations in `dtype`:
+    torch.optim.Muon's orthogonalization (torch/optim/_muon.py, after Keller Jordan's muon.py), which always works
+    in bfloat16. Its coefficients trade accuracy for speed: singular values end near 1 (up to 1.2), not at 1,
+    which does not hurt training (Keller Jordan, https://kellerjordan.github.io/posts/muon/)."""
+    a, b, c = coefficients
+    X = G.to(dtype)
+    if G.size(0) > G.size(1):
+        X = X.T  # (n, m): iterate on the short side, where X X^T is the smaller Gram matrix
+    X = X / X.norm().clamp(min=eps)  # spectral norm <= Frobenius norm = 1, inside the iteration's basin
+    for _ in range(steps):
+        A = X @ X.T
+        B = torch.addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        X = torch.addmm(X, B, X, beta=a)  # a X + B X = a X + b (X X^T) X + c (X X^T)^2 X
+    return X.T if G.size(0) > G.size(1) else X
+
+
+@torch.no_grad()
+def muon_step(muon: torch.optim.Optimizer, dtype: torch.dtype):
+    """torch.optim.Muon's step, line for line (_single_tensor_muon, default learning-rate adjustment), with the
+    Newton-Schulz iterations in `dtype`, on that optimizer's own groups and state: checkpoints are the same
+    either way, and in bfloat16 the result is bit-identical to muon.step() (tests/test_muon.py checks it)."""
+    for group in muon.param_groups:
+        lr, momentum = group["lr"], group["momentum"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = muon.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p.grad)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - momentum)  # B = mu B + (1 - mu) g
+            update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf  # Nesterov: (1 - mu) g + mu B
+            update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
+            p.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay
+            p.add_(update, alpha=-lr * math.sqrt(max(1, p.size(0) / p.size(1))))  # same RMS for tall matrices
+
+
+class MuonAdamW:
+    """Muon for the hidden matrices and AdamW for the rest, used like one torch optimizer: what training loops,
+    torch.amp.GradScaler (param_groups, step) and clip_grad_norm_ touch. Its state_dict holds both states.
+    ns_dtype: the Newton-Schulz precision; torch's own Muon step runs for bfloat16, muon_step otherwise."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer, ns_dtype: torch.dtype):
+        self.muon, self.adamw, self.ns_dtype = muon, adamw, ns_dtype
+
+    @property
+    def param_groups(self) -> list:
+        return self.muon.param_groups + self.adamw.param_groups  # anew each time: load_state_dict replaces groups
+
+    def add_param_group(self, group: dict):
+        self.adamw.add_param_group(group)  # e.g. a classification head (finetune.py): AdamW, like the LM head
+
+    def step(self, closure=None):
+        if self.ns_dtype == torch.bfloat16:
+            self.muon.step()
+        else:
+            muon_step(self.muon, self.ns_dtype)
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        if set(state) != {"muon", "adamw"}:
+            raise ValueError(f"this optimizer state has the keys {sorted(state)}, not Muon + AdamW's ['adamw', "
+                             f"'muon']: the run was started with another optimizer; resume it with that one "
+                             f"(e.g. --optimizer=adamw)")
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
+
+
+def pick_ns_dtype(requested: str, device_type: str) -> tuple:
+    """-> (torch dtype, why) for Muon's Newton-Schulz iterations. 'auto': bfloat16 where matmuls have it natively
+    (CUDA tensor cores; x86 CPUs with AVX512-BF16 or AMX), float32 elsewhere, where bfloat16 matmuls are emulated:
+    on a 2-core x86 CPU, 2.5x slower than float32 without AVX512-BF16 and 12x slower with AVX2 only."""
+    choices = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+    if requested != "auto":
+        if requested not in choices:
+            raise ValueError(f"muon_ns_dtype must be 'auto', 'bfloat16' or 'float32', got {requested!r}; e.g. "
+                             f"--muon_ns_dtype=auto")
+        return choices[requested], "requested"
+    if device_type == "cuda":
+        return torch.bfloat16, "tensor cores"
+    cpu_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    cpu_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    if device_type == "cpu" and (cpu_bf16 or cpu_amx):
+        return torch.bfloat16, "the CPU has AVX512-BF16" + (" and AMX" if cpu_amx else "")
+    return torch.float32, (f"bfloat16 matmuls are emulated on {device_type}" if device_type != "cpu" else
+                           "the CPU has no AVX512-BF16 or AMX: bfloat16 matmuls are emulated, slower than float32")
+
+
 class GPT(nn.Module):
 
     def __init__(self, config: GPTConfig):
@@ -215,17 +311,45 @@ class GPT(nn.Module):
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
-    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple, device_type: str):
-        """AdamW; weight decay on matrices and embeddings (>= 2-D), none on biases and LayerNorm gains."""
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple, device_type: str,
+                             optimizer: str = "adamw", muon_lr: float = 0.02, muon_momentum: float = 0.95,
+                             muon_ns_steps: int = 5, muon_ns_dtype: str = "auto"):
+        """optimizer='adamw': AdamW; weight decay on matrices and embeddings (>= 2-D), none on biases and LayerNorm
+        gains. optimizer='muon': Muon at muon_lr for the 2-D weights inside the blocks, AdamW as above at
+        learning_rate for the rest (the embeddings, which are also the LM head, LayerNorms and biases), both with
+        weight decay per group. Every group's "lr_scale" is its learning rate over learning_rate: a training loop
+        sets group["lr"] = lr * group.get("lr_scale", 1.0), so one schedule drives both optimizers.
+        muon_ns_steps and muon_ns_dtype: Newton-Schulz iterations and their precision (see pick_ns_dtype)."""
+        if optimizer not in ("adamw", "muon"):
+            raise ValueError(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}; e.g. --optimizer=muon")
         params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
+        hidden = set()
+        if optimizer == "muon":
+            hidden = {id(p) for p in self.transformer.h.parameters() if p.requires_grad and p.dim() == 2}
+        decay = [p for p in params if p.dim() >= 2 and id(p) not in hidden]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         # the fused kernel does the whole update in one pass (CUDA, and CPU since torch 2.4: ~3x faster there)
         fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
         extra = dict(fused=True) if fused else dict()
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+        if optimizer == "adamw":
+            return adamw
+        if not hasattr(torch.optim, "Muon"):
+            raise ValueError(f"optimizer='muon' needs torch.optim.Muon (torch >= 2.9), this is torch "
+                             f"{torch.__version__}: pip install 'torch>=2.9', or use --optimizer=adamw")
+        ns_dtype, _ = pick_ns_dtype(muon_ns_dtype, device_type)
+        if learning_rate <= 0 or muon_lr <= 0:
+            raise ValueError(f"optimizer='muon' needs learning_rate > 0 and muon_lr > 0 (the schedule scales both), "
+                             f"got learning_rate={learning_rate!r}, muon_lr={muon_lr!r}")
+        matrices = [p for p in params if id(p) in hidden]
+        # Muon (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/): Nesterov momentum, then the update
+        # orthogonalized by ns_steps Newton-Schulz iterations, scaled by sqrt(max(1, fan_out / fan_in))
+        muon = torch.optim.Muon([{"params": matrices, "lr_scale": muon_lr / learning_rate}], lr=muon_lr,
+                                weight_decay=weight_decay, momentum=muon_momentum, nesterov=True,
+                                ns_steps=muon_ns_steps)
+        return MuonAdamW(muon, adamw, ns_dtype)
 
     def flops_per_token(self, T: Optional[int] = None) -> int:
         """Training FLOPs (forward + backward) per token at context T: 6N for the weights plus 12*L*C*T for
