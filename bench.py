@@ -272,8 +272,9 @@ if peak:
     # with the operation decoding is made of, a matrix-vector product, on a matrix far larger than any cache
     big = torch.ones(8192, 8192, device=rt.device, dtype=mm_dtype)  # 256 MiB in fp32
     vec = torch.randn(8192, device=rt.device, dtype=mm_dtype)
-    t = timed({"ours": lambda: big @ vec})["ours"]
-    gbs = [big.numel() * big.element_size() / s / 1e9 for s in t]
+    reps = 20 if cuda else 1  # on a GPU one product (~30 us) is not much longer than a synchronisation
+    t = timed({"ours": lambda: [big @ vec for _ in range(reps)]})["ours"]
+    gbs = [reps * big.numel() * big.element_size() / s / 1e9 for s in t]
     peak_bandwidth = max(gbs) * 1e9
     add("memory bandwidth (matrix-vector)", "GB/s", gbs, note="max is the decoding bound")
     del big, vec
@@ -489,9 +490,10 @@ if decode:
                 targets.append((f"decode tok/s, {m} / bf16 weights ({how})", f"{ratio:.2f}x", f">= {goal}x",
                                 ratio >= goal))
     # ------------------------------------------------------------------------------------------
-    # one int8 matmul of decoding (the attention's 768 -> 2304 at one row), three ways, on CUDA: what Int8Linear
-    # does eagerly (dequantize, then a bf16 matmul), torch's own int8 kernel (not used, see quantize.Int8Linear),
-    # and the bf16 weight it replaces. 100 calls per timed run: one call is shorter than a synchronisation.
+    # one int8 matmul of decoding (the attention's 768 -> 2304 at one row) on CUDA, every way: what Int8Linear
+    # does eagerly (dequantize, then a bf16 matmul) and compiled (one fused reduction), torch's own int8 kernel
+    # (not used, see quantize.Int8Linear), and the bf16 weight it replaces, eager and compiled. 100 calls per
+    # timed run: one call is shorter than a synchronisation.
     if cuda and "int8" in models:
         layer = models["int8"].transformer.h[0].attn.c_attn
         xv = torch.randn(1, n_embd, device=rt.device, dtype=wdtype)
@@ -499,6 +501,12 @@ if decode:
         ways = {"int8 dequantize (Int8Linear, eager)": lambda: layer(xv),
                 "int8 torch._weight_int8pack_mm": lambda: torch._weight_int8pack_mm(xv, layer.weight, layer.scales),
                 f"{rt.dtype} weight": lambda: torch.nn.functional.linear(xv, w16)}
+        if decode_compile:
+            options = {"coordinate_descent_tuning": decode_tune}
+            fused = torch.compile(layer, fullgraph=True, options=options)
+            dense = torch.compile(lambda v: torch.nn.functional.linear(v, w16), fullgraph=True, options=options)
+            ways["int8 fused (Int8Linear, compiled)"] = lambda: fused(xv)
+            ways[f"{rt.dtype} weight, compiled"] = lambda: dense(xv)
         with torch.no_grad():
             try:
                 ways["int8 torch._weight_int8pack_mm"]()

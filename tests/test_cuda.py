@@ -162,9 +162,9 @@ def test_fused_adamw_matches_the_reference_implementation():
 
 def test_fp16_grad_scaler_survives_overflowing_steps(tmp_path):
     """fp16 autocast with a GradScaler in train.py's order (scale, backward, unscale_, clip, step, update) on the
-    fused AdamW. A scale of 2^30 makes the first backward overflow fp16 (max 65504): such a step must leave the
-    weights untouched and halve the scale, until the scale fits and the steps apply and stay finite. Then
-    train.py itself with --dtype=float16."""
+    fused AdamW. With a scale of 2^30 the first backwards overflow fp16 (max 65504: the logits' gradients are about
+    scale / 256 tokens until the scale is below 2^24): such a step must leave the weights untouched and halve the
+    scale, until the scale fits and the steps apply and stay finite. Then train.py itself with --dtype=float16."""
     model = tiny()
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cuda")
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 30)
@@ -172,7 +172,7 @@ def test_fp16_grad_scaler_survives_overflowing_steps(tmp_path):
     x = torch.randint(0, 64, (8, 32), device=DEV, generator=g)
     y = torch.roll(x, -1, dims=1)
     skipped = applied = 0
-    for _ in range(40):
+    for i in range(40):
         before = [p.detach().clone() for p in model.parameters()]
         scale = scaler.get_scale()
         with torch.autocast("cuda", dtype=torch.float16):
@@ -188,10 +188,10 @@ def test_fp16_grad_scaler_survives_overflowing_steps(tmp_path):
             assert not moved and scaler.get_scale() == scale / 2, (scale, scaler.get_scale())
             skipped += 1
         else:
-            assert moved
+            assert moved and i > 0, f"step {i} applied at a scale of {scale}"  # the first one must overflow
             applied += 1
         assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
-    assert skipped >= 10 and applied >= 5, (skipped, applied)
+    assert skipped >= 3 and applied >= 20, (skipped, applied)
     data = char_data(tmp_path / "data")
     r = train(tmp_path, f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", "--dtype=float16", "--max_iters=20",
               "--eval_interval=20")
