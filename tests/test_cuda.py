@@ -15,7 +15,6 @@ the Triton and inductor caches and HOME in a temporary folder.
 
 import json
 import os
-import re
 import subprocess
 import sys
 
