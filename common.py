@@ -425,9 +425,10 @@ def load_model(init_from: str, out_dir: str = "", device: str = "cpu", dropout: 
 
 
 # keys that may change between the legs of one run: where and how it runs, how often it reports, how long it goes
-MAY_CHANGE = ("init_from", "out_dir", "ckpt_name", "max_iters", "epochs", "lr_decay_iters", "eval_interval",
-              "eval_iters", "eval_only", "log_interval", "sample_interval", "sample_prompt", "sample_tokens", "num_samples",
-              "max_new_tokens", "always_save_checkpoint", "save_best", "final_eval", "predict", "wandb_log",
+# (and the peak learning rate, the fix for a run that diverged)
+MAY_CHANGE = ("init_from", "out_dir", "ckpt_name", "max_iters", "epochs", "lr_decay_iters", "learning_rate",
+              "eval_interval", "eval_iters", "eval_only", "log_interval", "sample_interval", "sample_prompt",
+              "sample_tokens", "num_samples", "max_new_tokens", "always_save_checkpoint", "save_best", "final_eval", "predict", "wandb_log",
               "wandb_project", "wandb_run_name", "wandb_mode", "device", "dtype", "compile", "data_dir", "cache_dir",
               "peak_flops")
 
@@ -440,8 +441,8 @@ def resume_run(config: dict, explicit: set, kinds: tuple, script: str, may_chang
     ckpt = load_checkpoint(path)
     if ckpt["kind"] not in kinds or ckpt.get("resume") is None:
         what = "weights only, no optimizer state" if ckpt.get("resume") is None else "another script's run"
-        raise ValueError(f"{path!r} is a {ckpt['kind']!r} checkpoint ({what}); {script} --init_from=resume continues "
-                         f"only its own runs ({', '.join(kinds)}). To start a new {script} run from this model: "
+        raise ValueError(f"{path!r} is a checkpoint of kind {ckpt['kind']!r} ({what}); {script} --init_from=resume "
+                         f"continues only its own runs ({', '.join(kinds)}). To start a new run of {script} from it: "
                          f"--init_from={os.path.dirname(path) or '.'} --out_dir=NEW_DIR")
     saved = ckpt["config"]
     out = dict(config)

@@ -300,7 +300,7 @@ def test_config_errors(args, error, match, main):
 def test_checkpoint_and_data_errors(workdir, main):
     start = str(workdir / "start")
     for args, match in (([f"--init_from={start}", f"--out_dir={start}"], r"is this run's own checkpoint"),
-                        ([f"--init_from=resume", f"--out_dir={start}"], r"'imported' checkpoint .*align.py "
+                        ([f"--init_from=resume", f"--out_dir={start}"], r"kind 'imported' .*align.py "
                          r"--init_from=resume continues only its own runs \(dpo\)"),
                         ([f"--init_from={start}", "--block_size=64"], r"block_size=64 exceeds the model's context"),
                         ([f"--init_from={start}", "--block_size=32", "--val_pairs=500", f"--cache_dir={workdir}/cache"],

@@ -88,7 +88,7 @@ def test_resume_run_saved_config_is_the_base(tmp_path):
                        explicit=explicit)
     with pytest.raises(ValueError, match=r"would make another run: batch_size: 8 -> 2"):
         common.resume_run(config, explicit, ("pretrain",), "train.py")
-    with pytest.raises(ValueError, match=r"is a 'pretrain' checkpoint \(another script's run\).*--init_from="):
+    with pytest.raises(ValueError, match=r"is a checkpoint of kind 'pretrain' \(another script's run\).*--init_from="):
         common.resume_run(config, set(), ("dpo",), "align.py")
 
 

@@ -519,7 +519,7 @@ def test_checkpoints_of_other_jobs(tmp_path, monkeypatch):
     pre = common.make_checkpoint("pretrain", config={"dataset": "x"}, resume=common.resume_state(
         5, "val_loss", 3.0, gpt.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu").state_dict()), **args)
     common.save_checkpoint(pre, str(tmp_path / "pre" / "ckpt.pt"))
-    with pytest.raises(ValueError, match=r"is a 'pretrain' checkpoint \(another script's run\); finetune.py --init_from=resume "
+    with pytest.raises(ValueError, match=r"is a checkpoint of kind 'pretrain' \(another script's run\); finetune.py --init_from=resume "
                                          r"continues only its own runs \(sft, classify\).*--init_from=.*pre"):
         run_here(["--init_from=resume", f"--out_dir={tmp_path / 'pre'}"], monkeypatch)
     q = common.make_checkpoint("quantized", config={}, quantization={"mode": "int8", "source": "out-x/ckpt.pt"}, **args)
@@ -593,5 +593,5 @@ def test_classify_reaches_high_accuracy_reports_per_class_predicts_and_resumes(t
               f"--cache_dir={tmp_path / 'cache'}"], monkeypatch)
     assert "(classify, iteration 150) with its saved config: changed" in capsys.readouterr().out
     assert load_checkpoint(str(out_dir))["resume"]["iter_num"] == 155
-    with pytest.raises(ValueError, match=r"would make another run: learning_rate: 0.003 -> 0.1"):
-        run_here(["--init_from=resume", f"--out_dir={out_dir}", "--learning_rate=0.1"], monkeypatch)
+    with pytest.raises(ValueError, match=r"would make another run: weight_decay: 0.1 -> 0.5"):
+        run_here(["--init_from=resume", f"--out_dir={out_dir}", "--weight_decay=0.5"], monkeypatch)

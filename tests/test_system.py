@@ -74,6 +74,11 @@ RUNNER = textwrap.dedent('''
             deadline = t0 + job["kill_after"]
             while time.time() < deadline and alive():
                 time.sleep(0.001)
+            log_path = os.path.join(job.get("dir", "."), "log.jsonl")
+            while job.get("after_log_lines") and alive():  # then until the run has logged that many lines
+                if os.path.exists(log_path) and sum(1 for _ in open(log_path)) >= job["after_log_lines"]:
+                    break
+                time.sleep(0.0005)
             tmp_pattern = os.path.join(job.get("dir", "."), "*.tmp")
             if alive() and job.get("second_signal_on_tmp"):
                 os.kill(pid, signal.SIGINT)
@@ -100,9 +105,10 @@ def runner():
     p = subprocess.Popen([sys.executable, "-c", RUNNER], cwd=ROOT, env=env, stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
 
-    def run(argv, out, kill_after=None, sig=signal.SIGKILL, folder=".", second_signal_on_tmp=False):
+    def run(argv, out, kill_after=None, sig=signal.SIGKILL, folder=".", second_signal_on_tmp=False,
+            after_log_lines=0):
         job = {"argv": argv, "out": str(out), "kill_after": kill_after, "signal": int(sig), "dir": str(folder),
-               "second_signal_on_tmp": second_signal_on_tmp}
+               "second_signal_on_tmp": second_signal_on_tmp, "after_log_lines": after_log_lines}
         p.stdin.write(json.dumps(job) + "\n")
         p.stdin.flush()
         return json.loads(p.stdout.readline())
@@ -243,8 +249,11 @@ def expected(producer: str, consumer: str):
     return None
 
 
-def test_every_checkpoint_in_every_script(tmp_path, runner, capsys):
-    import shutil
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, runner):
+    """Char-level data of 96 characters, instruction / classification / preference records (train and val), a
+    text file, the three trainers' tiny command lines, and a pre-trained checkpoint made from them."""
+    tmp_path = tmp_path_factory.mktemp("inputs")
     tok = CharTokenizer(list(CHARS))
     text = "".join(TEXT + "".join(CHARS[1:]) + "\n" for _ in range(3))
     data = tmp_path / "data"
@@ -266,34 +275,46 @@ def test_every_checkpoint_in_every_script(tmp_path, runner, capsys):
     tiny = ["--device=cpu", "--compile=False", "--log_interval=1", "--eval_interval=1", "--seed=1"]
     ft = [*tiny, "--batch_size=2", "--eval_iters=1", "--max_iters=2", "--warmup_iters=0", "--learning_rate=1e-3",
           "--block_size=32", "--sample_interval=0", "--prompt_template=none"]
-    ft_sft = [*ft, f"--dataset={files['sft', 'train']}", f"--val_split={files['sft', 'val']}"]
-    ft_cls = [*ft, "--task=classify", f"--dataset={files['cls', 'train']}", f"--val_split={files['cls', 'val']}",
-              "--final_eval=False"]
-    al = [*tiny, f"--dataset={files['pairs', 'train']}", f"--val_split={files['pairs', 'val']}", "--max_iters=2",
-          "--batch_size=2", "--total_batch_pairs=2", "--val_pairs=4", "--block_size=32", "--warmup_iters=0",
-          "--learning_rate=1e-4"]
-    tr = [*tiny, f"--data_dir={data}", "--batch_size=2", "--total_batch_size=0", "--block_size=32", "--eval_iters=1",
-          "--warmup_iters=0", "--learning_rate=1e-3", "--min_lr=1e-4", "--max_iters=2", "--lr_decay_iters=2"]
+    args = {
+        "ft_sft": [*ft, f"--dataset={files['sft', 'train']}", f"--val_split={files['sft', 'val']}"],
+        "ft_cls": [*ft, "--task=classify", f"--dataset={files['cls', 'train']}", f"--val_split={files['cls', 'val']}",
+                   "--final_eval=False"],
+        "al": [*tiny, f"--dataset={files['pairs', 'train']}", f"--val_split={files['pairs', 'val']}", "--max_iters=2",
+               "--batch_size=2", "--total_batch_pairs=2", "--val_pairs=4", "--block_size=32", "--warmup_iters=0",
+               "--learning_rate=1e-4"],
+        "tr": [*tiny, f"--data_dir={data}", "--batch_size=2", "--total_batch_size=0", "--block_size=32",
+               "--eval_iters=1", "--warmup_iters=0", "--learning_rate=1e-3", "--min_lr=1e-4", "--max_iters=2",
+               "--lr_decay_iters=2"],
+    }
+    pre = tmp_path / "pre"
+    r = runner(["train.py", *args["tr"], "--n_layer=2", "--n_head=2", "--n_embd=32", f"--out_dir={pre}"],
+               tmp_path / "pre.txt", folder=pre)
+    assert r["code"] == 0, open(tmp_path / "pre.txt").read()[-3000:]
+    return dict(dir=tmp_path, data=data, files=files, pre=pre, **args)
+
+
+def test_every_checkpoint_in_every_script(tmp_path, runner, inputs, capsys):
+    import shutil
+    data, tr, ft_sft, ft_cls, al = inputs["data"], inputs["tr"], inputs["ft_sft"], inputs["ft_cls"], inputs["al"]
+    pre = inputs["pre"]
 
     def run(argv, name):
         r = runner(argv, tmp_path / f"{name}.txt", folder=tmp_path)
         return r["code"], open(tmp_path / f"{name}.txt").read()
 
-    made = {}  # producer -> checkpoint path
+    made = {"pretrain": pre / "ckpt.pt"}  # producer -> checkpoint path
     steps = [
-        ("pretrain", ["train.py", *tr, "--n_layer=2", "--n_head=2", "--n_embd=32", f"--out_dir={tmp_path / 'pre'}"],
-         tmp_path / "pre" / "ckpt.pt"),
-        ("sft", ["finetune.py", *ft_sft, f"--init_from={tmp_path / 'pre'}", f"--out_dir={tmp_path / 'sft'}"],
+        ("sft", ["finetune.py", *ft_sft, f"--init_from={pre}", f"--out_dir={tmp_path / 'sft'}"],
          tmp_path / "sft" / "ckpt.pt"),
-        ("classify", ["finetune.py", *ft_cls, f"--init_from={tmp_path / 'pre'}", f"--out_dir={tmp_path / 'cls'}"],
+        ("classify", ["finetune.py", *ft_cls, f"--init_from={pre}", f"--out_dir={tmp_path / 'cls'}"],
          tmp_path / "cls" / "ckpt.pt"),
         ("dpo", ["align.py", *al, f"--init_from={tmp_path / 'sft'}", f"--out_dir={tmp_path / 'dpo'}"],
          tmp_path / "dpo" / "ckpt.pt"),
         ("imported", ["load_openai.py", f"--from_dir={os.path.join(ROOT, 'tests', 'fixtures', 'gpt2_tiny_tf')}",
                       f"--out_dir={tmp_path / 'imp'}"], tmp_path / "imp" / "ckpt.pt"),
-        ("int8", ["quantize.py", f"--init_from={tmp_path / 'pre'}", "--mode=int8", f"--out_dir={tmp_path / 'q8'}",
+        ("int8", ["quantize.py", f"--init_from={pre}", "--mode=int8", f"--out_dir={tmp_path / 'q8'}",
                   "--device=cpu"], tmp_path / "q8" / "ckpt_int8.pt"),
-        ("int4", ["quantize.py", f"--init_from={tmp_path / 'pre'}", "--mode=int4", "--group_size=32",
+        ("int4", ["quantize.py", f"--init_from={pre}", "--mode=int4", "--group_size=32",
                   f"--out_dir={tmp_path / 'q4'}", "--device=cpu"], tmp_path / "q4" / "ckpt_int4.pt"),
     ]
     for producer, argv, path in steps:
@@ -316,7 +337,7 @@ def test_every_checkpoint_in_every_script(tmp_path, runner, capsys):
                 "align init": ["align.py", *al, f"--init_from={path}", f"--out_dir={new}"],
                 "sample": ["sample.py", f"--init_from={path}", "--device=cpu", "--num_samples=1",
                            "--max_new_tokens=3", "--start=From"],
-                "eval": ["eval.py", f"--init_from={path}", "--task=perplexity", f"--text_file={tmp_path / 'text.txt'}",
+                "eval": ["eval.py", f"--init_from={path}", "--task=perplexity", f"--text_file={inputs['dir'] / 'text.txt'}",
                          "--device=cpu", f"--out_dir={new}"],
                 "attention_viz": ["attention_viz.py", f"--init_from={path}", "--text=From fairest creatures",
                                   f"--out_dir={new}", "--device=cpu"],
@@ -352,3 +373,51 @@ def re_clear(line: str) -> bool:
     """A clear error: one of the exception types the scripts raise for bad input, with its message."""
     import re
     return re.match(r"^(ValueError|FileNotFoundError|TypeError): \S", line) is not None
+
+
+@pytest.mark.parametrize("trainer", ["train", "finetune", "align"])
+def test_signals_at_random_moments_in_every_trainer(tmp_path, runner, inputs, trainer, capsys):
+    """Each trainer gets SIGINT and SIGTERM at 3 seeded random iterations each (once its log.jsonl has a random
+    number of lines). Every time: it exits 128 + signal (or had already finished), its checkpoint loads, and `--init_from=resume --out_dir=X` alone ends on the
+    uninterrupted run's final figures, bit for bit. Dropout is on: the random state must be restored too."""
+    start = {"train": [], "finetune": [f"--init_from={inputs['pre']}"], "align": [f"--init_from={inputs['pre']}"]}
+    argv = {"train": ["train.py", *inputs["tr"], "--n_layer=2", "--n_head=2", "--n_embd=32", "--max_iters=40",
+                      "--lr_decay_iters=40", "--eval_interval=40"],
+            "finetune": ["finetune.py", *inputs["ft_sft"], "--max_iters=40", "--eval_interval=40"],
+            "align": ["align.py", *inputs["al"], "--max_iters=40", "--eval_interval=40"]}[trainer]
+    argv = [*argv, *start[trainer], "--dropout=0.1"]
+
+    def final(out):
+        recs = log(out)
+        train_losses = [r["loss"] for r in recs if "loss" in r and r.get("type", r.get("split", "train")) == "train"]
+        return train_losses, recs[-1] if recs else None
+
+    ref = tmp_path / "ref"
+    r = runner([*argv, f"--out_dir={ref}"], tmp_path / "ref.txt", folder=ref)
+    assert r["code"] == 0, open(tmp_path / "ref.txt").read()[-3000:]
+    want_losses, _ = final(ref)
+    assert len(want_losses) >= 40
+    rng = np.random.default_rng({"train": 1, "finetune": 2, "align": 3}[trainer])
+    stopped = 0
+    for trial, sig in enumerate([signal.SIGINT, signal.SIGTERM] * 3):
+        out = tmp_path / f"t{trial}"
+        lines = int(rng.integers(2, 36))  # a random iteration: after that many lines of log.jsonl
+        k = runner([*argv, f"--out_dir={out}"], tmp_path / f"t{trial}.txt", kill_after=0.0, sig=sig, folder=out,
+                   after_log_lines=lines)
+        text = open(tmp_path / f"t{trial}.txt").read()
+        assert k["code"] in (0, 128 + sig), f"trial {trial}: exit {k['code']}\n{text[-3000:]}"
+        assert k["tmp"] == []
+        if k["code"] == 0:
+            continue  # the signal came after the run ended
+        stopped += 1
+        assert f"--init_from=resume --out_dir={out}" in text, text[-2000:]
+        state = load_checkpoint(str(out / "ckpt.pt"))["resume"]
+        res = runner([f"{trainer}.py", "--init_from=resume", f"--out_dir={out}"], tmp_path / f"t{trial}-r.txt",
+                     folder=out)
+        assert res["code"] == 0, open(tmp_path / f"t{trial}-r.txt").read()[-3000:]
+        got_losses, _ = final(out)
+        assert got_losses == want_losses, f"{trainer} trial {trial} ({signal.Signals(sig).name} at iteration " \
+                                          f"{state['iter_num']}): the resumed losses differ"
+    with capsys.disabled():
+        print(f"\n{trainer}: {stopped}/6 signals stopped the run; every resume equal to the uninterrupted run")
+    assert stopped >= 5
