@@ -6,6 +6,7 @@
 #
 #     make gpu-check                                        # or: bash runs/gpu_check.sh
 #     GPU_CHECK_DIR=out-h100 TEST_TIMEOUT=300 bash runs/gpu_check.sh
+#     PYTHON=python3 bash runs/gpu_check.sh                 # an offline GPU machine whose python3 has torch
 #
 # Without a CUDA device it stops at once with an error (the CUDA tests would only be skipped).
 set -euo pipefail
