@@ -185,7 +185,8 @@ def test_train_signal_saves_and_a_bare_resume_finishes_identically(tmp_path, run
     argv = [*TRAIN, f"--data_dir={data}", "--eval_interval=30"]  # no evaluation to save at: the signal must
     r = runner([*argv, f"--out_dir={ref}"], tmp_path / "ref.txt")
     assert r["code"] == 0
-    k = runner([*argv, f"--out_dir={out}"], tmp_path / "k.txt", kill_after=r["seconds"] * 0.6, sig=sig, folder=out)
+    k = runner([*argv, f"--out_dir={out}"], tmp_path / "k.txt", kill_after=0.0, sig=sig, folder=out,
+               after_log_lines=15)  # mid-run: at iteration 14 or so (the first line is the eval at 0)
     text = open(tmp_path / "k.txt").read()
     assert k["code"] == 128 + sig, text[-2000:]
     assert f"{signal.Signals(sig).name}: finishing this step" in text and f"--init_from=resume --out_dir={out}" in text
@@ -204,7 +205,7 @@ def test_best_only_run_stop_goes_to_ckpt_last(tmp_path, runner):
     out = tmp_path / "out"
     argv = [*TRAIN, f"--data_dir={data}", f"--out_dir={out}", "--always_save_checkpoint=False", "--max_iters=3000",
             "--lr_decay_iters=3000", "--eval_interval=2"]
-    runner(argv, tmp_path / "a.txt", kill_after=4.0, sig=signal.SIGINT, folder=out)
+    runner(argv, tmp_path / "a.txt", kill_after=0.0, sig=signal.SIGINT, folder=out, after_log_lines=60)
     best, last = load_checkpoint(str(out / "ckpt.pt")), load_checkpoint(str(out / "ckpt_last.pt"))
     assert last["resume"]["iter_num"] >= best["resume"]["iter_num"]
     assert best["resume"]["best"]["value"] == min(e["val_loss"] for e in log(out, "eval"))
@@ -220,7 +221,7 @@ def test_second_ctrl_c_during_a_save_leaves_a_whole_checkpoint(tmp_path, runner)
     out = tmp_path / "out"
     argv = [*TRAIN, f"--data_dir={data}", f"--out_dir={out}", "--n_embd=256", "--n_head=4", "--max_iters=3000",
             "--lr_decay_iters=3000", "--eval_interval=3000"]  # a bigger model: a save takes long enough to hit
-    k = runner(argv, tmp_path / "k.txt", kill_after=5.0, folder=out, second_signal_on_tmp=True)
+    k = runner(argv, tmp_path / "k.txt", kill_after=0.0, folder=out, second_signal_on_tmp=True, after_log_lines=5)
     assert k["hit_save"] and k["tmp"] == [], k
     assert k["code"] != 0
     state = load_checkpoint(str(out / "ckpt.pt"))["resume"]
