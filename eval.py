@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from common import append_jsonl, cache_root, download, load_model, print0, progress, read_tokens, setup_runtime
+from common import (append_jsonl, cache_root, download, load_model, pad_right, print0, progress, read_tokens,
+                    setup_runtime)
 from configurator import configure
 from dataloader import load_records, read_text, report_bad
 
@@ -177,10 +178,8 @@ def lambada_item(where: str, row: dict):
 def score_batch(model, rows: list, n_vocab: int, rt) -> list:
     """rows: [(ids, n)] token sequences whose last n tokens are scored given everything before them.
     Returns [(log-probs (n,) float64, greedy (n,) bool: the target was the argmax)]."""
-    T = max(len(ids) for ids, _ in rows) - 1
-    x = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T) right-padded with token 0
-    for r, (ids, _) in enumerate(rows):
-        x[r, :len(ids) - 1] = torch.as_tensor(np.asarray(ids[:-1], dtype=np.int64))
+    inputs = [ids[:-1] for ids, _ in rows]
+    x, _ = pad_right(inputs, [[-1] * len(ids) for ids in inputs], pad_id=0)  # (B, T) right-padded with token 0
     counts = [n for _, n in rows]
     row = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(counts))  # (N,) row of each scored token
     pos = torch.cat([torch.arange(len(ids) - 1 - n, len(ids) - 1) for ids, n in rows])  # (N,) its input position
@@ -265,14 +264,6 @@ def weight_count(model) -> int:
             bias = getattr(m, "bias", None)
             n += m.in_features * m.out_features + (bias.numel() if bias is not None else 0)
     return n
-
-
-def token_bytes(tokenizer, ids) -> int:
-    """UTF-8 bytes that token ids stand for (tiktoken's exact bytes for BPE, whose tokens may split characters)."""
-    enc = getattr(tokenizer, "enc", None)
-    if enc is not None:
-        return len(enc.decode_bytes([int(i) for i in ids]))
-    return len(tokenizer.decode(ids).encode("utf-8"))
 
 
 def all_reduce_sums(sums: dict, rt) -> dict:
@@ -374,7 +365,7 @@ def eval_perplexity(model, tokenizer, window: int, n_vocab: int, rt, text: Optio
             s["tokens"] += n
             s["nll"] -= float(logp.sum())
             s["text_nll"] -= float(logp[torch.from_numpy(text)].sum())
-            s["bytes"] += token_bytes(tokenizer, ids[-n:][text])
+            s["bytes"] += len(tokenizer.token_bytes(ids[-n:][text]))  # exact bytes: BPE tokens may split characters
     s = all_reduce_sums(s, rt)
     nll = s["nll"] / s["tokens"]
     return int(s["tokens"]), {"nll": nll, "ppl": math.exp(nll), "bits_per_byte": s["text_nll"] / math.log(2) /
