@@ -42,7 +42,7 @@ from common import (GPT2_NAMES, append_jsonl, catch_signals, check_schedule, gat
 from common import peak_flops as device_peak_flops  # peak_flops is a config key
 from configurator import configure
 from dataloader import BinLoader
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, pick_ns_dtype
 from tokenizer import CharTokenizer, load_tokenizer
 
 # ----------------------------------------------------------------------------------------------
@@ -83,8 +83,9 @@ n_head = 12
 n_embd = 768
 dropout = 0.0  # 0 for pre-training, 0.1+ for fine-tuning
 bias = True  # biases in Linears and LayerNorms, as in GPT-2; False is a little faster
-# AdamW and the learning-rate schedule
-learning_rate = 6e-4  # peak learning rate
+# the optimizer and the learning-rate schedule
+optimizer = "adamw"  # 'adamw', or 'muon': Muon for the 2-D weights inside the blocks, AdamW for the rest
+learning_rate = 6e-4  # peak learning rate (of AdamW)
 max_iters = 19073  # optimizer steps in total
 weight_decay = 0.1
 beta1 = 0.9
@@ -94,6 +95,10 @@ decay_lr = True  # after the warmup: cosine decay to min_lr; False: constant lea
 warmup_iters = 715  # iterations of linear warmup
 lr_decay_iters = 19073  # where the cosine reaches min_lr (usually max_iters)
 min_lr = 6e-5  # usually learning_rate / 10
+muon_lr = 0.02  # Muon's peak learning rate; the schedule scales it with learning_rate (min: muon_lr * min_lr / learning_rate)
+muon_momentum = 0.95  # Muon's Nesterov momentum
+muon_ns_steps = 5  # Newton-Schulz iterations that orthogonalize each Muon update
+muon_ns_dtype = "auto"  # their precision: 'auto' (bfloat16 where matmuls have it natively, else float32), 'bfloat16', 'float32'
 # system
 device = "auto"  # 'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'
 dtype = "auto"  # 'auto' (bf16 on CUDA, fp16 + loss scaling on GPUs without bf16, fp32 elsewhere), 'float32', 'bfloat16', 'float16'
@@ -109,7 +114,8 @@ if init_from == "resume":  # continue the run in out_dir: its saved config is th
 # checks that need neither data nor model: a typo fails in a second, not after loading
 
 for key, allowed in dict(data_source=("bin", "stream"), data_order=("random", "sequential"),
-                         wandb_mode=("online", "offline", "disabled")).items():
+                         wandb_mode=("online", "offline", "disabled"), optimizer=("adamw", "muon"),
+                         muon_ns_dtype=("auto", "bfloat16", "float32")).items():
     if config[key] not in allowed:
         raise ValueError(f"{key} must be one of {allowed}, got {config[key]!r}; e.g. --{key}={allowed[0]}")
 for key in ("batch_size", "block_size", "eval_interval", "log_interval", "sample_tokens"):
@@ -211,7 +217,9 @@ if saved_tok != tok_meta or (vocab < 50257 if tok_meta["tokenizer"] == "gpt2" el
 model.train()
 model_args = asdict(model.config)
 
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), rt.device_type)
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), rt.device_type, optimizer=optimizer,
+                                       muon_lr=muon_lr, muon_momentum=muon_momentum, muon_ns_steps=muon_ns_steps,
+                                       muon_ns_dtype=muon_ns_dtype)  # the name in config["optimizer"], the object here
 scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")  # fp16 needs loss scaling
 if init_from == "resume":
     state = ckpt["resume"]
@@ -242,6 +250,16 @@ print0(f"batch: {total_batch_size:,} tokens per iteration = {batch_size} sequenc
        f"tokens")
 print0(f"MFU against {peak / 1e12:.1f} TFLOP/s per device ({peak_why})" if peak else "MFU: no peak known, set "
        "--peak_flops")
+if config["optimizer"] == "muon":
+    ns_dtype, ns_why = pick_ns_dtype(muon_ns_dtype, rt.device_type)
+    hidden = optimizer.muon.param_groups[0]["params"]
+    rest = sum(p.numel() for g in optimizer.adamw.param_groups for p in g["params"])
+    print0(f"optimizer: Muon for the {len(hidden)} matrices inside the blocks ({sum(p.numel() for p in hidden):,} "
+           f"parameters; lr {muon_lr:g}, momentum {muon_momentum:g}, Nesterov, {muon_ns_steps} Newton-Schulz steps in "
+           f"{str(ns_dtype)[6:]}: {ns_why}), AdamW for the embeddings, LayerNorms and biases ({rest:,} parameters; "
+           f"lr {learning_rate:g}, betas {beta1:g}/{beta2:g}); weight decay {weight_decay:g}")
+else:
+    print0(f"optimizer: AdamW (lr {learning_rate:g}, betas {beta1:g}/{beta2:g}, weight decay {weight_decay:g})")
 
 # ----------------------------------------------------------------------------------------------
 # what the loop calls: learning rate, evaluation, samples, checkpoints, logs

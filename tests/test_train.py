@@ -187,15 +187,20 @@ def test_overfits_one_batch(tmp_path, monkeypatch):
 # exact resume, DDP, interrupts
 
 
-def test_resume_continues_bit_identically(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_continues_bit_identically(tmp_path, optimizer):
     """A run of 12 iterations equals one stopped at 6 and resumed, to the last bit of every logged loss. Dropout
-    and 2 accumulation steps make sure the random state and the loader position are restored too."""
+    and 2 accumulation steps make sure the random state and the loader position are restored too; with Muon,
+    both optimizers' states (Muon's momentum, AdamW's moments) travel in the checkpoint."""
     data = char_data(tmp_path / "data")
     args = [f"--data_dir={data}", "--dropout=0.1", "--total_batch_size=128", "--lr_decay_iters=12",
-            "--eval_interval=12"]
+            "--eval_interval=12", f"--optimizer={optimizer}"]
     train(tmp_path, *args, "--max_iters=12", f"--out_dir={tmp_path / 'full'}")
     train(tmp_path, *args, "--max_iters=6", f"--out_dir={tmp_path / 'part'}")
-    assert load_checkpoint(str(tmp_path / "part"))["resume"]["iter_num"] == 6
+    saved = load_checkpoint(str(tmp_path / "part"))
+    assert saved["resume"]["iter_num"] == 6 and saved["config"]["optimizer"] == optimizer
+    if optimizer == "muon":
+        assert set(saved["resume"]["optimizer"]) == {"muon", "adamw"}
     # no other flag: the saved config is the base (only max_iters changes between the legs)
     r = subprocess.run([sys.executable, "train.py", "--init_from=resume", f"--out_dir={tmp_path / 'part'}",
                         "--max_iters=12"], cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=600)
@@ -208,13 +213,15 @@ def test_resume_continues_bit_identically(tmp_path):
     assert records(tmp_path / "part", "eval")[-1]["val_loss"] == records(tmp_path / "full", "eval")[-1]["val_loss"]
 
 
-def test_ddp_two_ranks_match_one_process_with_twice_the_accumulation(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_ddp_two_ranks_match_one_process_with_twice_the_accumulation(tmp_path, monkeypatch, capsys, optimizer):
     """BinLoader numbers batches globally: micro-step m of rank r at iteration k draws batch (k*A + m)*W + r.
     So 2 ranks x 1 micro-step and 1 rank x 2 micro-steps see the same batches at every iteration, and DDP's
-    gradient average equals the accumulated one up to float rounding. (The single process runs in-process.)"""
+    gradient average equals the accumulated one up to float rounding. Muon orthogonalizes the averaged gradient
+    on every rank alike, so the ranks stay in step. (The single process runs in-process.)"""
     data = char_data(tmp_path / "data")
     args = [f"--data_dir={data}", "--total_batch_size=128", "--max_iters=8", "--lr_decay_iters=8",
-            "--eval_interval=8"]
+            "--eval_interval=8", f"--optimizer={optimizer}"]
     run_inprocess(monkeypatch, *args, f"--out_dir={tmp_path / 'one'}")
     assert "2 accumulation step(s)" in capsys.readouterr().out
     ddp = train(tmp_path, *args, f"--out_dir={tmp_path / 'ddp'}",
