@@ -1,0 +1,28 @@
+# Stage 3 of the journey (runs/journey.sh): DPO on pairs about the same question, starting from the SFT model:
+# chosen = the true next speaker, rejected = the one who spoke last (data/shakespeare_tasks/prepare.py).
+#   python align.py config/journey_dpo.py
+# The reference is the SFT model, so the held-out reward accuracy starts at exactly 0.5.
+
+out_dir = "out-journey/dpo"
+init_from = "out-journey/sft"
+dataset = "out-journey/data/tasks/dpo_train.jsonl"
+val_split = "out-journey/data/tasks/dpo_val.jsonl"  # the held-out plays' questions
+val_pairs = 400
+prompt_template = "none"  # the prompts are already in finetune.py's template (with the excerpt as its input)
+block_size = 128
+
+loss_type = "dpo"
+beta = 0.1  # the DPO paper's value
+precompute_ref = True  # the reference's log-probs once, up front: no second model in memory
+
+batch_size = 8
+total_batch_pairs = 16
+max_iters = 100  # 1,600 pairs: 0.8 passes over the 2,000 training pairs
+learning_rate = 1e-4  # far above the paper's 1e-6 for 2.8B+ models: a 7M-parameter model needs the larger step
+warmup_iters = 10
+lr_schedule = "constant"
+
+eval_interval = 25
+log_interval = 5
+device = "cpu"
+compile = False

