@@ -779,6 +779,20 @@ def read_jsonl(path: str) -> list:
     return out
 
 
+def start_log(out_dir: str, resume_iter: Optional[int]) -> str:
+    """out_dir/log.jsonl for this run (rank 0 calls it). A resumed run keeps what was logged up to its checkpoint's
+    iteration (the rest is logged again); a new run moves an earlier run's log aside, saying so."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "log.jsonl")
+    if resume_iter is not None:
+        truncate_log(path, resume_iter)
+    elif os.path.exists(path):
+        os.replace(path, os.path.join(out_dir, "log.prev.jsonl"))
+        print0(f"WARNING: {out_dir!r} holds an earlier run; this one overwrites its checkpoint at the first save (its "
+               f"log is now log.prev.jsonl). To continue that run instead: --init_from=resume --out_dir={out_dir}")
+    return path
+
+
 def truncate_log(path: str, iter_num: int):
     """Keep what a log recorded up to iteration iter_num (a resumed run logs the rest again), atomically."""
     if not os.path.exists(path):

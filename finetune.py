@@ -41,7 +41,7 @@ from torch.nn import functional as F
 from common import (MAY_CHANGE, append_jsonl, catch_signals, check_schedule, gather_objects, init_wandb, last_name,
                     load_model, lr_at, make_checkpoint, model_from_checkpoint, pad_right, plot_curves, print0,
                     progress, read_jsonl, restore_rng, resume_command, resume_run, resume_state, rng_state,
-                    save_checkpoint, setup_runtime, stop_exit, tokenizer_for, truncate_log)
+                    save_checkpoint, setup_runtime, start_log, stop_exit, tokenizer_for)
 from configurator import configure
 from dataloader import COMPRESSIONS, RECORD_FORMATS, load_records, report_bad
 from model import GPT, GPTConfig
@@ -602,13 +602,7 @@ if __name__ == "__main__":  # the helpers above are imported by align.py and sam
     # what the loop calls: checkpoints, evaluation, logs
     log_path = os.path.join(out_dir, "log.jsonl")
     if master:
-        os.makedirs(out_dir, exist_ok=True)
-        if iter_num:
-            truncate_log(log_path, iter_num)  # what was logged after the checkpoint is logged again
-        elif os.path.exists(log_path):
-            os.replace(log_path, os.path.join(out_dir, "log.prev.jsonl"))
-            print0(f"WARNING: {out_dir!r} holds an earlier run; this one overwrites its checkpoint at the first save "
-                   f"(its log is now log.prev.jsonl). To continue that run instead: --init_from=resume")
+        start_log(out_dir, iter_num if init_from == "resume" else None)  # a resume logs the rest again
     wandb_run = init_wandb(wandb_project, wandb_run_name, config, wandb_mode, out_dir) if wandb_log and master else None
 
     def record(rec: dict):
