@@ -24,32 +24,16 @@ import torch
 from torch.nn import functional as F
 
 import quantize as Q
-from common import load_checkpoint, write_tokens
+from common import load_checkpoint
 from dataloader import BinLoader
 from model import GPT, GPTConfig, KVCache
-from tokenizer import CharTokenizer
+from test_train import char_data  # three sonnets as prepared char data
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() "
                                                                       "is False)")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEV = "cuda"
-# public domain: Shakespeare's sonnet 18
-TEXT = """Shall I compare thee to a summer's day?
-Thou art more lovely and more temperate:
-Rough winds do shake the darling buds of May,
-And summer's lease hath all too short a date;
-Sometime too hot the eye of heaven shines,
-And often is his gold complexion dimm'd;
-And every fair from fair sometime declines,
-By chance or nature's changing course untrimm'd;
-But thy eternal summer shall not fade,
-Nor lose possession of that fair thou ow'st;
-Nor shall death brag thou wander'st in his shade,
-When in eternal lines to time thou grow'st:
-So long as men can breathe or eyes can see,
-So long lives this, and this gives life to thee.
-""" * 4
 TINY = ["--device=cuda", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16",
         "--batch_size=4", "--total_batch_size=0", "--data_order=random", "--eval_iters=2", "--log_interval=1",
         "--warmup_iters=2", "--learning_rate=1e-2", "--min_lr=1e-3", "--seed=7"]
@@ -78,18 +62,6 @@ def tiny(seed: int = 0, **kw) -> GPT:
     torch.manual_seed(seed)
     shape = dict(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32) | kw
     return GPT(GPTConfig(**shape)).to(DEV)
-
-
-def char_data(folder) -> str:
-    """train.bin / val.bin / meta.pkl of TEXT (last 10% = val), as data/shakespeare_char/prepare.py writes them."""
-    os.makedirs(folder, exist_ok=True)
-    tok = CharTokenizer.from_text(TEXT)
-    ids = np.array(tok.encode(TEXT), dtype=np.uint16)
-    n = int(len(ids) * 0.9)
-    write_tokens(os.path.join(folder, "train.bin"), ids[:n])
-    write_tokens(os.path.join(folder, "val.bin"), ids[n:])
-    tok.save(os.path.join(folder, "meta.pkl"))
-    return str(folder)
 
 
 def train(tmp_path, *args, launcher=(sys.executable,), extra_env=None) -> subprocess.CompletedProcess:

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from common import load_checkpoint, write_tokens
+from test_train import char_data as prepared_chars
 from tokenizer import CharTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,14 +119,7 @@ def runner():
 
 
 def char_data(folder) -> str:
-    os.makedirs(folder, exist_ok=True)
-    tok = CharTokenizer.from_text(TEXT)
-    ids = np.array(tok.encode(TEXT), dtype=np.uint16)
-    n = int(len(ids) * 0.9)
-    write_tokens(os.path.join(folder, "train.bin"), ids[:n])
-    write_tokens(os.path.join(folder, "val.bin"), ids[n:])
-    tok.save(os.path.join(folder, "meta.pkl"))
-    return str(folder)
+    return prepared_chars(folder, TEXT)
 
 
 def log(out_dir, kind=None) -> list:
@@ -331,7 +325,7 @@ def test_every_checkpoint_in_every_script(tmp_path, runner, inputs, capsys):
             os.makedirs(new)
             shutil.copy(path, os.path.join(new, "ckpt.pt"))
             state = load_checkpoint(str(path))["resume"]
-            more = [f"--init_from=resume", f"--out_dir={new}", f"--max_iters={(state or {}).get('iter_num', 0) + 1}"]
+            more = ["--init_from=resume", f"--out_dir={new}", f"--max_iters={(state or {}).get('iter_num', 0) + 1}"]
             return [f"{consumer.split()[0]}.py", *more]
         return {"train init": ["train.py", *tr, f"--init_from={path}", f"--out_dir={new}"],
                 "finetune init": ["finetune.py", *ft_sft, f"--init_from={path}", f"--out_dir={new}"],
