@@ -95,10 +95,10 @@ decay_lr = True  # after the warmup: cosine decay to min_lr; False: constant lea
 warmup_iters = 715  # iterations of linear warmup
 lr_decay_iters = 19073  # where the cosine reaches min_lr (usually max_iters)
 min_lr = 6e-5  # usually learning_rate / 10
-muon_lr = 0.02  # Muon's peak learning rate; the schedule scales it with learning_rate (min: muon_lr * min_lr / learning_rate)
+muon_lr = 0.02  # Muon's peak learning rate; the schedule scales it alike (its minimum: muon_lr * min_lr / learning_rate)
 muon_momentum = 0.95  # Muon's Nesterov momentum
 muon_ns_steps = 5  # Newton-Schulz iterations that orthogonalize each Muon update
-muon_ns_dtype = "auto"  # their precision: 'auto' (bfloat16 where matmuls have it natively, else float32), 'bfloat16', 'float32'
+muon_ns_dtype = "auto"  # their precision: 'auto' (bfloat16 where it is native, else float32), 'bfloat16', 'float32'
 # system
 device = "auto"  # 'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'
 dtype = "auto"  # 'auto' (bf16 on CUDA, fp16 + loss scaling on GPUs without bf16, fp32 elsewhere), 'float32', 'bfloat16', 'float16'
@@ -332,17 +332,18 @@ if master:
         print0(f"WARNING: {out_dir!r} holds an earlier run; this new one overwrites its checkpoint at the first save "
                f"(its log is now log.prev.jsonl). To continue that run instead: --init_from=resume")
 wandb_run = init_wandb(wandb_project, wandb_run_name, config, wandb_mode, out_dir) if wandb_log and master else None
-samples, plotted_at, plotted_t = [], 0, 0.0  # wandb's sample table; the iteration and time loss.png shows
+samples, plotted_at, plotted_t = [], 0, time.time()  # wandb's sample table; the iteration and time loss.png shows
+PLOT_EVERY_S = 120  # a drawing costs ~0.1 s on a CPU (the first 0.5 s more, importing matplotlib): 2-10 small steps
 
 
 def record(rec: dict):
-    """A line of log.jsonl and the same numbers to wandb; loss.png redrawn after evaluations (except the first,
-    a single point; at most every 20 s, since drawing costs as much as many small steps) and at the end."""
+    """A line of log.jsonl and the same numbers to wandb; loss.png drawn at the end, and after an evaluation once
+    PLOT_EVERY_S have passed since the start or the last drawing (so a run of a minute or two draws it once)."""
     global plotted_at, plotted_t
     append_jsonl(log_path, rec)
     if wandb_run is not None:
         wandb_run.log({k: v for k, v in rec.items() if k not in ("type", "iter") and v is not None}, step=rec["iter"])
-    due = rec["type"] == "summary" or (rec["type"] == "eval" and time.time() - plotted_t >= 20)
+    due = rec["type"] == "summary" or (rec["type"] == "eval" and time.time() - plotted_t >= PLOT_EVERY_S)
     if due and rec["iter"] > 0 and rec["iter"] != plotted_at:
         plotted_t = time.time()
         recs = read_jsonl(log_path)
