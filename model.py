@@ -13,6 +13,7 @@ Parameter names follow OpenAI's checkpoint, so loading published weights is a on
 
 import inspect
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -90,8 +91,14 @@ class CausalSelfAttention(nn.Module):
             y = self.attn_dropout(att) @ v  # (B, nh, T, hs)
         elif past == 0:
             # training and prefill: fused kernels (flash / memory-efficient where available)
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=True)
+            dtype = q.dtype
+            if q.device.type == "cpu" and dtype == torch.bfloat16:
+                # torch's CPU flash attention is ~5x slower in bfloat16 than in float32 (its backward, 12 x 4 x 64
+                # x 32 on a 2-core CPU with AVX512-BF16): the matmuls around it keep bfloat16, attention does not
+                q, k, v = q.float(), k.float(), v.float()
+            with torch.autocast("cpu", enabled=False) if dtype != q.dtype else nullcontext():
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                                   is_causal=True).to(dtype)
         elif T == 1:
             # one new token after the cache sees every cached position: no mask needed
             y = F.scaled_dot_product_attention(q, k, v)
@@ -215,10 +222,24 @@ class MuonAdamW:
         self.adamw.load_state_dict(state["adamw"])
 
 
+def native_bf16(device_type: str) -> str:
+    """'' when bfloat16 matmuls run in hardware on `device_type`, else why not. CUDA: tensor cores (Ampere and
+    newer; torch's is_bf16_supported() also counts the emulated kind of V100 and T4). x86 CPUs: AVX512-BF16 or AMX,
+    where a bfloat16 matmul runs 2.3x faster than float32 (2-core AVX512-BF16 machine: 378 against 165 GFLOP/s);
+    elsewhere it is emulated, 2.5x (AVX-512) to 12x (AVX2) slower than float32."""
+    if device_type == "cuda":
+        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        return "" if ok else "this GPU emulates bfloat16"
+    if device_type == "cpu":
+        ok = (getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+              or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+        return "" if ok else "the CPU has no AVX512-BF16 or AMX: bfloat16 matmuls are emulated, slower than float32"
+    return f"bfloat16 matmuls are emulated on {device_type}"
+
+
 def pick_ns_dtype(requested: str, device_type: str) -> tuple:
     """-> (torch dtype, why) for Muon's Newton-Schulz iterations. 'auto': bfloat16 where matmuls have it natively
-    (CUDA tensor cores; x86 CPUs with AVX512-BF16 or AMX), float32 elsewhere, where bfloat16 matmuls are emulated:
-    on a 2-core x86 CPU, 2.5x slower than float32 without AVX512-BF16 and 12x slower with AVX2 only."""
+    (native_bf16), float32 elsewhere."""
     choices = {"bfloat16": torch.bfloat16, "float32": torch.float32}
     if requested != "auto":
         if requested not in choices:
@@ -227,12 +248,11 @@ def pick_ns_dtype(requested: str, device_type: str) -> tuple:
         return choices[requested], "requested"
     if device_type == "cuda":
         return torch.bfloat16, "tensor cores"
-    cpu_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    cpu_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    if device_type == "cpu" and (cpu_bf16 or cpu_amx):
-        return torch.bfloat16, "the CPU has AVX512-BF16" + (" and AMX" if cpu_amx else "")
-    return torch.float32, (f"bfloat16 matmuls are emulated on {device_type}" if device_type != "cpu" else
-                           "the CPU has no AVX512-BF16 or AMX: bfloat16 matmuls are emulated, slower than float32")
+    why = native_bf16(device_type)
+    if not why:
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        return torch.bfloat16, "the CPU has " + ("AMX" if amx else "AVX512-BF16")
+    return torch.float32, why
 
 
 class GPT(nn.Module):

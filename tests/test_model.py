@@ -1,5 +1,6 @@
 """model.py: exact parity with Hugging Face's GPT2LMHeadModel, KV-cache generation, helpers."""
 
+import copy
 import math
 
 import pytest
@@ -178,6 +179,42 @@ def test_attention_probabilities_and_fast_path_agree():
     for a in attns:
         assert torch.allclose(a.sum(-1), torch.ones(2, 2, 12), atol=1e-6)
         assert (a.triu(diagonal=1) == 0).all()  # strictly causal
+
+
+def test_bfloat16_autocast_on_cpu_attends_in_float32_and_trains_like_float32():
+    """Under CPU bfloat16 autocast the fused path attends in float32 (torch's CPU flash attention is slow in bfloat16):
+    its logits equal the explicit-math path's, which runs in bfloat16, to bfloat16 rounding; its output dtype is the
+    autocast one; and a few AdamW steps follow the same losses as float32 (to bfloat16 precision)."""
+    model = peaky_model()
+    idx = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast, _ = model(idx)
+        slow, _, _ = model(idx, return_attn=True)
+        y = model.transformer.h[0].attn(model.transformer.wte(idx))[0]
+    assert fast.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+    assert (fast.float() - slow.float()).abs().max().item() < 0.1 * fast.float().abs().max().item()
+    reference, _ = model(idx)
+    assert (fast.float() - reference).abs().max().item() < 0.05 * reference.abs().max().item()
+    whole, _ = copy.deepcopy(model).to(torch.bfloat16)(idx)  # weights in bfloat16, no autocast: the same path
+    assert whole.dtype == torch.bfloat16 and (whole.float() - reference).abs().max() < 0.1 * reference.abs().max()
+    torch.manual_seed(0)
+    x, t = torch.randint(0, 30, (4, 16)), torch.randint(0, 30, (4, 16))
+    curves = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        m = GPT(GPTConfig(block_size=16, vocab_size=30, n_layer=2, n_head=2, n_embd=32))
+        opt = m.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+        curves[dtype] = []
+        for _ in range(20):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                _, loss = m(x, t)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            curves[dtype].append(loss.item())
+    assert curves[torch.bfloat16][-1] < curves[torch.bfloat16][0] - 1.0, curves
+    for a, b in zip(curves[torch.float32], curves[torch.bfloat16]):
+        assert abs(a - b) < 0.05 * a, curves
 
 
 def test_hidden_states_give_the_logits_through_the_head():
