@@ -36,7 +36,7 @@ from common import (MAY_CHANGE, append_jsonl, catch_signals, check_schedule, gat
                     setup_runtime, start_log, stop_exit, tokenizer_for)
 from configurator import configure
 from dataloader import load_records, local_paths, report_bad
-from finetune import encode_pair, format_prompt
+from finetune import Finetuned, encode_pair, format_prompt
 
 _ASSISTANT = "\n\nAssistant:"  # hh-rlhf's turn marker (underscore: not a config key)
 _LOSS_TYPES = ("dpo", "cdpo", "ipo")
@@ -178,12 +178,16 @@ def fingerprint(pairs: list) -> str:
 
 
 def sequence_logps(model, x, y, rt):
-    """log pi(response | prompt) per row: the log-probs of the targets summed where y != -1 -> (N,)."""
+    """log pi(response | prompt) per row: the log-probs of the targets summed where y != -1 -> (N,). model: a GPT,
+    or a Finetuned (compiled or DDP-wrapped) around one, which computes logits at the response tokens only: the
+    50k-way LM head skips the prompt and the padding (the journey's questions: about 100 prompt tokens before a
+    4-token answer)."""
+    if hasattr(model, "transformer"):  # a GPT (Finetuned holds it as .gpt)
+        model = Finetuned(model)
     with rt.autocast():
-        logits, _ = model(x)  # (N, T, vocab)
-        # cross_entropy runs in float32 under autocast; ignored positions (prompt, padding) contribute exactly 0
-        nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none")
-    return -nll.view(y.shape).float().sum(1)
+        _, nll = model(x, y, reduction="none")  # (K,) at the K labelled positions, row-major; float32
+    rows = torch.arange(y.size(0), device=y.device).repeat_interleave(y.size(1))[y.reshape(-1) != -1]  # (K,)
+    return torch.zeros(y.size(0), device=y.device).index_add(0, rows, -nll.float())
 
 
 def preference_loss(pc, pr, rc, rr, loss_type: str = "dpo", beta: float = 0.1, label_smoothing: float = 0.0):
@@ -275,6 +279,8 @@ block_size = 512  # longest prompt + response in tokens; longer pairs lose promp
 loss_type = "dpo"  # 'dpo' | 'cdpo' (label-smoothed DPO) | 'ipo'
 beta = 0.1  # strength of the pull to the reference: higher = stay closer (DPO paper: 0.1; IPO's tau)
 label_smoothing = 0.0  # cdpo: assumed probability that a preference label is flipped, in (0, 0.5)
+rpo_alpha = 0.0  # > 0: plus rpo_alpha x the chosen response's NLL per token (RPO: Pang et al. 2024, arXiv:2404.19733;
+# TRL's rpo_alpha), which keeps DPO from lowering the likelihood of the chosen answers along with the rejected ones
 precompute_ref = False  # True: reference log-probs computed once up front; no reference model held in memory
 # optimization
 batch_size = 8  # preference pairs per micro-step per process (2 sequences each)
@@ -315,6 +321,9 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     if loss_type == "cdpo" and not 0 < label_smoothing < 0.5:
         raise ValueError(f"loss_type='cdpo' needs 0 < label_smoothing < 0.5, got {label_smoothing!r}; e.g. "
                          f"--label_smoothing=0.1")
+    if not (isinstance(rpo_alpha, (int, float)) and rpo_alpha >= 0):
+        raise ValueError(f"rpo_alpha must be a number >= 0 (0 = plain {loss_type}), got {rpo_alpha!r}; e.g. "
+                         f"--rpo_alpha=1.0")
     if loss_type != "cdpo" and label_smoothing != 0:
         raise ValueError(f"label_smoothing={label_smoothing!r} only applies to loss_type='cdpo' (got "
                          f"loss_type={loss_type!r}); use --loss_type=cdpo or --label_smoothing=0")
@@ -444,10 +453,10 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
             print0("WARNING: the training data differ from the checkpoint's run; resuming on the new data, so the "
                    "run does not continue exactly (restore the data files the run started with to continue it)")
     ckpt = state = None  # free the optimizer state and reference log-probs held twice
-    train_model = model
+    train_model = Finetuned(model)  # the same weights; logits at the response tokens only
     if compile:
         print0("compiling the model... (takes a minute)")
-        train_model = torch.compile(model)
+        train_model = torch.compile(train_model)
     if rt.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_model = DDP(train_model, device_ids=[rt.ddp_local_rank] if rt.device_type == "cuda" else None)
@@ -541,6 +550,8 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
                 with torch.no_grad():
                     rc, rr = sequence_logps(ref_model, x, y, rt).split(len(idx))
             losses, cr, rrw = preference_loss(pc, pr, rc, rr, loss_type, beta, label_smoothing)
+            if rpo_alpha:
+                losses = losses - rpo_alpha * pc / (y[:len(idx)] != -1).sum(1).clamp(min=1)
             scaler.scale(losses.mean() / accum).backward()
             acc = ((cr > rrw).float() + 0.5 * (cr == rrw).float()).mean()  # ties count one half
             sums += torch.stack([losses.detach().mean(), acc]) / accum

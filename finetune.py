@@ -271,7 +271,7 @@ class Finetuned(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"):
         """idx (B, T) ids, targets (B, T) labels, -1 where none -> (logits (N, vocab or classes), loss: the
-        mean or the sum over the N labelled positions), in row-major order."""
+        mean or the sum over the N labelled positions, or reduction='none': each one's (N,)), in row-major order."""
         t = self.gpt.transformer
         pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
         x = t.drop(t.wte(idx) + t.wpe(pos))  # (B, T, C), as in GPT.forward
@@ -281,6 +281,8 @@ class Finetuned(nn.Module):
         x = t.ln_f(x.reshape(-1, x.size(-1))[keep])  # (N, C); LayerNorm is per token, so gather first
         logits = (self.gpt.lm_head if self.head is None else self.head)(x)  # (N, vocab or classes)
         loss = F.cross_entropy(logits.float(), targets.reshape(-1)[keep], reduction="none")  # (N,)
+        if reduction == "none":
+            return logits, loss
         return logits, loss.sum(dtype=torch.float64) if reduction == "sum" else loss.mean()  # a sum: exact
 
 
