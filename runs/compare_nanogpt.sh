@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Side by side on one machine, runs alternated so that a busy moment hits every variant alike:
 #   time:  nanoGPT's own train.py (its CPU recipe for Tiny Shakespeare) against this project's train.py at the
-#          same settings, and against the demo config (config/train_shakespeare_char.py): wall time, ms per step,
+#          same settings (with its default dtype, and in float32 as nanoGPT on a CPU), and against the demo config (config/train_shakespeare_char.py): wall time, ms per step,
 #          final val loss.
 #   loss:  AdamW against Muon, val loss at 500 / 1,000 / 1,500 / 2,000 steps and ms per step, on the char demo
-#          and on a small GPT-2-BPE model (config/train_shakespeare.py's shape).
+#          and on a small GPT-2-BPE model (config/train_shakespeare.py's shape); and Muon with a schedule of 1,100
+#          steps (--short_iters), against AdamW's loss after 2,000.
 #
 #   bash runs/compare_nanogpt.sh --nanogpt=PATH --input=PATH/input.txt [--what=time|loss|all] [--rounds=2]
 #   bash runs/compare_nanogpt.sh ... --iters=20 --rounds=1   # a quick check that everything runs (figures mean nothing)
@@ -20,6 +21,8 @@ OUT=out-compare
 WHAT=all
 ROUNDS=2
 ITERS=2000
+MODELS="char bpe"  # --models=char,bpe: which models --what=loss trains
+SHORT=1100  # --short_iters: the length of the shorter Muon schedule
 NANOGPT=""
 INPUT=""
 PY=${PYTHON:-python}
@@ -29,11 +32,13 @@ for arg in "$@"; do
         --what=*) WHAT=${arg#*=} ;;
         --rounds=*) ROUNDS=${arg#*=} ;;
         --iters=*) ITERS=${arg#*=} ;;
+        --short_iters=*) SHORT=${arg#*=} ;;
+        --models=*) MODELS=${arg#*=} ;;
         --nanogpt=*) NANOGPT=${arg#*=} ;;
         --input=*) INPUT=${arg#*=} ;;
         --python=*) PY=${arg#*=} ;;
         *) echo "unknown argument '$arg'; expected --nanogpt=PATH --input=FILE --what=time|loss|all --rounds=N" \
-              "--iters=N --out_dir=DIR --python=PATH" >&2; exit 2 ;;
+              "--iters=N --short_iters=N --models=char,bpe --out_dir=DIR --python=PATH" >&2; exit 2 ;;
     esac
 done
 case $WHAT in time|loss|all) ;; *) echo "unknown --what='$WHAT'; expected time, loss or all" >&2; exit 2 ;; esac
@@ -63,7 +68,7 @@ OURS_NG_ARGS=(--dataset=shakespeare_char --data_dir="$CHAR" --data_order=random 
               --weight_decay=0.1 --grad_clip=1.0 --eval_interval=250 --eval_iters=20 --log_interval=50
               --always_save_checkpoint=False --device=cpu --compile=False)
 QUICK=()  # a short check run needs a shorter warmup than the decay
-[ "$ITERS" -ge 1000 ] || QUICK=(--warmup_iters=$((ITERS / 10)))
+[ "$ITERS" -ge 1000 ] || { QUICK=(--warmup_iters=$((ITERS / 10))); SHORT=$((ITERS / 2)); }
 OURS_NG_ARGS+=("${QUICK[@]}")
 DEMO_ARGS=(config/train_shakespeare_char.py --data_dir="$CHAR" --max_iters=$ITERS --lr_decay_iters=$ITERS "${QUICK[@]}")
 # AdamW against Muon: evaluations every 100 steps, to find where Muon passes AdamW's final loss
@@ -111,14 +116,21 @@ for round in $(seq "$ROUNDS"); do
     if [ "$WHAT" != loss ]; then
         run "nanogpt_$round" "$SCRATCH/nanogpt" "$PY" train.py "${NG_ARGS[@]}" --out_dir="$SCRATCH/out"
         run "ours_nanogpt_settings_$round" . "$PY" train.py "${OURS_NG_ARGS[@]}" --out_dir="$OUT/ours_ng"
+        # nanoGPT computes in float32 on a CPU; ours autocasts to bfloat16 where the CPU has it natively: the same
+        # run in float32 separates that from the rest of the step
+        run "ours_nanogpt_settings_fp32_$round" . "$PY" train.py "${OURS_NG_ARGS[@]}" --dtype=float32 \
+            --out_dir="$OUT/ours_ng_fp32"
         run "ours_demo_$round" . "$PY" train.py "${DEMO_ARGS[@]}" --out_dir="$OUT/demo"
     fi
     if [ "$WHAT" != time ]; then
-        for opt in adamw muon; do
-            run "char_${opt}_$round" . "$PY" train.py "${CHAR_ARGS[@]}" --optimizer=$opt --out_dir="$OUT/char_$opt"
-        done
-        for opt in adamw muon; do
-            run "bpe_${opt}_$round" . "$PY" train.py "${BPE_ARGS[@]}" --optimizer=$opt --out_dir="$OUT/bpe_$opt"
+        for model in ${MODELS//,/ }; do
+            [ $model = char ] && ARGS=("${CHAR_ARGS[@]}") || ARGS=("${BPE_ARGS[@]}")
+            for opt in adamw muon; do
+                run "${model}_${opt}_$round" . "$PY" train.py "${ARGS[@]}" --optimizer=$opt --out_dir="$OUT/${model}_$opt"
+            done
+            # Muon with a shorter schedule (warmup and decay fitted to SHORT steps): does it reach AdamW's loss?
+            run "${model}_muon${SHORT}_$round" . "$PY" train.py "${ARGS[@]}" --optimizer=muon --max_iters=$SHORT \
+                --lr_decay_iters=$SHORT --out_dir="$OUT/${model}_muon$SHORT"
         done
     fi
 done
@@ -150,6 +162,11 @@ for model in ("char", "bpe"):
         hits = [min((int(i) for i, v in r["val"].items() if v <= target), default=None) for r in by[f"{model}_muon"]]
         print(f"\n{model}: Muon reaches AdamW's final val loss {target:.4f} at step "
               + ", ".join(str(h) if h is not None else "never" for h in hits) + " (each round)")
+        for name in (n for n in by if n.startswith(f"{model}_muon") and n != f"{model}_muon"):
+            short = [r["val"][max(r["val"], key=int)] for r in by[name]]
+            print(f"{model}: Muon with a {name.split('muon')[1]}-step schedule ends at val loss "
+                  f"{statistics.median(short):.4f}, " + ("at or below" if statistics.median(short) <= target else "above")
+                  + f" AdamW's {target:.4f} after {max(int(i) for r in by[f'{model}_adamw'] for i in r['val'])} steps")
 print()
 print(f"{len(runs)} runs, alternated; load average at the end: {sys.argv[2]}. Commands:")
 for name, rs in by.items():
