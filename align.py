@@ -339,7 +339,7 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
         raise ValueError(f"--dataset={dataset!r} includes held-out pairs {leak}, which would be trained on; name the "
                          f"training and the held-out files apart, e.g. --dataset=DIR/train.jsonl.gz "
                          f"--val_split=DIR/test.jsonl.gz")
-    rt = setup_runtime(device, dtype)
+    rt = setup_runtime(device, dtype, training=True)
     master, world = rt.master_process, rt.ddp_world_size
     if total_batch_pairs % (batch_size * world):
         raise ValueError(f"total_batch_pairs={total_batch_pairs} must be a multiple of batch_size * processes = "

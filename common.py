@@ -75,8 +75,10 @@ def local_rank() -> int:
                      "process's GPU index on its node, along with MASTER_ADDR and MASTER_PORT")
 
 
-def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
-    """Pick the device and dtype (saying which and why) and join the DDP group when run under torchrun."""
+def setup_runtime(device: str = "auto", dtype: str = "auto", training: bool = False) -> Runtime:
+    """Pick the device and dtype (saying which and why) and join the DDP group when run under torchrun.
+    training=True (train.py, finetune.py, align.py): dtype='auto' autocasts to bfloat16 on CPUs with native bfloat16
+    matmuls too; the scripts that measure or generate keep float32 on every CPU, so that their figures are exact."""
     valid_dtypes = ("auto", "float32", "bfloat16", "float16")
     if dtype not in valid_dtypes:
         raise ValueError(f"dtype must be one of {valid_dtypes}, got {dtype!r}")
@@ -103,10 +105,12 @@ def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
         torch.cuda.set_device(device)
     if ddp and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    # dtype: bf16 autocast where bf16 matmuls are native: GPUs with bf16 tensor cores, and CPUs with AVX512-BF16 or
-    # AMX (the char demo on 2 such cores: 49 s instead of 95 s, val loss 1.7271 against 1.7275); fp16 with a
-    # GradScaler on older GPUs; fp32 on other CPUs, where bf16 is emulated and slower than fp32.
+    # dtype: bf16 autocast where bf16 matmuls are native: GPUs with bf16 tensor cores, and for training CPUs with
+    # AVX512-BF16 or AMX (the AdamW char demo on 2 such cores: 49 s instead of 89 s, val loss 1.7271 against 1.7293);
+    # fp16 with a GradScaler on older GPUs; fp32 on other CPUs, where bf16 is emulated and slower than fp32.
     why_not = native_bf16(device_type) if device_type in ("cuda", "cpu") else "no bfloat16 autocast on this device"
+    if device_type == "cpu" and not why_not and not training and dtype == "auto":
+        why_not = "float32 for exact figures on a CPU; --dtype=bfloat16 is faster here (native bfloat16 matmuls)"
     if dtype == "auto":
         dtype = "bfloat16" if not why_not else "float16" if device_type == "cuda" else "float32"
         why_dtype = "native bfloat16 matmuls" if not why_not else why_not

@@ -459,7 +459,7 @@ if __name__ == "__main__":  # the helpers above are imported by align.py and sam
             raise ValueError(f"{key} must be >= 1, got {config[key]!r}")
     if not (0 < val_fraction < 1 or val_split):
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r} (or name a split: --val_split=...)")
-    rt = setup_runtime(device, dtype)
+    rt = setup_runtime(device, dtype, training=True)
     master, world = rt.master_process, rt.ddp_world_size
     torch.manual_seed(seed + rt.ddp_rank)  # the head's init, and dropout (different on each rank)
 

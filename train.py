@@ -129,7 +129,7 @@ if init_from not in ("scratch", "resume") + GPT2_NAMES and not os.path.exists(in
                      f"file or folder, got {init_from!r}")
 check_schedule(learning_rate, warmup_iters, lr_decay_iters, max_iters, min_lr, decay_lr)
 
-rt = setup_runtime(device, dtype)
+rt = setup_runtime(device, dtype, training=True)
 master, W = rt.master_process, rt.ddp_world_size
 # Gradient accumulation is derived, not configured: total = batch_size * block_size * ranks * grad_accum
 tokens_per_micro = batch_size * block_size * W

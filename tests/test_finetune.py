@@ -384,7 +384,8 @@ def test_accumulation_4_x_batch_2_equals_batch_8(tmp_path, monkeypatch, capsys):
     data = uneven_sft(tmp_path / "sft.jsonl")
     common_args = [f"--dataset={data}", "--init_from=scratch", *TINY, "--batching=random", "--max_iters=3",
                    "--val_fraction=0.2", "--eval_interval=3", "--eval_iters=1", "--log_interval=1",
-                   "--sample_interval=0", "--learning_rate=1e-4", "--warmup_iters=0", "--dropout=0.0"]
+                   "--sample_interval=0", "--learning_rate=1e-4", "--warmup_iters=0", "--dropout=0.0",
+                   "--dtype=float32"]  # the arithmetic of accumulation, not bfloat16 rounding
     csv_data = write_csv(tmp_path / "c.csv", sentiment_rows(30, 1))
     for task in ("instruct", "classify"):
         extra = [] if task == "instruct" else ["--task=classify", f"--dataset={csv_data}"]
@@ -409,7 +410,7 @@ def test_ddp_two_ranks_equal_one_process_with_the_whole_batch(tmp_path, monkeypa
     data = uneven_sft(tmp_path / "sft.jsonl")
     args = [f"--dataset={data}", "--init_from=scratch", *TINY, "--batching=random", "--max_iters=2",
             "--val_fraction=0.2", "--eval_interval=2", "--eval_iters=2", "--log_interval=1", "--sample_interval=0",
-            "--learning_rate=1e-3", "--warmup_iters=0"]
+            "--learning_rate=1e-3", "--warmup_iters=0", "--dtype=float32"]  # batch shapes differ: no bf16 rounding
     run_here(args + [f"--out_dir={tmp_path / 'one'}", "--batch_size=8"], monkeypatch)
     out = run(args + [f"--out_dir={tmp_path / 'ddp'}", "--batch_size=4"], tmp_path,
               launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
