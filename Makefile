@@ -1,10 +1,11 @@
 # On a fresh machine:  make demo  (train a small GPT on Shakespeare, then sample),  make test,
+# make journey  (pre-train -> fine-tune -> align -> attention -> quantize -> evaluate, a report card in out-journey/),
 # make gpu-check  (on a CUDA machine: the CUDA tests, then training and decoding speed against transformers)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test gpu-check venv venv-dev clean
+.PHONY: demo test journey gpu-check venv venv-dev clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,8 +28,11 @@ demo: venv
 test: venv-dev
 	$(PY) -m pytest tests
 
+journey: venv
+	PYTHON=$(PY) bash runs/journey.sh
+
 gpu-check: venv-dev
 	PYTHON=$(PY) bash runs/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) out-shakespeare-char
+	rm -rf $(VENV) out-shakespeare-char out-journey

@@ -45,13 +45,16 @@ SFT_DATA=(); DPO_DATA=(); HS_DATA=(); LB_DATA=()
 [ -z "$HELLASWAG" ] || HS_DATA=(--data_file="$HELLASWAG")
 [ -z "$LAMBADA" ] || LB_DATA=(--data_file="$LAMBADA")
 case $SCALE in
-    full) SFT_ARGS=(); DPO_ARGS=(); QUANT_ARGS=(); LIMIT=0; PPL_TOKENS=100000 ;;
+    # max_iters explicit, so that a finished run can be told from an interrupted one: 2 epochs of Alpaca's 50,962
+    # training records in steps of 32 (config/finetune_alpaca.py), one epoch of hh-rlhf's ~160,800 pairs in 64s
+    full) SFT_ARGS=(--max_iters=3186); DPO_ARGS=(--max_iters=2512); QUANT_ARGS=(); LIMIT=0; PPL_TOKENS=100000
+          LAYER=5 ;;
     tiny) SFT_ARGS=(--max_iters=6 --batch_size=4 --gradient_accumulation_steps=1 --warmup_iters=1 --eval_interval=3
                     --eval_iters=1 --sample_interval=0 --block_size=64 --device=cpu)
           DPO_ARGS=(--max_iters=4 --batch_size=4 --total_batch_pairs=4 --warmup_iters=1 --eval_interval=2
                     --val_pairs=8 --block_size=64 --device=cpu)
           QUANT_ARGS=(--group_size=32 --eval_iters=1 --decode_tokens=8 --decode_repeats=1 --device=cpu)
-          LIMIT=8; PPL_TOKENS=500 ;;
+          LIMIT=8; PPL_TOKENS=500; LAYER=-1 ;;
     *) echo "unknown --scale='$SCALE'; expected full or tiny" >&2; exit 2 ;;
 esac
 mkdir -p "$OUT"
@@ -97,7 +100,8 @@ train_stage dpo align.py config/align_hh.py --init_from="$OUT/sft" --out_dir="$O
     "${DPO_ARGS[@]}"
 
 # ---- 3. the heads of OpenAI's GPT-2, where the literature found its induction and previous-token heads
-ATTENTION=("$PY" attention_viz.py --init_from="$OUT/pretrain" --out_dir="$OUT/attention" --layer=5 --summary=True)
+ATTENTION=("$PY" attention_viz.py --init_from="$OUT/pretrain" --out_dir="$OUT/attention" --layer=$LAYER \
+    --summary=True)
 if [ "$(state attention)" = done ]; then skip attention "${ATTENTION[@]}"; else run attention run "${ATTENTION[@]}"; fi
 
 # ---- 4. int8 and int4 of the final model

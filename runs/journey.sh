@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The whole life of a GPT in one command, offline, on a CPU, with this project's own scripts typed as a user
 # would type them: prepare Shakespeare's plays and pre-train a small GPT on them; fine-tune it to answer "Who
-# speaks this line?"; align it with DPO on preference pairs about the same question; look at its attention;
-# quantize it to int8 and int4; evaluate every stage's model on the same held-out checks; write the report card
-# (out-journey/report.md, report.json and the pictures). The held-out questions come from plays the model never
-# trains on (data/shakespeare_tasks/prepare.py).
+# speaks the last line?"; align it with DPO on preference pairs about the same question; look at its attention;
+# quantize it to int8 and int4; evaluate every stage's model on the same held-out checks (questions no stage
+# trains on, and plays no stage trains on: data/shakespeare_tasks/prepare.py); write the report card
+# (out-journey/report.md, report.json and the pictures).
 #
 #   make journey                    # = PYTHON=.venv/bin/python bash runs/journey.sh (~15 minutes on a 2-core CPU)
 #   bash runs/journey.sh --out_dir=DIR            # another folder (default out-journey)
@@ -31,11 +31,13 @@ TASKS=$OUT/data/tasks
 # what --scale=tiny changes: model size, steps and data sizes (the code paths stay the same)
 case $SCALE in
     full) TASK_ARGS=(); PRETRAIN_ARGS=(); SFT_ARGS=(); DPO_ARGS=(); QUANT_ARGS=(); PPL_TOKENS=20000 ;;
-    tiny) TASK_ARGS=(--sft_records=600 --dpo_records=400 --heldout_records=80)
+    tiny) TASK_ARGS=(--dpo_records=640 --heldout_records=160)
           PRETRAIN_ARGS=(--n_layer=2 --n_head=2 --n_embd=64 --max_iters=60 --lr_decay_iters=60 --warmup_iters=10
                          --eval_interval=20 --eval_iters=2 --log_interval=10)
-          SFT_ARGS=(--max_iters=80 --warmup_iters=8 --eval_interval=40 --eval_iters=2 --log_interval=10)
-          DPO_ARGS=(--max_iters=24 --warmup_iters=2 --eval_interval=8 --log_interval=4 --val_pairs=80)
+          SFT_ARGS=(--max_iters=600 --learning_rate=3e-3 --warmup_iters=30 --eval_interval=200 --eval_iters=2
+                    --log_interval=50)
+          DPO_ARGS=(--max_iters=40 --learning_rate=1e-4 --warmup_iters=4 --eval_interval=10 --log_interval=10
+                    --val_pairs=160)
           QUANT_ARGS=(--group_size=32 --eval_iters=2 --decode_tokens=16 --decode_repeats=1)
           PPL_TOKENS=2000 ;;
     *) echo "unknown --scale='$SCALE'; expected full or tiny" >&2; exit 2 ;;
@@ -92,7 +94,7 @@ train_stage dpo align.py config/journey_dpo.py --init_from="$OUT/sft" --dataset=
     --val_split="$TASKS/dpo_val.jsonl" --out_dir="$OUT/dpo" "${DPO_ARGS[@]}"
 
 # ---- 3. look inside the final model: every head of its last layer on a held-out question, where the token
-# before the answer looks, and which heads are previous-token, induction or sink heads
+# that predicts the answer looks, and which heads are previous-token, induction or sink heads
 ATTENTION=("$PY" attention_viz.py --init_from="$OUT/dpo" --out_dir="$OUT/attention" \
     --text="FILE:$TASKS/attention_prompt.txt" --layer=-1 --query=-1 --summary=True)
 if [ "$(state attention)" = done ]; then skip attention "${ATTENTION[@]}"; else run attention run "${ATTENTION[@]}"; fi
@@ -107,7 +109,7 @@ else
 fi
 
 # ---- 5. every model on the same held-out checks: perplexity of the held-out plays, the task's greedy answers
-# (scored as LAMBADA scores its last word), and the choice between the true and the other speaker
+# (scored as LAMBADA scores its last word), and the choice between the true and the rejected speaker
 for m in pretrain:pretrain:ckpt.pt sft:sft:ckpt.pt dpo:dpo:ckpt.pt int8:quantize:ckpt_int8.pt int4:quantize:ckpt_int4.pt; do
     IFS=: read -r name folder ckpt <<< "$m"
     for check in "perplexity --task=perplexity --text_file=$TASKS/heldout.txt --limit=$PPL_TOKENS" \

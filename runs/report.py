@@ -50,9 +50,9 @@ RECIPES = {
         "perplexity": ("perplexity", "heldout.txt", None, [("ppl", "perplexity of the held-out plays", None),
                                                            ("bits_per_byte", "bits per byte", None)]),
         "task": ("lambada", "task_val.jsonl", None,
-                 [("acc", "task accuracy: the greedy answer names the true next speaker", None)]),
+                 [("acc", "task accuracy: the greedy answer names the true speaker", None)]),
         "choice": ("hellaswag", "choice_val.jsonl", None,
-                   [("acc", "choice accuracy: the true speaker more likely than the last one", None)])},
+                   [("acc", "choice accuracy: the true speaker more likely than the rejected one", None)])},
     "gpt2": {
         "hellaswag": ("hellaswag", None, "ctx", [("acc_norm", "HellaSwag acc_norm, completion style",
                                                    "29.55% (build-nanogpt)")]),

@@ -57,10 +57,11 @@ def journey(tmp_path_factory):
             break
         time.sleep(0.02)
     runs = [(p.wait(timeout=600), p.stdout.read())]
+    stopped_at = load_checkpoint(os.path.join(out, "pretrain", "ckpt.pt"))["resume"]["iter_num"]
     for _ in range(2):
         r = subprocess.run(journey_command(out), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=1800)
         runs.append((r.returncode, r.stdout + r.stderr))
-    return out, runs
+    return out, runs, stopped_at
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,7 @@ def journey_records(out) -> list:
 
 
 def test_ctrl_c_stops_the_journey_and_the_next_run_resumes_the_stage(journey):
-    out, runs = journey
+    out, runs, stopped_at = journey
     (rc1, log1), (rc2, log2) = runs[0], runs[1]
     assert rc1 == 128 + signal.SIGINT, log1[-3000:]
     assert "stage 'pretrain' stopped" in log1 and "saving a checkpoint" in log1, log1[-3000:]
@@ -83,7 +84,8 @@ def test_ctrl_c_stops_the_journey_and_the_next_run_resumes_the_stage(journey):
     recs = [r for r in journey_records(out) if r["stage"] == "pretrain"]
     assert [(r["action"], r["rc"]) for r in recs[:2]] == [("run", 130), ("resume", 0)], recs
     assert recs[1]["command"][-1] == "--init_from=resume"
-    assert re.search(r"resuming .*pretrain.*iteration 2\d", log2), log2[:5000]
+    assert 20 < stopped_at < TINY_PRETRAIN_ITERS, stopped_at  # saved where Ctrl-C stopped it, after a checkpoint
+    assert f"iteration {stopped_at}" in log2, log2[:5000]  # where the resumed leg says it starts
     ckpt = load_checkpoint(os.path.join(out, "pretrain", "ckpt.pt"))
     assert ckpt["resume"]["iter_num"] == TINY_PRETRAIN_ITERS
     # one log across both legs: what the first leg logged after its checkpoint is replaced, not repeated
@@ -93,14 +95,15 @@ def test_ctrl_c_stops_the_journey_and_the_next_run_resumes_the_stage(journey):
 
 
 def test_a_finished_journey_is_skipped(journey):
-    out, runs = journey
+    out, runs, _ = journey
     rc3, log3 = runs[2]
     assert rc3 == 0, log3[-3000:]
     for stage in ("pretrain", "sft", "dpo", "attention", "quantize"):
         assert f"== {stage}: finished earlier" in log3, log3[-3000:]
     assert "== eval:" not in log3 and "iter " not in log3, log3[-3000:]  # no evaluation, no training step
-    third = [r for r in journey_records(out) if r["time"] >= "0"][-8:]
-    assert {r["action"] for r in third if r["stage"] not in ("data",)} == {"skip"}, third
+    recs = journey_records(out)
+    third = recs[max(i for i, r in enumerate(recs) if r["stage"] == "data" and "shakespeare/" in r["command"][1]):]
+    assert [r["action"] for r in third if r["stage"] != "data"] == ["skip"] * 20, third  # 5 stages, 15 evals
 
 
 def test_the_report_card_holds_every_stage(journey, report):
@@ -114,8 +117,8 @@ def test_the_report_card_holds_every_stage(journey, report):
     models = report["eval"]["models"]
     assert list(models) == ["pretrain", "sft", "dpo", "int8", "int4"], models
     for name, m in models.items():
-        assert all(m[k] is not None for k in ("perplexity", "bits_per_byte", "task_acc", "choice_acc")), (name, m)
-        assert m["items"] == 80, m
+        assert all(v is not None for check in m.values() for v in check.values()), (name, m)
+        assert m["task"]["items"] == m["choice"]["items"] == 160, m
     q = report["quantize"]
     assert [r["mode"] for r in q["rows"]] == ["fp32", "int8", "int4 g32"], q
     assert all(r["linear_x_smaller"] > 1 and r["decode_tok_s"] > 0 for r in q["rows"][1:]), q
@@ -135,19 +138,24 @@ def test_the_report_card_holds_every_stage(journey, report):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", picture
     for stage in ("## 1. Pre-training", "## 2.", "## 3. DPO", "## 4. Attention", "## 5. Quantization", "## 6."):
         assert stage in md
-    assert "torch " + env["torch"] in md and "held-out task accuracy pretrain" in md
+    assert "torch " + env["torch"] in md and "held-out task accuracy: pretrain" in md
 
 
-def test_fine_tuning_and_dpo_move_their_numbers(report):
-    """The tiny journey's held-out numbers move the way the full one's do. At this scale the pre-trained model
-    answers no question (it never saw the question's layout), the fine-tuned one gets a share of the 80 held-out
-    questions right (the margin asked for: 5 of them), and DPO, whose reference is the fine-tuned model, starts at
-    a reward accuracy of exactly 0.5 (every reward is 0) and ends above it on the held-out pairs."""
+def test_fine_tuning_and_dpo_move_their_numbers(journey, report):
+    """The tiny journey's held-out numbers move the way the full one's do. The pre-trained model answers no question
+    (it never saw the question's layout); the fine-tuned one beats answering the most frequent speaker every time
+    (13.75% of the 160 held-out questions) by 10 points or more (42.5% in trial runs); DPO, whose reference is the
+    fine-tuned model, starts at a reward accuracy of exactly 0.5 (every reward is 0) and ends above it on the
+    held-out pairs (0.69 in trial runs), and with the chosen answers' NLL in its loss (rpo_alpha) it keeps most of
+    the task accuracy (38.1%)."""
+    with open(os.path.join(journey[0], "data", "tasks", "meta.json")) as f:
+        prior = json.load(f)["heldout_most_frequent_speaker_acc"]
     acc = report["sft"]["task_acc"]
-    assert acc["pretrain"] == 0.0 and acc["sft"] >= 5 / 80, acc
+    assert acc["pretrain"] == 0.0 and acc["sft"] >= prior + 0.1, (acc, prior)
+    assert acc["dpo"] >= acc["sft"] - 0.15, acc
     d = report["dpo"]
     assert d["reward_acc_start"] == 0.5 and d["reward_margin_start"] == 0.0, d
-    assert d["reward_acc"] > 0.55 and d["reward_margin"] > 0, d
+    assert d["reward_acc"] > 0.6 and d["reward_margin"] > 0, d
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,8 +163,8 @@ def test_fine_tuning_and_dpo_move_their_numbers(report):
 
 
 def test_heldout_plays_are_the_validation_split(journey):
-    """heldout.txt (the plays the held-out questions come from) lies within the text of val.bin that train.py
-    validates on, so pre-training never sees a held-out question's speeches."""
+    """heldout.txt (the text whose perplexity every model gets) lies within the text of val.bin that train.py
+    validates on and no stage trains on; the questions come from the plays of train.bin."""
     out = journey[0]
     tok = get_tokenizer("gpt2")
     val = tok.decode(read_tokens(os.path.join(out, "data", "shakespeare", "val.bin")).tolist())
@@ -167,6 +175,9 @@ def test_heldout_plays_are_the_validation_split(journey):
         meta = json.load(f)
     assert meta["heldout_plays"] == ["othello", "romeo-and-juliet", "timon-of-athens"], meta
     assert len(heldout) > 300_000 and heldout in val and heldout[:200] not in train_tail
+    with open(os.path.join(out, "data", "tasks", "sft_val.jsonl")) as f:
+        lines = [json.loads(line)["input"].split("\n")[-1] for line in f]
+    assert not any(line in heldout for line in lines if len(line) > 30), lines
 
 
 def test_task_files(journey):
@@ -174,22 +185,22 @@ def test_task_files(journey):
     read = lambda name: [json.loads(line) for line in open(os.path.join(d, name))]
     sft, val, dpo, task, choice = (read(n) for n in ("sft_train.jsonl", "sft_val.jsonl", "dpo_train.jsonl",
                                                        "task_val.jsonl", "choice_val.jsonl"))
-    assert (len(sft), len(val), len(dpo), len(task), len(choice)) == (600, 80, 400, 80, 80)
+    assert (len(sft), len(val), len(dpo), len(task), len(choice)) == (3600, 160, 640, 160, 160)
+    with open(os.path.join(d, "meta.json")) as f:
+        names = json.load(f)["speakers_asked"]
+    assert len(names) == 20 and "Hamlet" in names and "Clown" not in names, names
     tok = get_tokenizer("gpt2")
-    in_excerpt = 0
     for s, t, c in zip(val, task, choice):
-        name = s["output"].rsplit("\n", 1)[1]
-        assert re.fullmatch(r"[A-Za-z']+", name) and t["text"].endswith(" is\n" + name), (s, t)
+        name = s["output"].rsplit(" ", 1)[1]
+        assert s["output"] == "The speaker is " + name and name in names and t["text"].endswith(s["output"]), (s, t)
         assert c["ctx"] + " " + c["endings"][c["label"]] == t["text"], (c, t)
-        if name + ":\n" in s["input"]:
-            in_excerpt += 1  # the answer's name is the same tokens as the excerpt's (both start a line)
-            ids = tok.encode_ordinary("\n" + name)
-            assert ids == tok.encode_ordinary("\n\n" + name + ":\n")[1:1 + len(ids)], name
-    assert in_excerpt > 40, in_excerpt  # most answers name someone who spoke in the excerpt
+        assert s["input"].split("\n\n?:\n")[0].split(":\n")[0].isupper()  # the speech replied to, with its speaker
+    assert max(len(tok.encode_ordinary(" " + n)) for n in names) <= 3  # short answers: 1 to 3 tokens
     assert {c["label"] for c in choice} == {0, 1}  # eval.py breaks ties for the first ending: both orders occur
+    prompt_input = lambda p: p["prompt"].split("### Input:\n")[1][:-len("\n\n### Response:\n")]
     assert all(p["chosen"] != p["rejected"] and p["prompt"].endswith("### Response:\n") for p in dpo)
-    assert not {s["input"] for s in sft} & {p["prompt"].split("### Input:\n")[1][:-len("\n\n### Response:\n")]
-                                             for p in dpo}  # DPO asks other questions than fine-tuning
+    assert {prompt_input(p) for p in dpo} <= {s["input"] for s in sft}  # DPO asks fine-tuning's questions
+    assert not {s["input"] for s in val} & {s["input"] for s in sft}  # the held-out ones are asked by neither
 
 
 def run_prepare(argv):
@@ -203,16 +214,17 @@ def run_prepare(argv):
 
 def test_prepare_stops_early_when_done(journey, capsys):
     with pytest.raises(SystemExit) as e:
-        run_prepare([f"--out_dir={os.path.join(journey[0], 'data', 'tasks')}", "--sft_records=600",
-                     "--dpo_records=400", "--heldout_records=80"])
+        run_prepare([f"--out_dir={os.path.join(journey[0], 'data', 'tasks')}", "--dpo_records=640",
+                     "--heldout_records=160"])
     assert e.value.code == 0 and "already holds these tasks" in capsys.readouterr().out
 
 
 def test_prepare_bad_settings(tmp_path):
-    with pytest.raises(ValueError, match=r"context_speeches >= 1.*context_speeches=0"):
-        run_prepare([f"--out_dir={tmp_path}", "--context_speeches=0"])
-    with pytest.raises(ValueError, match=r"held-out questions, fewer than .*heldout_records = 99,999; ask for fewer, "
-                                         r"e.g. .*--heldout_records=2406"):
+    with pytest.raises(ValueError, match=r"speakers >= 2.*got val_fraction=0.1, speakers=1, "):
+        run_prepare([f"--out_dir={tmp_path}", "--speakers=1"])
+    with pytest.raises(ValueError, match=r"the training plays give 4,186 questions about their 20 most talkative "
+                                         r"speakers, fewer than heldout_records \+ sft_records = 103,599 .*ask for "
+                                         r"fewer, e.g. --heldout_records=418 --sft_records=3768 --dpo_records=2000"):
         run_prepare([f"--out_dir={tmp_path}", "--heldout_records=99999"])
     assert not os.listdir(tmp_path)  # nothing written
 
@@ -237,3 +249,72 @@ def test_report_checks(journey, tmp_path):
     r = report_cli(f"--out_dir={tmp_path}", "--check=eval", "--model=base")
     assert r.returncode == 1 and "--check=eval needs --model= one of ['pretrain', 'sft', 'dpo', 'int8', 'int4']" \
                                  in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# runs/gpt2.sh, offline: a tiny GPT-2-shaped model in Hugging Face's layout and small files in the official formats
+# stand in for OpenAI's weights, Alpaca, hh-rlhf, HellaSwag and LAMBADA; the scripts and flags are the recipe's
+
+
+def write_stand_ins(d):
+    import torch
+    from load_openai import export_hf
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    export_hf(GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50257, bias=True)),
+              os.path.join(d, "gpt2"))
+    words = "the king the queen a sword a crown is was goes comes home away".split()
+    rng = np.random.default_rng(0)
+    say = lambda n: " ".join(rng.choice(words, n))
+    with open(os.path.join(d, "alpaca.json"), "w") as f:
+        json.dump([{"instruction": f"Repeat: {say(3)}", "input": say(2) if i % 2 else "", "output": say(4)}
+                   for i in range(40)], f)
+    for name, n in (("hh_train.jsonl", 24), ("hh_test.jsonl", 8)):
+        with open(os.path.join(d, name), "w") as f:
+            for _ in range(n):
+                turn = f"\n\nHuman: {say(4)}?\n\nAssistant:"
+                f.write(json.dumps({"chosen": turn + " " + say(3), "rejected": turn + " " + say(2)}) + "\n")
+    with open(os.path.join(d, "hellaswag.jsonl"), "w") as f:
+        for i in range(8):
+            a, b = say(4), say(2)
+            f.write(json.dumps({"ctx": a + " " + b, "ctx_a": a, "ctx_b": b, "activity_label": "Talking",
+                                "endings": [say(3) for _ in range(4)], "label": i % 4}) + "\n")
+    with open(os.path.join(d, "lambada.jsonl"), "w") as f:
+        for _ in range(8):
+            f.write(json.dumps({"text": say(12)}) + "\n")
+
+
+def test_the_public_data_recipe_offline(tmp_path):
+    write_stand_ins(str(tmp_path))
+    out = str(tmp_path / "out")
+    cmd = ["bash", os.path.join(REPO, "runs", "gpt2.sh"), f"--out_dir={out}", "--scale=tiny", f"--gpt2={tmp_path}/gpt2",
+           f"--alpaca={tmp_path}/alpaca.json", f"--hh={tmp_path}/hh_train.jsonl", f"--hh_test={tmp_path}/hh_test.jsonl",
+           f"--hellaswag={tmp_path}/hellaswag.jsonl", f"--lambada={tmp_path}/lambada.jsonl"]
+    r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
+    with open(os.path.join(out, "report.json")) as f:
+        rep = json.load(f)
+    assert rep["recipe"] == "gpt2" and rep["pretrain"]["kind"] == "imported", rep["pretrain"]
+    assert rep["pretrain"]["commands"] == [f"{sys.executable} load_openai.py --from_dir={tmp_path}/gpt2 "
+                                           f"--out_dir={out}/pretrain"]
+    assert rep["sft"]["commands"][0].startswith(f"{sys.executable} finetune.py config/finetune_alpaca.py")
+    assert rep["dpo"]["commands"][0].startswith(f"{sys.executable} align.py config/align_hh.py")
+    assert rep["dpo"]["reward_acc_start"] == 0.5 and rep["dpo"]["iterations"] == 4, rep["dpo"]
+    models = rep["eval"]["models"]
+    assert list(models) == ["pretrain", "sft", "dpo", "int8", "int4"], models
+    for name, m in models.items():
+        assert m["hellaswag"]["items"] == m["lambada"]["items"] == 8, (name, m)
+        assert all(v is not None for c in m.values() for v in c.values()), (name, m)
+    # OpenAI's GPT-2 small has 12 layers: the literature's heads are looked up, and absent from 2 layers
+    lit = rep["attention"]["literature_heads"]
+    assert [h["head"] for h in lit["induction"]] == ["L5H1", "L5H5", "L6H9", "L7H2", "L7H10"], lit
+    assert all(h["score"] is None and not h["flagged"] for hs in lit.values() for h in hs), lit
+    with open(os.path.join(out, "report.md")) as f:
+        md = f.read()
+    for ref in ("29.55% (build-nanogpt)", "31.14% (lm-evaluation-harness)", "32.56%", "45.99% (GPT-2 paper)",
+                "40.06", "35.13", "| L4H11 | previous-token |"):
+        assert ref in md, ref
+    # a second run has nothing to do
+    r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "== eval: " + sys.executable not in r.stdout and r.stdout.count("finished earlier") == 25, \
+        r.stdout[-3000:]

