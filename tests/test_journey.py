@@ -100,7 +100,8 @@ def test_a_finished_journey_is_skipped(journey):
     assert rc3 == 0, log3[-3000:]
     for stage in ("pretrain", "sft", "dpo", "attention", "quantize"):
         assert f"== {stage}: finished earlier" in log3, log3[-3000:]
-    assert "== eval:" not in log3 and "iter " not in log3, log3[-3000:]  # no evaluation, no training step
+    assert "== eval: " + sys.executable not in log3 and "iter " not in log3, log3[-3000:]  # no eval.py ran, no step
+    assert log3.count("finished earlier, skipped") == 15, log3[-3000:]  # 5 models x 3 checks
     recs = journey_records(out)
     third = recs[max(i for i, r in enumerate(recs) if r["stage"] == "data" and "shakespeare/" in r["command"][1]):]
     assert [r["action"] for r in third if r["stage"] != "data"] == ["skip"] * 20, third  # 5 stages, 15 evals
@@ -194,7 +195,8 @@ def test_task_files(journey):
         name = s["output"].rsplit(" ", 1)[1]
         assert s["output"] == "The speaker is " + name and name in names and t["text"].endswith(s["output"]), (s, t)
         assert c["ctx"] + " " + c["endings"][c["label"]] == t["text"], (c, t)
-        assert s["input"].split("\n\n?:\n")[0].split(":\n")[0].isupper()  # the speech replied to, with its speaker
+        replied, reply = s["input"].split("\n\n?:\n")  # the speech replied to, with its speaker; the reply's line
+        assert replied.split(":\n")[0] and replied.split(":\n")[1] and reply, s
     assert max(len(tok.encode_ordinary(" " + n)) for n in names) <= 3  # short answers: 1 to 3 tokens
     assert {c["label"] for c in choice} == {0, 1}  # eval.py breaks ties for the first ending: both orders occur
     prompt_input = lambda p: p["prompt"].split("### Input:\n")[1][:-len("\n\n### Response:\n")]
@@ -241,7 +243,7 @@ def report_cli(*args):
 def test_report_checks(journey, tmp_path):
     out = journey[0]
     assert report_cli(f"--out_dir={out}", "--check=sft").stdout == "done\n"
-    assert report_cli(f"--out_dir={out}", "--check=eval", "--model=int4", "--task=lambada").stdout == "done\n"
+    assert report_cli(f"--out_dir={out}", "--check=eval", "--model=int4", "--task=task").stdout == "done\n"
     assert report_cli(f"--out_dir={tmp_path}", "--check=dpo").stdout == "none\n"
     r = report_cli(f"--out_dir={tmp_path}", "--check=finetune")
     assert r.returncode == 1 and "ValueError: --check must be one of ('pretrain', 'sft', 'dpo', 'attention', " \
