@@ -109,13 +109,15 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", training: bool = Fa
     # AVX512-BF16 or AMX (the AdamW char demo on 2 such cores: 49 s instead of 89 s, val loss 1.7271 against 1.7293);
     # fp16 with a GradScaler on older GPUs; fp32 on other CPUs, where bf16 is emulated and slower than fp32.
     why_not = native_bf16(device_type) if device_type in ("cuda", "cpu") else "no bfloat16 autocast on this device"
-    if device_type == "cpu" and not why_not and not training and dtype == "auto":
-        why_not = "float32 for exact figures on a CPU; --dtype=bfloat16 is faster here (native bfloat16 matmuls)"
-    if dtype == "auto":
-        dtype = "bfloat16" if not why_not else "float16" if device_type == "cuda" else "float32"
-        why_dtype = "native bfloat16 matmuls" if not why_not else why_not
-    else:
+    if dtype != "auto":
         why_dtype = "requested"
+    elif device_type == "cuda":
+        dtype, why_dtype = ("float16", why_not) if why_not else ("bfloat16", "native bfloat16 matmuls")
+    elif why_not or not training:
+        dtype, why_dtype = "float32", why_not or ("float32 for exact figures on a CPU; --dtype=bfloat16 is faster "
+                                                  "here (native bfloat16 matmuls)")
+    else:
+        dtype, why_dtype = "bfloat16", "native bfloat16 matmuls"
     if dtype == "bfloat16" and device_type == "cuda" and why_not:
         print0("WARNING: this GPU has no native bfloat16 (it would be emulated, slowly); using float16 with loss "
                "scaling instead (--dtype=float16)")
