@@ -8,8 +8,10 @@ accuracy and perplexity) and HellaSwag (4-way sentence completion).
     python eval.py --init_from=resume --out_dir=out-shakespeare-char --task=perplexity --dataset=shakespeare_char
     python eval.py --init_from=resume --out_dir=out-gpt2 --ckpt_name=ckpt_int8.pt --task=hellaswag --limit=500
     torchrun --standalone --nproc_per_node=8 eval.py --init_from=gpt2-xl --task=hellaswag  # items split by rank
+    python eval.py --init_from=gpt2,out-sft,out-dpo,out-dpo/ckpt_int8.pt --task=lambada  # several, side by side
 
-Results are printed as a table and appended to out_dir/eval.jsonl. Downloads are cached in $LLM_E2E_CACHE
+Results are printed as a table and appended to out_dir/eval.jsonl (with several models, to the eval.jsonl
+next to each checkpoint). Downloads are cached in $LLM_E2E_CACHE
 (default ~/.cache/llm-e2e); --data_file=F reads a local copy instead (.jsonl, .json, .csv, .tsv or .txt, also
 .gz/.bz2/.xz; a .txt line is one LAMBADA passage), --source=hf Hugging Face's copy.
 """
@@ -59,7 +61,8 @@ dataset = ""  # ... or a prepared dataset: data/<dataset>/<split>.bin (or its sh
 split = "val"  # split of --dataset
 stride = 0  # perplexity: tokens the window moves per step; 0 = half the window; = window for plain chunks
 # model
-init_from = "resume"  # 'resume' (out_dir/ckpt_name), 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl', or a path
+init_from = "resume"  # 'resume' (out_dir/ckpt_name), 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl', or a path;
+# several, comma-separated, are scored one after another on the same items and shown side by side
 out_dir = "out"  # checkpoint folder for 'resume'; eval.jsonl is appended here
 ckpt_name = "ckpt.pt"  # e.g. 'ckpt_int8.pt' for a quantized checkpoint
 block_size = 0  # context window in tokens; 0 = the model's block_size
@@ -399,44 +402,59 @@ if __name__ == "__main__":
     if task != "perplexity":
         print0(f"{task}: {len(parsed):,} items" + (f", evaluating the first {limit:,}" if limit else ""))
     rt = setup_runtime(device, dtype)
-    model, ckpt, tokenizer = load_model(init_from, out_dir, rt.device, ckpt_name=ckpt_name)
-    model.eval()
-    n_vocab, window = tokenizer.n_vocab, block_size or model.config.block_size
-    if n_vocab > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {n_vocab:,} ids but the model only {model.config.vocab_size:,} "
-                         f"outputs: the checkpoint's tokenizer does not belong to it")
-    if window > model.config.block_size:
-        raise ValueError(f"block_size={block_size} exceeds the model's context of {model.config.block_size} "
-                         f"tokens; use --block_size=0")
-    name = os.path.join(out_dir, ckpt_name) if init_from == "resume" else init_from
-    print0(f"model: {name} ({weight_count(model) / 1e6:.1f}M parameters), tokenizer {tokenizer.name} "
-           f"({n_vocab:,} ids), window {window} tokens, batch {batch_size}")
-    if compile:
-        print0("compiling the model... (about a minute)")
-        model = torch.compile(model)
+    models = [m.strip() for m in init_from.split(",")]
+    if not all(models):
+        raise ValueError(f"init_from has an empty entry: {init_from!r}; separate several models with commas, e.g. "
+                         f"--init_from=out-a,out-b/ckpt_int8.pt")
+    results = []  # (name, metrics) of each model, for the comparison table
+    for entry in models:
+        model, ckpt, tokenizer = load_model(entry, out_dir, rt.device, ckpt_name=ckpt_name)
+        model.eval()
+        n_vocab, window = tokenizer.n_vocab, block_size or model.config.block_size
+        if n_vocab > model.config.vocab_size:
+            raise ValueError(f"the tokenizer has {n_vocab:,} ids but the model only {model.config.vocab_size:,} "
+                             f"outputs: the checkpoint's tokenizer does not belong to it")
+        if window > model.config.block_size:
+            raise ValueError(f"block_size={block_size} exceeds the model's context of {model.config.block_size} "
+                             f"tokens; use --block_size=0")
+        name = ckpt["path"] if ckpt is not None else entry
+        print0(f"model: {name} ({weight_count(model) / 1e6:.1f}M parameters), tokenizer {tokenizer.name} "
+               f"({n_vocab:,} ids), window {window} tokens, batch {batch_size}")
+        if compile:
+            print0("compiling the model... (about a minute)")
+            model = torch.compile(model)
 
-    t0 = time.time()
-    if task == "perplexity":
-        n, metrics, extra = eval_perplexity(model, tokenizer, window, n_vocab, rt, text)
-    else:
-        n, metrics, extra = eval_choices(parsed, model, tokenizer, window, n_vocab, rt)
-    seconds = time.time() - t0
-    if extra.get("skipped"):
-        print0(f"WARNING: {extra['skipped']:,} items were left out: their text has characters outside the "
-               f"model's vocabulary, or a continuation longer than the {window}-token window")
-    unit = "tokens" if task == "perplexity" else "items"
-    print0(f"\n{task} | {name} | {n:,} {unit} | "
-           f"{seconds:.1f} s ({n / max(seconds, 1e-9):,.1f} {unit}/s)\n| metric | value |\n|---|---|")
-    for k, v in metrics.items():
-        print0(f"| {k} | {v:.4f} |")
-    if rt.master_process:
-        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "task": task, "init_from": init_from,
-                  "ckpt_name": ckpt_name if ckpt is not None else None,
-                  "iter_num": (ckpt.get("resume") or {}).get("iter_num", ckpt.get("iter_num")) if ckpt is not None
-                  else None, unit: n, **metrics, **extra,
-                  "limit": limit, "data": data_file or (source if task != "perplexity" else None),
-                  "seconds": round(seconds, 2), "device": rt.device, "dtype": rt.dtype}
-        append_jsonl(os.path.join(out_dir, "eval.jsonl"), record)
-        print0(f"appended to {os.path.join(out_dir, 'eval.jsonl')}")
+        t0 = time.time()
+        if task == "perplexity":
+            n, metrics, extra = eval_perplexity(model, tokenizer, window, n_vocab, rt, text)
+        else:
+            n, metrics, extra = eval_choices(parsed, model, tokenizer, window, n_vocab, rt)
+        seconds = time.time() - t0
+        if extra.get("skipped"):
+            print0(f"WARNING: {extra['skipped']:,} items were left out: their text has characters outside the "
+                   f"model's vocabulary, or a continuation longer than the {window}-token window")
+        unit = "tokens" if task == "perplexity" else "items"
+        print0(f"\n{task} | {name} | {n:,} {unit} | "
+               f"{seconds:.1f} s ({n / max(seconds, 1e-9):,.1f} {unit}/s)\n| metric | value |\n|---|---|")
+        for k, v in metrics.items():
+            print0(f"| {k} | {v:.4f} |")
+        results.append((name, metrics))
+        if rt.master_process:
+            # one model: out_dir/eval.jsonl; several: the eval.jsonl next to each checkpoint (a GPT-2 name: out_dir)
+            folder = out_dir if len(models) == 1 or ckpt is None else os.path.dirname(ckpt["path"])
+            record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "task": task, "init_from": entry,
+                      "ckpt_name": os.path.basename(ckpt["path"]) if ckpt is not None else None,
+                      "iter_num": (ckpt.get("resume") or {}).get("iter_num", ckpt.get("iter_num"))
+                      if ckpt is not None else None, unit: n, **metrics, **extra,
+                      "limit": limit, "data": data_file or (source if task != "perplexity" else None),
+                      "seconds": round(seconds, 2), "device": rt.device, "dtype": rt.dtype}
+            append_jsonl(os.path.join(folder, "eval.jsonl"), record)
+            print0(f"appended to {os.path.join(folder, 'eval.jsonl')}")
+        del model
+    if len(results) > 1:  # side by side
+        keys = list(results[0][1])
+        print0(f"\n{task}, {len(results)} models\n| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
+        for name, metrics in results:
+            print0(f"| {name} | " + " | ".join(f"{metrics[k]:.4f}" for k in keys) + " |")
     if rt.ddp:
         torch.distributed.destroy_process_group()

@@ -41,6 +41,7 @@ for arg in "$@"; do
               "--iters=N --short_iters=N --models=char,bpe --out_dir=DIR --python=PATH" >&2; exit 2 ;;
     esac
 done
+case $PY in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac  # nanoGPT runs in another folder
 case $WHAT in time|loss|all) ;; *) echo "unknown --what='$WHAT'; expected time, loss or all" >&2; exit 2 ;; esac
 [ -f "$INPUT" ] || { echo "--input='$INPUT' is not a file: pass Tiny Shakespeare's input.txt, e.g. from" \
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt" >&2; exit 2; }

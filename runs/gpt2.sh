@@ -114,24 +114,31 @@ else
 fi
 
 # ---- 5. every model on HellaSwag (both prompt styles), LAMBADA and the held-out plays' perplexity
-for m in pretrain:pretrain:ckpt.pt sft:sft:ckpt.pt dpo:dpo:ckpt.pt int8:quantize:ckpt_int8.pt int4:quantize:ckpt_int4.pt; do
-    IFS=: read -r name folder ckpt <<< "$m"
-    for check in hellaswag hellaswag_harness lambada perplexity; do
-        case $check in
-            hellaswag) args=(--task=hellaswag "${HS_DATA[@]}" --limit=$LIMIT) ;;
-            hellaswag_harness) args=(--task=hellaswag --hellaswag_prompt=harness "${HS_DATA[@]}" --limit=$LIMIT) ;;
-            lambada) args=(--task=lambada "${LB_DATA[@]}" --limit=$LIMIT) ;;
-            perplexity) args=(--task=perplexity --text_file="$TASKS/heldout.txt" --limit=$PPL_TOKENS) ;;
-        esac
-        EVAL=("$PY" eval.py --init_from=resume --out_dir="$OUT/$folder" --ckpt_name="$ckpt" "${args[@]}")
-        [ "$SCALE" = full ] || EVAL+=(--device=cpu)
+# (one eval.py per check, scoring every model that lacks it side by side)
+MODELS=(pretrain:pretrain/ckpt.pt sft:sft/ckpt.pt dpo:dpo/ckpt.pt int8:quantize/ckpt_int8.pt int4:quantize/ckpt_int4.pt)
+for check in hellaswag hellaswag_harness lambada perplexity; do
+    case $check in
+        hellaswag) args=(--task=hellaswag "${HS_DATA[@]}" --limit=$LIMIT) ;;
+        hellaswag_harness) args=(--task=hellaswag --hellaswag_prompt=harness "${HS_DATA[@]}" --limit=$LIMIT) ;;
+        lambada) args=(--task=lambada "${LB_DATA[@]}" --limit=$LIMIT) ;;
+        perplexity) args=(--task=perplexity --text_file="$TASKS/heldout.txt" --limit=$PPL_TOKENS) ;;
+    esac
+    [ "$SCALE" = full ] || args+=(--device=cpu)
+    todo=()
+    for m in "${MODELS[@]}"; do
+        IFS=: read -r name ckpt <<< "$m"
         if [ "$(state eval --model="$name" --task="$check")" = done ]; then
             echo "== eval: $name $check finished earlier, skipped"
-            "$PY" runs/report.py --out_dir="$OUT" --recipe=gpt2 --record=eval --action=skip -- "${EVAL[@]}"
+            "$PY" runs/report.py --out_dir="$OUT" --recipe=gpt2 --record=eval --action=skip -- \
+                "$PY" eval.py --init_from="$OUT/$ckpt" "${args[@]}"
         else
-            run eval run "${EVAL[@]}"
+            todo+=("$OUT/$ckpt")
         fi
     done
+    if [ ${#todo[@]} -gt 0 ]; then
+        run eval run "$PY" eval.py --init_from="$(IFS=,; echo "${todo[*]}")" --out_dir="$(dirname "${todo[0]}")" \
+            "${args[@]}"
+    fi
 done
 
 # ---- 6. the report card

@@ -33,8 +33,8 @@ case $SCALE in
     full) TASK_ARGS=(); PRETRAIN_ARGS=(); SFT_ARGS=(); DPO_ARGS=(); QUANT_ARGS=(); PPL_TOKENS=20000 ;;
     tiny) TASK_ARGS=(--dpo_records=640 --heldout_records=160)
           PRETRAIN_ARGS=(--n_layer=2 --n_head=2 --n_embd=64 --max_iters=60 --lr_decay_iters=60 --warmup_iters=10
-                         --eval_interval=20 --eval_iters=2 --log_interval=10)
-          SFT_ARGS=(--max_iters=600 --learning_rate=3e-3 --warmup_iters=30 --eval_interval=200 --eval_iters=2
+                         --eval_interval=20 --eval_iters=2 --log_interval=10 --batch_size=2)
+          SFT_ARGS=(--max_iters=600 --batch_size=8 --learning_rate=3e-3 --warmup_iters=30 --eval_interval=200 --eval_iters=2
                     --log_interval=50)
           DPO_ARGS=(--max_iters=40 --learning_rate=1e-4 --warmup_iters=4 --eval_interval=10 --log_interval=10
                     --val_pairs=160)
@@ -110,21 +110,29 @@ fi
 
 # ---- 5. every model on the same held-out checks: perplexity of the held-out plays, the task's greedy answers
 # (scored as LAMBADA scores its last word), and the choice between the true and the rejected speaker
-for m in pretrain:pretrain:ckpt.pt sft:sft:ckpt.pt dpo:dpo:ckpt.pt int8:quantize:ckpt_int8.pt int4:quantize:ckpt_int4.pt; do
-    IFS=: read -r name folder ckpt <<< "$m"
-    for check in "perplexity --task=perplexity --text_file=$TASKS/heldout.txt --limit=$PPL_TOKENS" \
-                 "task --task=lambada --data_file=$TASKS/task_val.jsonl" \
-                 "choice --task=hellaswag --data_file=$TASKS/choice_val.jsonl"; do
-        read -r task args <<< "$check"
+# (one eval.py per check, scoring every model that lacks it side by side)
+MODELS=(pretrain:pretrain/ckpt.pt sft:sft/ckpt.pt dpo:dpo/ckpt.pt int8:quantize/ckpt_int8.pt int4:quantize/ckpt_int4.pt)
+for check in "perplexity --task=perplexity --text_file=$TASKS/heldout.txt --limit=$PPL_TOKENS" \
+             "task --task=lambada --data_file=$TASKS/task_val.jsonl" \
+             "choice --task=hellaswag --data_file=$TASKS/choice_val.jsonl"; do
+    read -r task args <<< "$check"
+    todo=()
+    for m in "${MODELS[@]}"; do
+        IFS=: read -r name ckpt <<< "$m"
         # shellcheck disable=SC2086  # args: one or two flags without spaces
-        EVAL=("$PY" eval.py --init_from=resume --out_dir="$OUT/$folder" --ckpt_name="$ckpt" $args --device=cpu)
+        EVAL=("$PY" eval.py --init_from="$OUT/$ckpt" $args --device=cpu)
         if [ "$(state eval --model="$name" --task="$task")" = done ]; then
             echo "== eval: $name $task finished earlier, skipped"
             "$PY" runs/report.py --out_dir="$OUT" --record=eval --action=skip -- "${EVAL[@]}"
         else
-            run eval run "${EVAL[@]}"
+            todo+=("$OUT/$ckpt")
         fi
     done
+    if [ ${#todo[@]} -gt 0 ]; then
+        # shellcheck disable=SC2086
+        run eval run "$PY" eval.py --init_from="$(IFS=,; echo "${todo[*]}")" --out_dir="$(dirname "${todo[0]}")" $args \
+            --device=cpu
+    fi
 done
 
 # ---- 6. the report card

@@ -286,6 +286,38 @@ def test_quantized_checkpoints_count_their_weights(setup, tmp_path, monkeypatch,
     assert ev.weight_count(model) == n
 
 
+def test_several_models_in_one_run_score_as_they_do_alone(setup, tmp_path, monkeypatch, capsys):
+    """--init_from=A,B: each model gets the record it gets alone, in the eval.jsonl next to its checkpoint, and a
+    side-by-side table; an empty entry is refused."""
+    import shutil
+    from common import load_checkpoint
+    other = tmp_path / "other"
+    other.mkdir()
+    torch.manual_seed(1)
+    ckpt = load_checkpoint(setup["ckpt"])
+    ckpt["model"] = GPT(GPTConfig(**ckpt["model_args"])).state_dict()  # other weights, same shape
+    save_checkpoint(ckpt, str(other / "ckpt.pt"))
+    first = tmp_path / "first"
+    first.mkdir()
+    shutil.copy(setup["ckpt"], first / "ckpt.pt")
+    args = ("--task=lambada", f"--data_file={setup['lambada']}", "--limit=5")
+    alone = []
+    for d in (first, other):
+        run_eval_here(monkeypatch, capsys, f"--init_from={d}", *args, f"--out_dir={tmp_path / 'alone'}")
+        alone.append(last_record(tmp_path / "alone"))
+    assert alone[0]["acc"] != alone[1]["acc"] or alone[0]["ppl"] != alone[1]["ppl"]
+    out = run_eval_here(monkeypatch, capsys, f"--init_from={first},{other / 'ckpt.pt'}", *args,
+                        f"--out_dir={tmp_path / 'unused'}")
+    for d, rec in zip((first, other), alone):
+        both = last_record(d)
+        assert both["ckpt_name"] == "ckpt.pt" and both["items"] == 5
+        assert (both["acc"], both["ppl"]) == (rec["acc"], rec["ppl"]), (both, rec)
+    assert not (tmp_path / "unused").exists()
+    assert "lambada, 2 models\n| model | acc | ppl |" in out and f"| {other / 'ckpt.pt'} | " in out, out
+    with pytest.raises(ValueError, match="init_from has an empty entry"):
+        run_eval_here(monkeypatch, capsys, f"--init_from={first},", *args)
+
+
 def test_progress_is_lines_when_redirected(setup, tmp_path):
     """A log file gets about one progress line per tenth, not a redrawn bar per item."""
     texts = [row["text"] for _, row in rows_of(setup["lambada"])] * 10
