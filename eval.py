@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from common import (append_jsonl, cache_root, download, load_model, pad_right, print0, progress, read_tokens,
-                    setup_runtime)
+from common import (GPT2_NAMES, append_jsonl, cache_root, checkpoint_path, download, load_model, pad_right, print0,
+                    progress, read_tokens, setup_runtime)
 from configurator import configure
 from dataloader import load_records, read_text, report_bad
 
@@ -406,6 +406,9 @@ if __name__ == "__main__":
     if not all(models):
         raise ValueError(f"init_from has an empty entry: {init_from!r}; separate several models with commas, e.g. "
                          f"--init_from=out-a,out-b/ckpt_int8.pt")
+    for entry in models:  # every file named exists, before the first model is scored
+        if entry not in GPT2_NAMES:
+            checkpoint_path(entry, out_dir, ckpt_name)
     results = []  # (name, metrics) of each model, for the comparison table
     for entry in models:
         model, ckpt, tokenizer = load_model(entry, out_dir, rt.device, ckpt_name=ckpt_name)
