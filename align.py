@@ -18,11 +18,8 @@ Writes out_dir/ckpt.pt (kind 'dpo': every script that takes a model reads it), o
 """
 
 import copy
-import dataclasses
-import hashlib
 import math
 import os
-import signal
 import sys
 import time
 
@@ -30,15 +27,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (MAY_CHANGE, append_jsonl, catch_signals, check_schedule, gather_objects, init_wandb, last_name,
-                    load_model, lr_at, make_checkpoint, model_from_checkpoint, pad_right, plot_curves, print0,
-                    progress, read_jsonl, restore_rng, resume_run, resume_state, rng_state, save_checkpoint,
-                    setup_runtime, start_log, stop_exit, tokenizer_for)
 from configurator import configure
-from dataloader import load_records, local_paths, report_bad
-from finetune import Finetuned, encode_pair, format_prompt
+from lib.checkpoint import last_name
+from lib.errors import install
+from lib.finetuning import Finetuned
+from lib.lifecycle import (catch_signals, end_run, lock_out_dir, peak_memory, restore, resume_run, save_run, start_log,
+                           stop_exit, stop_non_finite, wrap)
+from lib.logs import init_wandb, plot_curves, progress, read_jsonl, record
+from lib.models import load_model, model_from_checkpoint, tokenizer_for
+from lib.optim import check_schedule, lr_at, make_optimizer
+from lib.preferences import collate, encode_triples, fingerprint, preference_triples, response_tokens
+from lib.records import load_records, local_paths
+from lib.runtime import print0, setup_runtime
 
-_ASSISTANT = "\n\nAssistant:"  # hh-rlhf's turn marker (underscore: not a config key)
 _LOSS_TYPES = ("dpo", "cdpo", "ipo")
 
 
@@ -46,132 +47,14 @@ _LOSS_TYPES = ("dpo", "cdpo", "ipo")
 # data: records -> (prompt, chosen, rejected) strings -> token ids
 
 
-def split_hh(text: str, where: str) -> tuple:
-    """An hh-rlhf conversation -> (prompt up to and including the last '\\n\\nAssistant:', final response)."""
-    k = text.rfind(_ASSISTANT)
-    if k < 0:
-        raise ValueError(f"{where}: no {_ASSISTANT!r} turn in {text[:300]!r}. hh-rlhf records are whole "
-                         f"conversations ending in an Assistant turn; records with a separate prompt need a "
-                         f"'prompt' field")
-    k += len(_ASSISTANT)
-    return text[:k], text[k:]
 
 
-def preference_triples(rows: list, source: str, template: str = "none", drop_mismatched: bool = False,
-                       skip_bad: bool = False):
-    """Records [(where, {field: value})] (dataloader.load_records' rows) of one of three layouts -> ([(where,
-    prompt, chosen, rejected)], number of identical pairs dropped, number of mismatched pairs dropped).
-    Layouts: {'chosen', 'rejected'} (whole hh-rlhf conversations), {'prompt', 'chosen', 'rejected'}, and
-    {'instruction', 'input' (optional), 'chosen', 'rejected'} (Raschka's DPO chapter, rasbt/LLMs-from-scratch
-    ch07/04_preference-tuning-with-dpo), whose instruction and input become one prompt through
-    finetune.format_prompt, so template='alpaca' is required there. A record that does not fit is a bad record,
-    named 'FILE:LINE' (dataloader.report_bad: one error listing them, or skipped with skip_bad)."""
-    fields = set().union(*(rec for _, rec in rows))
-    layout = [k for k in ("prompt", "instruction") if k in fields] or ["hh"]
-    if len(layout) > 1:
-        raise ValueError(f"{source}: records have 'prompt' and 'instruction' fields, so which one is the prompt is "
-                         f"ambiguous; keep one of them")
-    layout = layout[0]
-    if template == "alpaca" and layout == "hh":
-        raise ValueError(f"{source}: prompt_template='alpaca' needs records with a 'prompt' or 'instruction' field; "
-                         f"hh-rlhf conversations carry their own Human/Assistant turns (use --prompt_template=none)")
-    if template == "none" and layout == "instruction":
-        raise ValueError(f"{source}: records with 'instruction' (and 'input') fields need a template that joins them "
-                         f"into one prompt: --prompt_template=alpaca (finetune.py's, for models it fine-tuned); or "
-                         f"give each record a ready 'prompt' field instead")
-    need = ("chosen", "rejected") + ((layout,) if layout != "hh" else ())
-    triples, bad, identical, mismatched = [], [], 0, 0
-    for where, rec in rows:
-        missing = [f for f in need if rec.get(f) is None]
-        if missing:
-            bad.append(f"{where}: no field {missing[0]!r} (the record's fields are {sorted(rec)}); every record of "
-                       f"{source} needs {list(need)}")
-            continue
-        v = {f: rec[f] for f in need}
-        if layout == "instruction":
-            v["input"] = rec.get("input") or ""  # optional: missing, null and "" are no input
-        wrong = next((f for f in v if not isinstance(v[f], str)), None)
-        if wrong:
-            bad.append(f"{where}: field {wrong!r} must be a string, got {type(v[wrong]).__name__} {v[wrong]!r:.200}")
-            continue
-        c, r = v["chosen"], v["rejected"]
-        if layout == "hh":
-            try:
-                p, c = split_hh(c, f"{where}: field 'chosen'")
-                p_r, r = split_hh(r, f"{where}: field 'rejected'")
-            except ValueError as e:
-                bad.append(str(e))
-                continue
-            if p != p_r:
-                if not drop_mismatched:
-                    at = next((j for j, (x, y) in enumerate(zip(p, p_r)) if x != y), min(len(p), len(p_r)))
-                    bad.append(f"{where}: 'chosen' and 'rejected' differ before their last {_ASSISTANT!r} turn (at "
-                               f"character {at}: {p[at:at + 60]!r} vs {p_r[at:at + 60]!r}), so they do not answer "
-                               f"the same prompt. Fix the record, or drop such pairs with --drop_mismatched=True")
-                mismatched += drop_mismatched
-                continue
-        elif not v[layout].strip():
-            bad.append(f"{where}: field {layout!r} is empty; every pair needs a prompt to condition on")
-            continue
-        else:
-            p = v[layout] if template == "none" else format_prompt(v[layout], v.get("input", ""))
-        if c == r:
-            identical += 1  # no preference to learn from
-            continue
-        triples.append((where, p, c, r))
-    report_bad(bad, skip_bad, source)
-    return triples, identical, mismatched
 
 
-def encode_triples(tok, triples: list, block_size: int, source: str, verbose: bool = True, skip_bad: bool = False):
-    """[(where, prompt, chosen, rejected)] -> ([(chosen ids, rejected ids, prompt tokens k)], truncated, empty).
-
-    Each side is finetune.encode_pair's prompt + response (+ <|endoftext|>), cut prompt-first to block_size + 1
-    ids; the first k ids of both sides are the same prompt tokens, the rest is the response. A record that does
-    not tokenize (a character outside a char-level vocabulary) is a bad record."""
-    id_dtype = np.uint16 if tok.n_vocab <= 2 ** 16 else np.int32
-    pairs, bad, truncated, empty = [], [], 0, 0
-    for where, p, c, r in progress(triples, f"tokenizing {source}", unit="pairs",
-                                   disable=not verbose or len(triples) < 10000):  # under a second: no display
-        try:
-            xc, yc, tc = encode_pair(tok, p, c, block_size, truncate="prompt")
-            xr, yr, tr = encode_pair(tok, p, r, block_size, truncate="prompt")
-        except ValueError as e:
-            bad.append(f"{where}: {e}")
-            continue
-        nc, nr = sum(t != -1 for t in yc), sum(t != -1 for t in yr)  # response tokens that are targets
-        if nc == 0 or nr == 0:
-            empty += 1  # e.g. an empty response and a tokenizer without <|endoftext|>: nothing to score
-            continue
-        ids_c, ids_r = xc + yc[-1:], xr + yr[-1:]  # encode_pair's x + the last target = the kept ids
-        kc, kr = len(ids_c) - nc, len(ids_r) - nr  # prompt tokens kept on each side
-        # encode_pair cut each side's prompt to fit its own response; keep the same (shorter) prompt suffix on
-        # both sides so that the two responses are scored in the same context
-        k = min(kc, kr)
-        pairs.append((np.array(ids_c[kc - k:], dtype=id_dtype), np.array(ids_r[kr - k:], dtype=id_dtype), k))
-        truncated += bool(tc or tr)
-    report_bad(bad, skip_bad, source)
-    return pairs, truncated, empty
 
 
-def collate(pairs: list, idx, device: str):
-    """Pairs idx -> x, y (2B, T): the B chosen sequences then the B rejected ones, right-padded; y is -1 on
-    prompt and padding positions (as encode_pair makes it), so only response tokens are scored."""
-    seqs = [(pairs[i][0], pairs[i][2]) for i in idx] + [(pairs[i][1], pairs[i][2]) for i in idx]
-    # the target of position t is token t + 1: responses start at k, so targets before k - 1 are prompt
-    x, y = pad_right([ids[:-1] for ids, _ in seqs],
-                     [np.concatenate([np.full(k - 1, -1), ids[k:]]) for ids, k in seqs], pad_id=0)
-    if device.startswith("cuda"):
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
 
 
-def fingerprint(pairs: list) -> str:
-    """sha256 of the tokenized pairs: a resumed run checks that it trains on the same data."""
-    h = hashlib.sha256()
-    for ids_c, ids_r, k in pairs:
-        h.update(ids_c.tobytes() + b"|" + ids_r.tobytes() + b"|" + str(k).encode())
-    return h.hexdigest()
 
 # ----------------------------------------------------------------------------------------------
 # log-probabilities and the preference losses
@@ -243,8 +126,6 @@ def pair_logps(model, pairs: list, batch_size: int, rt, desc: str = "") -> torch
     return out
 
 
-def response_tokens(pairs: list) -> torch.Tensor:
-    return torch.tensor([[len(c) - k, len(r) - k] for c, r, k in pairs], dtype=torch.float32)  # (N, 2)
 
 # ----------------------------------------------------------------------------------------------
 # defaults (python align.py config/align_hh.py --key=value ...)
@@ -303,13 +184,13 @@ seed = 1337
 
 # ----------------------------------------------------------------------------------------------
 if __name__ == "__main__":  # tests import the helpers above; the run is below
+    install()  # a user's error is one line 'error: ...', Ctrl-C is 'interrupted' (lib/errors.py)
     explicit = set()  # the keys set by config files or flags: what a resumed run may change
     config = configure(globals(), sys.argv[1:], explicit=explicit)
     resume = config["init_from"] == "resume"
     ckpt = None
     if resume:  # the saved run's config is the base: --init_from=resume --out_dir=X alone continues X
-        # learning_rate may change too: a leg that diverged continues from its last good checkpoint with a lower one
-        config, ckpt = resume_run(config, explicit, ("dpo",), "align.py", MAY_CHANGE + ("learning_rate",))
+        config, ckpt = resume_run(config, explicit, ("dpo",), "align.py")
     globals().update(config)
     # checks that need neither data nor model: a typo fails in a second, not after loading
     for key, allowed in dict(loss_type=_LOSS_TYPES, prompt_template=("none", "alpaca"),
@@ -439,27 +320,17 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
 
     # ------------------------------------------------------------------------------------------
     # optimizer, the state of a resumed run, compile, DDP
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), rt.device_type)
+    optimizer = make_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")  # fp16 only: loss scaling
     iter_num, best_val_loss = 0, float("inf")
     if resume:
         state = ckpt["resume"]
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):  # empty unless the run used float16
-            scaler.load_state_dict(state["scaler"])
-        iter_num, best_val_loss = state["iter_num"], state["best"]["value"]
-        restore_rng(state["rng"], rt)
+        iter_num, best_val_loss = restore(state, optimizer, scaler, rt)
         if ckpt.get("data_fingerprint") != data_hash:
             print0("WARNING: the training data differ from the checkpoint's run; resuming on the new data, so the "
                    "run does not continue exactly (restore the data files the run started with to continue it)")
     ckpt = state = None  # free the optimizer state and reference log-probs held twice
-    train_model = Finetuned(model)  # the same weights; logits at the response tokens only
-    if compile:
-        print0("compiling the model... (takes a minute)")
-        train_model = torch.compile(train_model)
-    if rt.ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        train_model = DDP(train_model, device_ids=[rt.ddp_local_rank] if rt.device_type == "cuda" else None)
+    train_model = wrap(Finetuned(model), rt, compile)  # the same weights; logits at the response tokens only
     perms = {}  # epoch -> its shuffle of the training pairs (the current epoch only)
 
     def batch_indices(it, micro):
@@ -477,8 +348,12 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     # logs, evaluation, checkpoints
     log_path = os.path.join(out_dir, "log.jsonl")
     if master:
+        lock_out_dir(out_dir)  # one run per out_dir: a second one stops here, naming the first
         start_log(out_dir, iter_num if resume else None)  # a resume logs again what came after its checkpoint
     wandb_run = init_wandb(wandb_project, wandb_run_name, config, wandb_mode, out_dir) if wandb_log and master else None
+
+    def log(rec: dict):
+        record(log_path, rec, wandb_run)
 
     def evaluate() -> dict:
         """Held-out metrics (every rank calls this: pair_logps shares the pairs out), logged and plotted."""
@@ -486,40 +361,25 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
         ref = ref_logps["val"] if ref_logps is not None else pair_logps(ref_model, val, batch_size, rt)
         m = preference_metrics(pol, ref, val_tokens, loss_type, beta, label_smoothing)
         if not math.isfinite(m["loss"]):
-            stop_non_finite("held-out loss", m["loss"])
+            stop_non_finite("held-out loss", m["loss"], iter_num, rt, out_dir)
         print0(f"eval iter {iter_num}: val loss {m['loss']:.4f}, reward acc {m['reward_acc']:.3f}, margin "
                f"{m['reward_margin']:.4f}, chosen {m['reward_chosen']:.4f}, rejected {m['reward_rejected']:.4f}, "
                f"logp margin {m['logp_margin']:.3f}, drift {m['logp_drift']:+.4f}/token")
         if master:
-            append_jsonl(log_path, {"iter": iter_num, "split": "val", **m})
+            log({"type": "eval", "iter": iter_num, **{f"val_{k}": v for k, v in m.items()}})
             recs = read_jsonl(log_path)  # the whole run, resumed legs included
-            curves = {c: tuple(zip(*[(r["iter"], r[k]) for r in recs if r["split"] == split])) or ([], [])
-                      for c, split, k in (("train loss", "train", "loss"), ("val loss", "val", "loss"),
-                                             ("val reward accuracy", "val", "reward_acc"))}
+            curves = {c: tuple(zip(*[(r["iter"], r[k]) for r in recs if r.get("type") == t])) or ([], [])
+                      for c, t, k in (("train loss", "train", "loss"), ("val loss", "eval", "val_loss"),
+                                      ("val reward accuracy", "eval", "val_reward_acc"))}
             plot_curves(os.path.join(out_dir, "align.png"), curves, f"{loss_type} (beta={beta})",
                         ylabel="loss / accuracy")
-            if wandb_run:
-                wandb_run.log({f"val/{k}": v for k, v in m.items()}, step=iter_num)
         return m
 
-    def save(file: str, reason: str):
+    def save(file: str):
         """Write out_dir/file atomically with everything an exact resume needs (a collective under DDP)."""
-        global saved_at
-        saved_at = iter_num
-        rngs = gather_objects(rng_state(), rt)  # every rank's dropout stream
-        if master:
-            run_state = resume_state(iter_num, "dpo_val_loss", best_val_loss, optimizer.state_dict(),
-                                     scaler.state_dict(), rngs)
-            save_checkpoint(make_checkpoint("dpo", model.state_dict(), dataclasses.asdict(model.config), config,
-                                            tok.meta(), run_state, ref_init_from=ref_from, ref_logps=ref_logps,
-                                            data_fingerprint=data_hash), os.path.join(out_dir, file))
-            print0(f"saved {os.path.join(out_dir, file)} (iteration {iter_num:,}, {reason})")
-
-    def stop_non_finite(what: str, value: float):
-        """Exit at once: saving weights that produce nan/inf would only destroy the last good checkpoint."""
-        sys.exit(f"ERROR: the {what} became {value} at iteration {iter_num:,}: the weights are broken, so nothing was "
-                 f"saved. Continue from the last good checkpoint in {out_dir!r} (if any) with a lower learning rate: "
-                 f"python align.py --init_from=resume --out_dir={out_dir} --learning_rate={learning_rate / 10:g}")
+        save_run(os.path.join(out_dir, file), "dpo", model, config, tok.meta(), rt, iter_num,
+                 ("dpo_val_loss", best_val_loss), optimizer, scaler, ref_init_from=ref_from, ref_logps=ref_logps,
+                 data_fingerprint=data_hash)
 
     # ------------------------------------------------------------------------------------------
     # training loop: one optimizer step per iteration; evaluate (and save) every eval_interval steps
@@ -530,12 +390,15 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
         best_val_loss = min(best_val_loss, m["loss"])
     if iter_num >= iters and not eval_only:
         print0(f"nothing to do: the run is at iteration {iter_num:,} and max_iters is {iters:,}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    sums = torch.zeros(2, device=rt.device)  # since the last log line: summed step losses and reward accuracies
+    BIG = 2 ** 62
+    first_bad = torch.full((), BIG, dtype=torch.long, device=rt.device)  # first step with a non-finite loss
     t0, tokens_seen, last_log = time.time(), 0, iter_num  # throughput since the last log line, evals excluded
     while iter_num < iters and not eval_only:
         lr = lr_at(iter_num, learning_rate, warmup_iters, iters, min_lr, decay=lr_schedule == "cosine")
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        sums = torch.zeros(2, device=rt.device)  # loss, reward accuracy over the step's micro-batches
         for micro in range(accum):
             idx = batch_indices(iter_num, micro)
             x, y = collate(train, idx, rt.device)
@@ -555,64 +418,57 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
             scaler.scale(losses.mean() / accum).backward()
             acc = ((cr > rrw).float() + 0.5 * (cr == rrw).float()).mean()  # ties count one half
             sums += torch.stack([losses.detach().mean(), acc]) / accum
-        if grad_clip:
-            scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
-        else:
-            norm = float("nan")
+        first_bad = torch.where(torch.isfinite(sums[0]), first_bad, first_bad.clamp(max=iter_num + 1))
+        scaler.unscale_(optimizer)  # clip and log the true gradient norm (a no-op unless fp16)
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
-        if rt.ddp:  # log the mean over all ranks' pairs
-            torch.distributed.all_reduce(sums)
-            sums /= world
-        loss, acc = sums.tolist()
-        if not math.isfinite(loss):
-            stop_non_finite("training loss", loss)
+        stopping = stop.agreed(rt)  # the same on every rank
+        eval_due = iter_num % eval_interval == 0 or iter_num == iters
+        # no host sync per step: the step's figures are read at log lines, and before any save (are they finite?)
+        if iter_num % log_interval == 0 or iter_num == iters or eval_due or stopping:
+            if rt.ddp:
+                torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
+            if first_bad.item() < BIG:
+                stop_non_finite("training loss", float(sums[0]), first_bad.item(), rt, out_dir)
         if iter_num % log_interval == 0 or iter_num == iters:
+            if rt.ddp:  # the mean over all ranks' pairs
+                torch.distributed.all_reduce(sums)
+            loss, acc = (sums / (world * (iter_num - last_log))).tolist()
             dt = time.time() - t0
             tok_s = tokens_seen * world / dt  # tokens fed to the policy (prompt + response, both sides)
-            print0(f"iter {iter_num}: loss {loss:.4f}, reward acc {acc:.3f}, lr {lr:.2e}, grad norm {norm:.3f}, "
+            print0(f"iter {iter_num}: loss {loss:.4f}, reward acc {acc:.3f}, lr {lr:.2e}, grad norm {norm.item():.3f}, "
                    f"{dt * 1000 / (iter_num - last_log):.0f} ms/iter, {tok_s:,.0f} tok/s", flush=True)
             if master:
-                append_jsonl(log_path, {"iter": iter_num, "split": "train", "loss": loss, "reward_acc": acc,
-                                        "lr": lr, "grad_norm": norm, "tok_per_s": tok_s})
-                if wandb_run:
-                    wandb_run.log({"train/loss": loss, "train/reward_acc": acc, "lr": lr, "grad_norm": norm,
-                                   "tok_per_s": tok_s}, step=iter_num)
+                log({"type": "train", "iter": iter_num, "loss": loss, "reward_acc": acc, "lr": lr,
+                     "grad_norm": norm.item(), "tok_per_s": tok_s})
+            sums.zero_()
             t0, tokens_seen, last_log = time.time(), 0, iter_num
-        stopping = stop.agreed(rt)  # the same on every rank
-        if iter_num % eval_interval == 0 or iter_num == iters:
+        if eval_due:
             t_eval = time.time()
             m = evaluate()
             improved = m["loss"] < best_val_loss
             best_val_loss = min(best_val_loss, m["loss"])
             if improved or always_save_checkpoint:
-                save(ckpt_name, "best held-out loss" if improved else "always_save_checkpoint")
+                save(ckpt_name)
+                saved_at = iter_num
             t0 += time.time() - t_eval
         if stopping:
             if saved_at != iter_num:  # a run that keeps its best model in ckpt_name saves this state beside it
-                save(ckpt_name if always_save_checkpoint else last_name(ckpt_name), f"{signal.Signals(stopping).name}")
-            if wandb_run:
-                wandb_run.finish()
+                save(ckpt_name if always_save_checkpoint else last_name(ckpt_name))
             stop_exit(stopping, rt, sys.argv, out_dir)
 
     # ------------------------------------------------------------------------------------------
     # summary
     if master:
-        if rt.device_type == "cuda":
-            peak = f"{torch.cuda.max_memory_allocated() / 2 ** 20:,.0f} MiB CUDA allocated"
-        else:
-            import resource  # Unix; ru_maxrss is in KiB on Linux (bytes on macOS)
-            peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10:,.0f} MiB peak RSS"
-        evals = [r for r in read_jsonl(log_path) if r["split"] == "val"]  # the whole run, resumed legs included
+        evals = [r for r in read_jsonl(log_path) if r.get("type") == "eval"]  # the whole run, resumed legs included
         a, b = (evals[0], evals[-1]) if evals else (None, None)
-        held_out = (f"held-out reward acc {a['reward_acc']:.3f} -> {b['reward_acc']:.3f}, loss {a['loss']:.4f} -> "
-                    f"{b['loss']:.4f} (iterations {a['iter']:,} -> {b['iter']:,}); " if evals else "")
-        print0(f"done: {iter_num - start_iter} iterations in {time.time() - t_start:.1f} s; {held_out}peak memory "
-               f"{peak}")
-    if wandb_run:
-        wandb_run.finish()
-    if rt.ddp:
-        torch.distributed.destroy_process_group()
+        held_out = (f"held-out reward acc {a['val_reward_acc']:.3f} -> {b['val_reward_acc']:.3f}, loss "
+                    f"{a['val_loss']:.4f} -> {b['val_loss']:.4f} (iterations {a['iter']:,} -> {b['iter']:,}); "
+                    if evals else "")
+        total = time.time() - t_start
+        print0(f"done: {iter_num - start_iter} iterations in {total:.1f} s; {held_out}peak memory {peak_memory(rt)}")
+        log({"type": "summary", "iter": iter_num, "best_val_loss": best_val_loss, "total_s": total})
+    end_run(rt, wandb_run)

@@ -28,8 +28,11 @@ import sys
 
 import torch
 
-from common import GPT2_NAMES, load_model, print0, setup_runtime
 from configurator import configure
+from lib.checkpoint import GPT2_NAMES
+from lib.errors import install
+from lib.models import load_model
+from lib.runtime import print0, setup_runtime
 
 # ----------------------------------------------------------------------------------------------
 # defaults; override with a config file and/or --key=value
@@ -442,6 +445,7 @@ def write_html(att: torch.Tensor, texts: list, path: str, title: str, layer: int
 
 
 if __name__ == "__main__":
+    install()  # a user's error is one line 'error: ...', Ctrl-C is 'interrupted' (lib/errors.py)
     config = configure(globals(), sys.argv[1:]); globals().update(config)
     # check what needs no model first
     if text.startswith("FILE:"):

@@ -31,10 +31,14 @@ from dataclasses import asdict
 
 import torch
 
-from common import peak_flops as device_peak_flops  # peak_flops is a config key
-from common import print0, setup_runtime
 from configurator import configure
+from lib.errors import install
+from lib.optim import make_optimizer
+from lib.runtime import peak_flops as device_peak_flops  # peak_flops is a config key
+from lib.runtime import print0, setup_runtime
 from model import GPT, GPTConfig, KVCache
+
+install()  # a user's error is one line 'error: ...', Ctrl-C is 'interrupted' (lib/errors.py)
 
 # ----------------------------------------------------------------------------------------------
 # model shape: GPT-2 (124M)
@@ -51,7 +55,7 @@ decode = True  # prefill and generation, with and without the KV cache
 compare_hf = False  # the same measurements on transformers' GPT2LMHeadModel (random init)
 quant_modes = "int8,int4"  # also decode with these weight-only quantized copies (quantize.py); '' = none
 group_size = 64  # int4 group size
-decode_compile = False  # also prefill and decode every model through quantize.StaticDecoder, compiled (CUDA graphs)
+decode_compile = False  # also prefill and decode every model through lib.decode.StaticDecoder, compiled (CUDA graphs)
 decode_tune = True  # with decode_compile: coordinate descent tuning of the step (faster matrix-vector, slower compile)
 # shapes and repeats
 peak_size = 0  # n of the n x n x n peak matmul; 0 = 2048 on CPU, 8192 on GPUs
@@ -66,7 +70,7 @@ warmup = 1  # untimed runs first (compilation, allocator, caches)
 device = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'
 dtype = "auto"  # 'auto' (bf16 on CUDA, fp32 on CPU where bf16 autocast measured ~4x slower), 'float32', 'bfloat16'
 compile = False  # torch.compile both models for the training steps
-peak_flops = 0.0  # a GPU's dense bf16 FLOP/s for the MFU line; 0: its datasheet peak (common.GPU_PEAKS)
+peak_flops = 0.0  # a GPU's dense bf16 FLOP/s for the MFU line; 0: its datasheet peak (lib.runtime.GPU_PEAKS)
 threads = 0  # CPU threads for torch (0 = torch's default: one per core; 1 is steadier on a shared machine)
 seed = 1337
 json = ""  # also write every figure to this JSON file (rewritten after each section)
@@ -82,8 +86,8 @@ if max(seq_len, prefill_len + decode_compile, prompt_len + new_tokens) > block_s
                      f"new_tokens ({prompt_len + new_tokens}) must fit in block_size ({block_size}); "
                      f"e.g. --new_tokens=128")
 modes = [m for m in quant_modes.split(",") if m]
-from quantize import (StaticDecoder, WeightOnlyQuantizer, memory_bytes,  # noqa: E402 (after the checks)
-                      quantized_model_from_checkpoint)
+from lib.decode import StaticDecoder  # noqa: E402 (after the checks: these import the quantized kernels)
+from lib.quant import WeightOnlyQuantizer, memory_bytes, quantized_model_from_checkpoint  # noqa: E402
 quantizers = {m: WeightOnlyQuantizer(m, group_size) for m in modes}  # raises on an unknown mode
 if compare_hf:
     if not bias:
@@ -292,7 +296,7 @@ if train:
     model = GPT(cfg).to(rt.device)
     x = torch.randint(0, min(vocab_size, 50257), (batch_size, seq_len), device=rt.device)
     y = torch.roll(x, -1, dims=1)
-    opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), rt.device_type)
+    opt = make_optimizer(model, 0.1, 6e-4, (0.9, 0.95), rt.device_type)
     step_model = torch.compile(model) if compile else model
     if compile:
         print0("compiling the training step (the warm-up runs take a while)...")
@@ -307,7 +311,7 @@ if train:
     if compare_hf:
         hf = hf_model().train()
         # the very same optimizer setup as ours (groups, fused or not), so only the models differ
-        hf_opt = GPT.configure_optimizers(hf, 0.1, 6e-4, (0.9, 0.95), rt.device_type)
+        hf_opt = make_optimizer(hf, 0.1, 6e-4, (0.9, 0.95), rt.device_type)
         hf_step_model = torch.compile(hf) if compile else hf
 
         def hf_step():
@@ -349,7 +353,7 @@ if train:
 # ----------------------------------------------------------------------------------------------
 # decoding, batch 1: prefill, then greedy generation with and without the KV cache, and quantized weights. The
 # eager lines run model.generate, whose cache grows by a position per token. With --decode_compile every model
-# also runs through quantize.StaticDecoder: prefill compiled once for any length, the one-token step compiled once
+# also runs through lib.decode.StaticDecoder: prefill compiled once for any length, the one-token step compiled once
 # over a whole-window cache and, on CUDA, replayed as a CUDA graph (gpt-fast's recipe). On CUDA the models decode
 # with bf16 weights (like HF's), not fp32 weights under autocast, which would re-cast every weight at every token.
 

@@ -28,10 +28,16 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from common import (GPT2_NAMES, append_jsonl, cache_root, checkpoint_path, download, load_model, pad_right, print0,
-                    progress, read_tokens, setup_runtime)
 from configurator import configure
-from dataloader import load_records, read_text, report_bad
+from lib.checkpoint import GPT2_NAMES, checkpoint_path
+from lib.download import cache_root, download
+from lib.errors import install
+from lib.finetuning import pad_right
+from lib.logs import append_jsonl, progress
+from lib.models import load_model
+from lib.records import load_records, read_text, report_bad
+from lib.runtime import print0, setup_runtime
+from lib.tokens import read_tokens
 
 # The official files. The checksums come from public records, not from a download of ours: HellaSwag's from
 # TensorFlow Datasets (tensorflow/datasets, url_checksums/hellaswag.txt: 12,246,618 bytes), LAMBADA's from the
@@ -325,8 +331,8 @@ def perplexity_tokens(tokenizer, text: Optional[str] = None) -> list:
             raise ValueError(f"{text_file!r} cannot be encoded with this model's tokenizer: {e}") from e
         files = [(text_file, np.asarray([tokenizer.eot_token] * (tokenizer.eot_token is not None) + ids))]
     else:
-        from dataloader import token_files
-        from tokenizer import CharTokenizer
+        from lib.tokenizer import CharTokenizer
+        from lib.tokens import token_files
         data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
         meta = os.path.join(data_dir, "meta.pkl")
         if os.path.exists(meta) and getattr(tokenizer, "chars", None) != CharTokenizer.load(meta).chars:
@@ -379,6 +385,7 @@ def eval_perplexity(model, tokenizer, window: int, n_vocab: int, rt, text: Optio
 
 
 if __name__ == "__main__":
+    install()  # a user's error is one line 'error: ...', Ctrl-C is 'interrupted' (lib/errors.py)
     config = configure(globals(), sys.argv[1:]); globals().update(config)
     if task not in ("hellaswag", "lambada", "perplexity"):
         raise ValueError(f"task must be 'hellaswag', 'lambada' or 'perplexity', got {task!r}; e.g. --task=hellaswag")

@@ -30,86 +30,38 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
 from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn as nn
 from torch.nn import functional as F
 
-from common import (MAY_CHANGE, append_jsonl, catch_signals, check_schedule, gather_objects, init_wandb, last_name,
-                    load_model, lr_at, make_checkpoint, model_from_checkpoint, pad_right, plot_curves, print0,
-                    progress, read_jsonl, restore_rng, resume_command, resume_run, resume_state, rng_state,
-                    save_checkpoint, setup_runtime, start_log, stop_exit, tokenizer_for)
 from configurator import configure
-from dataloader import COMPRESSIONS, RECORD_FORMATS, load_records, report_bad
+from lib.checkpoint import last_name
+from lib.errors import install
+from lib.finetuning import (TEMPLATES, Finetuned, answer, class_metrics, class_report, encode_pair, format_prompt,
+                            freeze, pad_right, padded_fraction, plan_batches, template_marker)
+from lib.lifecycle import (catch_signals, end_run, lock_out_dir, peak_memory, restore, resume_run, save_run, start_log,
+                           stop_exit, stop_non_finite, wrap)
+from lib.logs import init_wandb, plot_confusion, plot_curves, progress, read_jsonl, record
+from lib.models import load_model, model_from_checkpoint, tokenizer_for
+from lib.optim import check_schedule, lr_at, make_optimizer
+from lib.records import COMPRESSIONS, RECORD_FORMATS, load_records, report_bad
+from lib.runtime import print0, setup_runtime
+from lib.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
-from tokenizer import get_tokenizer
 
 # ----------------------------------------------------------------------------------------------
 # prompt template and loss masking (shared: align.py and sample.py import these)
 
-# Alpaca's prompt layout (tatsu-lab/stanford_alpaca, train.py PROMPT_DICT)
-PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                "context. Write a response that appropriately completes the request.\n\n"
-                "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
-                   "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-TEMPLATES = ("alpaca", "none")  # 'none': the prompt as it is (records formatted already), input after a blank line
-# what a prompt formatted already tends to contain: Alpaca's, hh-rlhf's, ChatML's and Llama-2's turn markers
-TEMPLATE_MARKERS = ("### Response:", "### Instruction:", "\n\nAssistant:", "<|im_start|>", "[/INST]")
 
 
-def format_prompt(instruction: str, input: str = "", template: str = "alpaca") -> str:
-    """The prompt for an instruction (and optional input) in a template; the response follows it directly."""
-    if template not in TEMPLATES:
-        raise ValueError(f"prompt_template must be one of {TEMPLATES}, got {template!r}")
-    if template == "none":
-        return f"{instruction}\n\n{input}" if input else instruction
-    if input:
-        return PROMPT_INPUT.format(instruction=instruction, input=input)
-    return PROMPT_NO_INPUT.format(instruction=instruction)
 
 
-def template_marker(text: str) -> str:
-    """The first turn marker of a known template in text ('' if none): a sign that it is formatted already."""
-    return next((m for m in TEMPLATE_MARKERS if m in text), "")
 
 
-def encode_pair(tok, prompt: str, response: str, block_size: int, truncate: str = "right"):
-    """Token ids and training labels for prompt + response (+ <|endoftext|> when the tokenizer has one).
-
-    Returns (x, y, truncated): x = ids[:-1], y = ids[1:] with -1 wherever the target is a prompt token, so
-    the loss (ignore_index=-1) counts response tokens only. len(x) <= block_size. When prompt + response is
-    too long: truncate='right' cuts the end; truncate='prompt' drops prompt tokens from the left first (the
-    response matters more), then cuts the end if the response alone is still too long.
-    """
-    if truncate not in ("right", "prompt"):
-        raise ValueError(f"truncate must be 'right' or 'prompt', got {truncate!r}")
-    p = tok.encode_ordinary(prompt)
-    r = tok.encode_ordinary(response) + ([tok.eot_token] if tok.eot_token is not None else [])
-    n = block_size + 1  # x and y of length block_size come from block_size + 1 ids
-    truncated = len(p) + len(r) > n
-    if truncated and truncate == "prompt":
-        p = p[max(len(p) - max(n - len(r), 1), 0):]  # keep at least one prompt token to condition on
-    ids = (p + r)[:n]
-    x = ids[:-1]
-    y = [t if i + 1 >= len(p) else -1 for i, t in enumerate(ids[1:])]
-    return x, y, truncated
 
 
-@torch.no_grad()
-def answer(model, tok, instruction: str, input: str = "", max_new_tokens: int = 128, template: str = "alpaca") -> str:
-    """The model's greedy response to an instruction, cut at <|endoftext|> (call model.eval() first)."""
-    ids = tok.encode_ordinary(format_prompt(instruction, input, template))
-    device = next(model.parameters()).device
-    out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=0.0,
-                         stop_token=tok.eot_token)
-    new = out[0, len(ids):].tolist()
-    if tok.eot_token in new:
-        new = new[:new.index(tok.eot_token)]
-    return tok.decode(new).strip()
 
 # ----------------------------------------------------------------------------------------------
 # data: records from local files or the Hub, checked, tokenized, batched
@@ -127,7 +79,7 @@ def read_split(dataset: str, split: str, fields: dict, names: Optional[list] = N
     'FILE:LINE'. Class names: `names` (from the training split), else label_names, the Hub's ClassLabel names,
     the sorted string labels, or '0' .. the largest id. A missing, empty or mistyped field, or a label outside
     the classes, is an error naming each bad record, or skipped with a warning under skip_bad. load: keyword
-    arguments of dataloader.load_records (name, header, encoding, skip_bad, cache_dir)."""
+    arguments of lib.records.load_records (name, header, encoding, skip_bad, cache_dir)."""
     load["require"] = {f: f"--{k}" for k, f in fields.items() if f.isdigit()}  # a column index: rec[f] is set
     ends = tuple(ext + c for ext in RECORD_FORMATS for c in ("", *COMPRESSIONS))
     local = lambda s: os.path.exists(s) or s.lower().endswith(ends)  # else a Hub name (or split)
@@ -221,25 +173,8 @@ def encode_records(tok, rows: list, block_size: int, truncate: str, source: str,
     return examples, stats
 
 
-def plan_batches(lengths: list, batch_size: int, seed: int, epoch: int, mode: str = "sorted") -> list:
-    """One epoch of batches (arrays of record indices), a pure function of (seed, epoch), so resuming needs
-    only the iteration count. 'sorted': shuffle, sort each window of 64 batches by length, cut it into
-    batches and shuffle those, so records of similar length share a batch (little padding) while the order
-    stays random (the "megabatch" idea of Hugging Face's LengthGroupedSampler). 'random': a plain shuffle."""
-    rng = np.random.default_rng([seed, epoch])
-    order, lengths = rng.permutation(len(lengths)), np.asarray(lengths)
-    if mode == "sorted":
-        w = batch_size * 64
-        windows = np.split(order, range(w, len(order), w))
-        order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")] for c in windows])  # longest first
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    return [batches[j] for j in rng.permutation(len(batches))] if mode == "sorted" else batches
 
 
-def padded_fraction(lengths: list, batches: list) -> float:
-    """Share of the positions of right-padded batches that are padding."""
-    lengths = np.asarray(lengths)
-    return 1.0 - lengths.sum() / sum(len(b) * lengths[b].max() for b in batches)
 
 
 def make_batch(examples: list, idx, pad_id: int):
@@ -254,50 +189,8 @@ def make_batch(examples: list, idx, pad_id: int):
 # model: the GPT with outputs only where there are labels
 
 
-class Finetuned(nn.Module):
-    """The GPT with logits computed only at labelled positions: the LM head at response tokens (instruct),
-    or a linear head at each text's last real token (classify, num_classes > 0), the way GPT-1 (Radford et
-    al. 2018, section 3.3) classifies. Skipping the 50k-way LM head (a small GPT's largest matmul) at prompt
-    and padding positions saves its cost there: 20% of a training step for a 4-layer, 128-wide model whose
-    records are half prompt."""
-
-    def __init__(self, gpt, num_classes: int = 0):
-        super().__init__()
-        self.gpt = gpt
-        self.head = nn.Linear(gpt.config.n_embd, num_classes) if num_classes else None
-        if self.head is not None:
-            torch.nn.init.normal_(self.head.weight, mean=0.0, std=0.02)  # GPT-2's init for every Linear
-            torch.nn.init.zeros_(self.head.bias)
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"):
-        """idx (B, T) ids, targets (B, T) labels, -1 where none -> (logits (N, vocab or classes), loss: the
-        mean or the sum over the N labelled positions, or reduction='none': each one's (N,)), in row-major order."""
-        t = self.gpt.transformer
-        pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
-        x = t.drop(t.wte(idx) + t.wpe(pos))  # (B, T, C), as in GPT.forward
-        for i, block in enumerate(t.h):
-            x, _ = block(x, i)
-        keep = targets.reshape(-1) != -1  # (B*T,)
-        x = t.ln_f(x.reshape(-1, x.size(-1))[keep])  # (N, C); LayerNorm is per token, so gather first
-        logits = (self.gpt.lm_head if self.head is None else self.head)(x)  # (N, vocab or classes)
-        loss = F.cross_entropy(logits.float(), targets.reshape(-1)[keep], reduction="none")  # (N,)
-        if reduction == "none":
-            return logits, loss
-        return logits, loss.sum(dtype=torch.float64) if reduction == "sum" else loss.mean()  # a sum: exact
 
 
-def freeze(gpt, n_trainable_layers: int) -> None:
-    """Train only the last n_trainable_layers blocks and the final LayerNorm (a classification head stays
-    trainable); -1 trains everything. Frozen weights get no gradient, so autograd skips their backward."""
-    n = gpt.config.n_layer
-    if not -1 <= n_trainable_layers <= n:
-        raise ValueError(f"n_trainable_layers must be -1 (all) or in [0, {n}] for this {n}-layer model, got "
-                         f"{n_trainable_layers!r}")
-    if n_trainable_layers >= 0:
-        for p in gpt.parameters():
-            p.requires_grad = False
-        for p in [*gpt.transformer.h[n - n_trainable_layers:].parameters(), *gpt.transformer.ln_f.parameters()]:
-            p.requires_grad = True
 
 
 @torch.no_grad()
@@ -325,52 +218,10 @@ def evaluate(model, examples: list, batches: list, pad_id: int, rt, num_classes:
     return loss, acc, confusion.cpu() if num_classes else None
 
 
-def class_metrics(confusion: torch.Tensor) -> dict:
-    """Per-class precision, recall, F1 and support from confusion[true, predicted] counts, each a list in class
-    order; a class never predicted (or never present) scores 0 there, as scikit-learn's zero_division=0."""
-    c = confusion.double()
-    tp, predicted, support = c.diag(), c.sum(0), c.sum(1)
-    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), 0.0)
-    recall = torch.where(support > 0, tp / support.clamp(min=1), 0.0)
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), 0.0)
-    return dict(precision=precision.tolist(), recall=recall.tolist(), f1=f1.tolist(), support=support.long().tolist())
 
 
-def class_report(confusion: torch.Tensor, names: list) -> str:
-    """A table of per-class precision, recall, F1 and support with macro averages, then the confusion matrix:
-    on an imbalanced set (e.g. 87% of one class) accuracy alone hides a class the model never finds."""
-    m, w = class_metrics(confusion), max(12, *(len(n) for n in names))
-    lines = [f"{'class':<{w}} precision    recall        f1   support"]
-    for k, name in enumerate(names):
-        lines.append(f"{name:<{w}} {m['precision'][k]:9.4f} {m['recall'][k]:9.4f} {m['f1'][k]:9.4f} "
-                     f"{m['support'][k]:9,}")
-    macro = [sum(m[key]) / len(names) for key in ("precision", "recall", "f1")]
-    lines.append(f"{'macro avg':<{w}} {macro[0]:9.4f} {macro[1]:9.4f} {macro[2]:9.4f} {sum(m['support']):9,}")
-    cw = max(9, *(len(n) + 1 for n in names))
-    lines.append(f"confusion (rows: true class, columns: predicted)\n{'':<{w}}" + "".join(f"{n:>{cw}}" for n in names))
-    lines += [f"{name:<{w}}" + "".join(f"{int(v):>{cw},}" for v in row) for name, row in zip(names, confusion.tolist())]
-    return "\n".join(lines)
 
 
-def plot_confusion(path: str, confusions: dict, names: list, title: str):
-    """Confusion matrices {split: confusion} as PNG heatmaps side by side, counts written in, atomically."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-    k = len(names)
-    fig, axes = plt.subplots(1, len(confusions), figsize=((2 + 0.8 * k) * len(confusions), 1.5 + 0.8 * k),
-                             squeeze=False)
-    for ax, (split, c) in zip(axes[0], confusions.items()):
-        ax.imshow(c.numpy(), cmap="Blues")
-        for (i, j), v in np.ndenumerate(c.numpy()):
-            ax.text(j, i, f"{v:,}", ha="center", va="center", color="white" if v > c.max() / 2 else "black")
-        ax.set(xticks=range(k), yticks=range(k), xticklabels=names, yticklabels=names, xlabel="predicted",
-               ylabel="true class", title=f"{split}: accuracy {c.diag().sum() / c.sum():.1%} of {int(c.sum()):,}")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=100)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
 
 # ----------------------------------------------------------------------------------------------
 # defaults: each can be set by a config file or --key=value
@@ -442,12 +293,14 @@ compile = False  # torch.compile the training forward (dynamic shapes: batch len
 seed = 1337
 
 # ----------------------------------------------------------------------------------------------
-if __name__ == "__main__":  # the helpers above are imported by align.py and sample.py; the run is below
+if __name__ == "__main__":  # tests import the helpers above; the run is below
+    install()  # a user's error is one line 'error: ...', Ctrl-C is 'interrupted' (lib/errors.py)
     explicit = set()  # the keys set by config files or --key=value
     config = configure(globals(), sys.argv[1:], explicit=explicit)
     ckpt = None
     if config["init_from"] == "resume" and not config["predict"]:  # the saved config is the base
-        config, ckpt = resume_run(config, explicit, ("sft", "classify"), "finetune.py", MAY_CHANGE + ("epochs",))
+        config, ckpt = resume_run(config, explicit, ("sft", "classify"), "finetune.py",
+                                  ("epochs", "sample_interval", "num_samples", "max_new_tokens", "final_eval"))
     globals().update(config)
     for key, valid in (("task", ("instruct", "classify")), ("truncate", ("left", "right", "drop")),
                        ("batching", ("sorted", "random")), ("prompt_template", TEMPLATES)):
@@ -566,7 +419,7 @@ if __name__ == "__main__":  # the helpers above are imported by align.py and sam
     model = Finetuned(gpt, len(names) if task == "classify" else 0)
     freeze(gpt, n_trainable_layers)
     model.to(rt.device)
-    optimizer = gpt.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), rt.device_type)
+    optimizer = make_optimizer(gpt, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
     if model.head is not None:
         optimizer.add_param_group({"params": [model.head.weight], "weight_decay": weight_decay})
         optimizer.add_param_group({"params": [model.head.bias], "weight_decay": 0.0})
@@ -584,61 +437,37 @@ if __name__ == "__main__":  # the helpers above are imported by align.py and sam
                              f"--init_from={out_dir!r} --out_dir=NEW_DIR")
         if model.head is not None:
             model.head.load_state_dict(ckpt["head"])
-        state = ckpt["resume"]
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        iter_num, best_val_loss = state["iter_num"], state["best"]["value"]
-        restore_rng(state["rng"], rt)  # last: building the model above drew random numbers
+        iter_num, best_val_loss = restore(ckpt["resume"], optimizer, scaler, rt)
     ckpt = None  # free the loaded weights
-    train_model = model
-    if compile:
-        print0("compiling the model... (takes a minute)")
-        train_model = torch.compile(model, dynamic=True)  # batch lengths vary
-    if rt.ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        train_model = DDP(train_model, device_ids=[rt.ddp_local_rank] if rt.device_type == "cuda" else None)
+    train_model = wrap(model, rt, compile, dynamic=True)  # batch lengths vary
     shown = raw["val"][1][:num_samples] if task == "instruct" else []  # held-out instructions to answer
 
     # ------------------------------------------------------------------------------------------
     # what the loop calls: checkpoints, evaluation, logs
     log_path = os.path.join(out_dir, "log.jsonl")
     if master:
+        lock_out_dir(out_dir)  # one run per out_dir: a second one stops here, naming the first
         start_log(out_dir, iter_num if init_from == "resume" else None)  # a resume logs the rest again
     wandb_run = init_wandb(wandb_project, wandb_run_name, config, wandb_mode, out_dir) if wandb_log and master else None
 
-    def record(rec: dict):
-        append_jsonl(log_path, rec)
-        if wandb_run is not None:
-            wandb_run.log({k: v for k, v in rec.items() if k not in ("type", "iter")}, step=rec["iter"])
+    def log(rec: dict):
+        record(log_path, rec, wandb_run)
 
     def save(name: str):
         """out_dir/name with everything an exact resume needs (a collective under DDP: the RNG of every rank)."""
-        rngs = gather_objects(rng_state(), rt)
-        if master:
-            extra = dict(head=model.head.state_dict(), labels=names) if model.head is not None else {}
-            resume = resume_state(iter_num, "val_loss", best_val_loss, optimizer.state_dict(), scaler.state_dict(),
-                                  rngs)
-            save_checkpoint(make_checkpoint("classify" if task == "classify" else "sft", gpt.state_dict(),
-                                            asdict(gpt.config), config, tok.meta(), resume, **extra),
-                            os.path.join(out_dir, name))
-            print0(f"saved {os.path.join(out_dir, name)} (iteration {iter_num:,})")
-
-    def stop_non_finite(what: str, value: float):
-        """Exit at once: saving weights that produce nan/inf would only destroy the last good checkpoint."""
-        sys.exit(f"ERROR: the {what} became {value} at iteration {iter_num:,}: the weights are broken, so nothing was "
-                 f"saved. Lower --learning_rate or check the data, then continue from the last good checkpoint in "
-                 f"{out_dir!r}: {resume_command(sys.argv, rt, out_dir)}")
+        extra = dict(head=model.head.state_dict(), labels=names) if model.head is not None else {}
+        save_run(os.path.join(out_dir, name), "classify" if task == "classify" else "sft", gpt, config, tok.meta(), rt,
+                 iter_num, ("val_loss", best_val_loss), optimizer, scaler, **extra)
 
     def run_eval():
         rec = {"type": "eval", "iter": iter_num}
         for split, (examples, batches) in eval_sets.items():
             rec[f"{split}_loss"], rec[f"{split}_acc"], _ = evaluate(model, examples, batches, pad_id, rt)
         if not math.isfinite(rec["val_loss"]):
-            stop_non_finite("val loss", rec["val_loss"])
+            stop_non_finite("val loss", rec["val_loss"], iter_num, rt, out_dir)
         print0(f"eval {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in rec.items() if k not in ("type", "iter")))
         if master:
-            record(rec)
+            log(rec)
             recs = read_jsonl(log_path)
             for kind in ("loss", "acc"):
                 curves = {k: ([r["iter"] for r in recs if k in r], [r[k] for r in recs if k in r])
@@ -690,15 +519,15 @@ if __name__ == "__main__":  # the helpers above are imported by align.py and sam
                 torch.distributed.all_reduce(totals)
             loss_sum, correct, count, real, padded = totals.tolist()
             if not math.isfinite(loss_sum):
-                stop_non_finite("training loss", loss_sum / count)
+                stop_non_finite("training loss", loss_sum / count, iter_num, rt, out_dir)
             dt = time.time() - t_log
             rec = {"type": "train", "iter": iter_num, "loss": loss_sum / count, "acc": correct / count, "lr": lr,
-                   "norm": norm.item(), "tok_per_s": real / dt}
+                   "grad_norm": norm.item(), "tok_per_s": real / dt}
             print0(f"iter {iter_num}: loss {rec['loss']:.4f}, acc {rec['acc']:.3f}, lr {lr:.2e}, norm "
-                   f"{rec['norm']:.2f}, {dt * 1000 / window:.1f}ms/iter, {rec['tok_per_s']:,.0f} tok/s, padding "
+                   f"{rec['grad_norm']:.2f}, {dt * 1000 / window:.1f}ms/iter, {rec['tok_per_s']:,.0f} tok/s, padding "
                    f"{1 - real / padded:.1%}")
             if master:
-                record(rec)
+                log(rec)
             sums.zero_()
             counts[:] = 0
             t_log, window = time.time(), 0
@@ -715,7 +544,7 @@ if __name__ == "__main__":  # the helpers above are imported by align.py and sam
                     reply = answer(gpt, tok, instruction, inp, max_new_tokens, prompt_template)
                 print0(f"sample {iter_num}: {instruction!r}" + (f" + {inp!r}" if inp else "") +
                        f"\n  -> {reply!r}\n  reference: {reference!r}")
-                record({"type": "sample", "iter": iter_num, "instruction": instruction, "input": inp,
+                log({"type": "sample", "iter": iter_num, "instruction": instruction, "input": inp,
                         "response": reply})
             gpt.train()
         if stopping:
@@ -737,16 +566,14 @@ if __name__ == "__main__":  # the helpers above are imported by align.py and sam
                    + class_report(confusions[split], names))
             if master:
                 m = class_metrics(confusions[split])
-                record({"type": "final", "iter": iter_num, f"final_{split}_acc": acc, f"final_{split}_loss": loss,
+                log({"type": "final", "iter": iter_num, f"final_{split}_acc": acc, f"final_{split}_loss": loss,
                         f"final_{split}_f1": m["f1"], f"final_{split}_confusion": confusions[split].tolist()})
     if master and confusions:
         plot_confusion(os.path.join(out_dir, "confusion.png"), confusions, names, os.path.basename(dataset))
         print0(f"confusion matrices in {os.path.join(out_dir, 'confusion.png')}")
     if master:
-        mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if rt.device_type == "cuda" else ""
-        print0(f"done: {iter_num - start_iter:,} iterations in {time.time() - t_start:.1f}s, best val loss "
-               f"{best_val_loss:.4f}{mem}; metrics in {log_path}")
-    if wandb_run is not None:
-        wandb_run.finish()
-    if rt.ddp:
-        torch.distributed.destroy_process_group()
+        total = time.time() - t_start
+        print0(f"done: {iter_num - start_iter:,} iterations in {total:.1f} s, best val loss {best_val_loss:.4f}, peak "
+               f"memory {peak_memory(rt)}; metrics in {log_path}")
+        log({"type": "summary", "iter": iter_num, "best_val_loss": best_val_loss, "total_s": total})
+    end_run(rt, wandb_run)

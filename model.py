@@ -11,7 +11,6 @@ Parameter names follow OpenAI's checkpoint, so loading published weights is a on
 .attn.c_proj, .ln_2, .mlp.c_fc, .mlp.c_proj, transformer.ln_f, lm_head (tied to wte).
 """
 
-import inspect
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -40,7 +39,8 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, preallocated for the whole window of every layer."""
+    """Keys and values of the tokens seen so far, preallocated for the whole window of every layer; each forward
+    reads the positions filled so far (generate's cache)."""
 
     def __init__(self, config: GPTConfig, batch_size: int):
         hs = config.n_embd // config.n_head
@@ -48,15 +48,42 @@ class KVCache:
         self.k = self.v = None  # allocated at the first update, in the dtype the layers produce (autocast)
         self.pos = 0  # number of positions filled
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, nh, T, hs) at the next T positions; return all keys and values so far."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        """Store k, v (B, nh, T, hs) at the next T positions -> (all keys, all values so far, mask): mask None
+        when each new token sees every cached one and the new ones causally (no prefix, or one new token), else
+        (T, pos + T) bool, True where a query may look."""
         if self.k is None:
             self.k = torch.zeros(self.shape, device=k.device, dtype=k.dtype)
             self.v = torch.zeros(self.shape, device=v.device, dtype=v.dtype)
-        T = k.size(2)
-        self.k[layer, :, :, self.pos:self.pos + T] = k
-        self.v[layer, :, :, self.pos:self.pos + T] = v
-        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+        T, past = k.size(2), self.pos
+        self.k[layer, :, :, past:past + T] = k
+        self.v[layer, :, :, past:past + T] = v
+        mask = None
+        if past and T > 1:  # several new tokens after a cached prefix: the causal mask shifted by the prefix
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=k.device).tril(diagonal=past)
+        return self.k[layer, :, :, :past + T], self.v[layer, :, :, :past + T], mask
+
+    def advance(self, T: int):
+        self.pos += T
+
+
+class StaticKVCache:
+    """Keys and values of the whole window at fixed addresses, k and v (n_layer, B, nh, block_size, hs): every
+    forward writes its positions and reads all block_size of them, masked to those filled so far. One shape for
+    every step, so torch.compile traces a decode step once and CUDA graphs replay it (gpt-fast's recipe,
+    generate.py). The caller passes the positions (a tensor) to GPT.forward and keeps count of them."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        self.k[layer].index_copy_(2, pos, k.to(self.k.dtype))  # (B, nh, block_size, hs) with positions pos written
+        self.v[layer].index_copy_(2, pos, v.to(self.v.dtype))
+        mask = torch.arange(self.k.size(3), device=pos.device) <= pos[:, None]  # (T, block_size) filled and causal
+        return self.k[layer], self.v[layer], mask
+
+    def advance(self, T: int):
+        pass
 
 
 class CausalSelfAttention(nn.Module):
@@ -72,39 +99,35 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
 
-    def forward(self, x, layer: int = 0, cache: Optional[KVCache] = None, return_attn: bool = False):
+    def forward(self, x, layer: int = 0, cache=None, pos: Optional[torch.Tensor] = None, return_attn: bool = False):
         B, T, C = x.size()  # batch size, sequence length, embedding dim (n_embd)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        past = 0
+        mask = None  # None: causal from position 0 (or a single query, which sees everything before it)
         if cache is not None:
-            past = cache.pos
-            k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs)
+            k, v, mask = cache.update(layer, k, v, pos)  # (B, nh, S, hs) every key so far; S >= T
         att = None
         if return_attn:
             # explicit math, for looking inside: softmax(QK^T / sqrt(hs) + causal mask) V (Vaswani et al., eq. 1)
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, past + T)
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            S = k.size(2)
+            if mask is None:
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
             att = F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1)
             y = self.attn_dropout(att) @ v  # (B, nh, T, hs)
-        elif past == 0:
-            # training and prefill: fused kernels (flash / memory-efficient where available)
+        elif mask is None:
+            # fused kernels (flash / memory-efficient where available)
             dtype = q.dtype
-            if q.device.type == "cpu" and dtype == torch.bfloat16:
+            if q.device.type == "cpu" and dtype == torch.bfloat16 and T > 1:
                 # torch's CPU flash attention is ~5x slower in bfloat16 than in float32 (its backward, 12 x 4 x 64
                 # x 32 on a 2-core CPU with AVX512-BF16): the matmuls around it keep bfloat16, attention does not
                 q, k, v = q.float(), k.float(), v.float()
             with torch.autocast("cpu", enabled=False) if dtype != q.dtype else nullcontext():
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                                   is_causal=True).to(dtype)
-        elif T == 1:
-            # one new token after the cache sees every cached position: no mask needed
-            y = F.scaled_dot_product_attention(q, k, v)
+                                                   is_causal=True if T > 1 else False).to(dtype)  # a bool, not SymBool
         else:
-            # several new tokens after a cached prefix: causal mask shifted by the prefix length
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y)), att
@@ -133,126 +156,11 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, layer: int = 0, cache: Optional[KVCache] = None, return_attn: bool = False):
-        a, att = self.attn(self.ln_1(x), layer, cache, return_attn)
+    def forward(self, x, layer: int = 0, cache=None, pos: Optional[torch.Tensor] = None, return_attn: bool = False):
+        a, att = self.attn(self.ln_1(x), layer, cache, pos, return_attn)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, att
-
-
-def newton_schulz(G: torch.Tensor, coefficients: tuple, steps: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """G (n, rows, cols), a stack of n matrices -> each about U V^T of its SVD U S V^T, by `steps` quintic
-    Newton-Schulz iterations in `dtype`: torch.optim.Muon's orthogonalization (torch/optim/_muon.py, after Keller
-    Jordan's muon.py), which takes one matrix at a time and always works in bfloat16. Its coefficients trade
-    accuracy for speed: singular values end between about 0.68 and 1.13, not at 1, which does not hurt training
-    (https://kellerjordan.github.io/posts/muon/, github.com/KellerJordan/modded-nanogpt README)."""
-    a, b, c = coefficients
-    X = G.to(dtype)
-    tall = G.size(-2) > G.size(-1)
-    if tall:
-        X = X.mT  # (n, cols, rows): iterate on the short side, where X X^T is the smaller Gram matrix
-    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm = 1
-    for _ in range(steps):
-        A = X @ X.mT
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
-        X = torch.baddbmm(X, B, X, beta=a)  # a X + B X = a X + b (X X^T) X + c (X X^T)^2 X
-    return X.mT if tall else X
-
-
-@torch.no_grad()
-def muon_step(muon: torch.optim.Optimizer, dtype: torch.dtype):
-    """torch.optim.Muon's step (_single_tensor_muon, default learning-rate adjustment) on that optimizer's own
-    groups and momentum buffers, with two changes of speed, not of result: the matrices of one shape are
-    orthogonalized together, in one batched Newton-Schulz (on a 2-core CPU, 8.9 ms instead of 14.8 for the demo's
-    16 matrices), and in `dtype`. In bfloat16 it is bit-identical to muon.step() (tests/test_muon.py)."""
-    for group in muon.param_groups:
-        lr, momentum = group["lr"], group["momentum"]
-        by_shape = {}  # shape -> [(parameter, its update before orthogonalization)]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = muon.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p.grad)
-            buf = state["momentum_buffer"]
-            buf.lerp_(p.grad, 1 - momentum)  # B = mu B + (1 - mu) g
-            update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf  # Nesterov: (1 - mu) g + mu B
-            by_shape.setdefault(tuple(p.shape), []).append((p, update))
-        for (rows, cols), items in by_shape.items():
-            ortho = newton_schulz(torch.stack([u for _, u in items]), group["ns_coefficients"], group["ns_steps"],
-                                  group["eps"], dtype)  # (n, rows, cols)
-            for (p, _), o in zip(items, ortho):
-                p.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay
-                p.add_(o, alpha=-lr * math.sqrt(max(1, rows / cols)))  # same update RMS for tall matrices
-
-
-class MuonAdamW:
-    """Muon for the hidden matrices and AdamW for the rest, used like one torch optimizer: what training loops,
-    torch.amp.GradScaler (param_groups, step) and clip_grad_norm_ touch. Its state_dict holds both states.
-    torch.optim.Muon holds the matrices, their settings and momentum buffers; muon_step updates them (faster than
-    its own step, same result) with Newton-Schulz in ns_dtype."""
-
-    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer, ns_dtype: torch.dtype):
-        self.muon, self.adamw, self.ns_dtype = muon, adamw, ns_dtype
-
-    @property
-    def param_groups(self) -> list:
-        return self.muon.param_groups + self.adamw.param_groups  # anew each time: load_state_dict replaces groups
-
-    def add_param_group(self, group: dict):
-        self.adamw.add_param_group(group)  # e.g. a classification head (finetune.py): AdamW, like the LM head
-
-    def step(self, closure=None):
-        muon_step(self.muon, self.ns_dtype)
-        self.adamw.step()
-
-    def zero_grad(self, set_to_none: bool = True):
-        self.muon.zero_grad(set_to_none=set_to_none)
-        self.adamw.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict:
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
-
-    def load_state_dict(self, state: dict):
-        if set(state) != {"muon", "adamw"}:
-            raise ValueError(f"this optimizer state has the keys {sorted(state)}, not Muon + AdamW's ['adamw', "
-                             f"'muon']: the run was started with another optimizer; resume it with that one "
-                             f"(e.g. --optimizer=adamw)")
-        self.muon.load_state_dict(state["muon"])
-        self.adamw.load_state_dict(state["adamw"])
-
-
-def native_bf16(device_type: str) -> str:
-    """'' when bfloat16 matmuls run in hardware on `device_type`, else why not. CUDA: tensor cores (Ampere and
-    newer; torch's is_bf16_supported() also counts the emulated kind of V100 and T4). x86 CPUs: AVX512-BF16 or AMX,
-    where a bfloat16 matmul runs 2.3x faster than float32 (2-core AVX512-BF16 machine: 378 against 165 GFLOP/s);
-    elsewhere it is emulated, 2.5x (AVX-512) to 12x (AVX2) slower than float32."""
-    if device_type == "cuda":
-        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-        return "" if ok else "this GPU emulates bfloat16"
-    if device_type == "cpu":
-        ok = (getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-              or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-        return "" if ok else "the CPU has no AVX512-BF16 or AMX: bfloat16 matmuls are emulated, slower than float32"
-    return f"bfloat16 matmuls are emulated on {device_type}"
-
-
-def pick_ns_dtype(requested: str, device_type: str) -> tuple:
-    """-> (torch dtype, why) for Muon's Newton-Schulz iterations. 'auto': bfloat16 where matmuls have it natively
-    (native_bf16), float32 elsewhere."""
-    choices = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-    if requested != "auto":
-        if requested not in choices:
-            raise ValueError(f"muon_ns_dtype must be 'auto', 'bfloat16' or 'float32', got {requested!r}; e.g. "
-                             f"--muon_ns_dtype=auto")
-        return choices[requested], "requested"
-    if device_type == "cuda":
-        return torch.bfloat16, "tensor cores"
-    why = native_bf16(device_type)
-    if not why:
-        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-        return torch.bfloat16, "the CPU has " + ("AMX" if amx else "AVX512-BF16")
-    return torch.float32, why
 
 
 class GPT(nn.Module):
@@ -295,28 +203,30 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
-                return_attn: bool = False, cache: Optional[KVCache] = None, last_only: bool = False,
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *, cache=None,
+                pos: Optional[torch.Tensor] = None, return_attn: bool = False, last_only: bool = False,
                 return_hidden: bool = False):
         """idx (B, T) token ids -> (logits (B, T, vocab), loss or None), plus a list of every layer's
-        attention probabilities (B, nh, T, T) when return_attn=True (explicit-math path, slower).
-        targets (B, T) ids with -1 for positions to ignore. cache: a KVCache that idx continues.
-        last_only: compute logits for the last position only (generation).
-        return_hidden: return the final hidden states (B, T, C) after ln_f in place of the logits, for callers
-        that need the logits of a few positions only (eval.py applies self.lm_head where a token is scored)."""
+        attention probabilities (B, nh, T, S) when return_attn=True (explicit-math path, slower).
+        targets (B, T) ids with -1 for positions to ignore. cache: a KVCache that idx continues, or a
+        StaticKVCache with pos, the positions (T,) of idx. last_only: logits for the last position only
+        (generation). return_hidden: the final hidden states (B, T, C) after ln_f in place of the logits, for
+        the heads of fine-tuning and evaluation, which apply a head only where a token is scored.
+        Every consumer runs this trunk: fine-tuning, alignment, evaluation, attention views and compiled decoding."""
         B, T = idx.size()
-        past = cache.pos if cache is not None else 0
-        if past + T > self.config.block_size:
-            raise ValueError(f"cannot forward a sequence of length {past + T}: block_size is only "
-                             f"{self.config.block_size}")
-        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
+        if pos is None:
+            past = cache.pos if cache is not None else 0
+            if past + T > self.config.block_size:
+                raise ValueError(f"cannot forward a sequence of length {past + T}: block_size is only "
+                                 f"{self.config.block_size}")
+            pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         attns = []
         for i, block in enumerate(self.transformer.h):
-            x, att = block(x, i, cache, return_attn)
+            x, att = block(x, i, cache, pos, return_attn)
             attns.append(att)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         x = self.transformer.ln_f(x)
         loss = None
         if return_hidden:
@@ -337,46 +247,6 @@ class GPT(nn.Module):
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
-    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple, device_type: str,
-                             optimizer: str = "adamw", muon_lr: float = 0.02, muon_momentum: float = 0.95,
-                             muon_ns_steps: int = 5, muon_ns_dtype: str = "auto"):
-        """optimizer='adamw': AdamW; weight decay on matrices and embeddings (>= 2-D), none on biases and LayerNorm
-        gains. optimizer='muon': Muon at muon_lr for the 2-D weights inside the blocks, AdamW as above at
-        learning_rate for the rest (the embeddings, which are also the LM head, LayerNorms and biases), both with
-        weight decay per group. Every group's "lr_scale" is its learning rate over learning_rate: a training loop
-        sets group["lr"] = lr * group.get("lr_scale", 1.0), so one schedule drives both optimizers.
-        muon_ns_steps and muon_ns_dtype: Newton-Schulz iterations and their precision (see pick_ns_dtype)."""
-        if optimizer not in ("adamw", "muon"):
-            raise ValueError(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}; e.g. --optimizer=muon")
-        params = [p for p in self.parameters() if p.requires_grad]
-        hidden = set()
-        if optimizer == "muon":
-            hidden = {id(p) for p in self.transformer.h.parameters() if p.requires_grad and p.dim() == 2}
-        decay = [p for p in params if p.dim() >= 2 and id(p) not in hidden]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        # the fused kernel does the whole update in one pass (CUDA, and CPU since torch 2.4: ~3x faster there)
-        fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        extra = dict(fused=True) if fused else dict()
-        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
-        if optimizer == "adamw":
-            return adamw
-        if not hasattr(torch.optim, "Muon"):
-            raise ValueError(f"optimizer='muon' needs torch.optim.Muon (torch >= 2.9), this is torch "
-                             f"{torch.__version__}: pip install 'torch>=2.9', or use --optimizer=adamw")
-        ns_dtype, _ = pick_ns_dtype(muon_ns_dtype, device_type)
-        if learning_rate <= 0 or muon_lr <= 0:
-            raise ValueError(f"optimizer='muon' needs learning_rate > 0 and muon_lr > 0 (the schedule scales both), "
-                             f"got learning_rate={learning_rate!r}, muon_lr={muon_lr!r}")
-        matrices = [p for p in params if id(p) in hidden]
-        # Muon (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/): Nesterov momentum, then the update
-        # orthogonalized by ns_steps Newton-Schulz iterations, scaled by sqrt(max(1, fan_out / fan_in))
-        muon = torch.optim.Muon([{"params": matrices, "lr_scale": muon_lr / learning_rate}], lr=muon_lr,
-                                weight_decay=weight_decay, momentum=muon_momentum, nesterov=True,
-                                ns_steps=muon_ns_steps)
-        return MuonAdamW(muon, adamw, ns_dtype)
-
     def flops_per_token(self, T: Optional[int] = None) -> int:
         """Training FLOPs (forward + backward) per token at context T: 6N for the weights plus 12*L*C*T for
         the attention scores and mixing (PaLM, Chowdhery et al. 2022, arXiv:2204.02311, Appendix B)."""
@@ -387,12 +257,6 @@ class GPT(nn.Module):
     def estimate_mfu(self, tokens_per_sec: float, peak_flops: float, T: Optional[int] = None) -> float:
         """Model FLOPs utilisation: achieved training FLOP/s as a fraction of peak_flops (FLOP/s)."""
         return self.flops_per_token(T) * tokens_per_sec / peak_flops
-
-    @classmethod
-    def from_pretrained(cls, name: str, dropout: float = 0.0) -> "GPT":
-        """OpenAI's GPT-2 weights ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') via load_openai.py."""
-        from load_openai import load_pretrained
-        return load_pretrained(name, dropout=dropout)
 
     # ------------------------------------------------------------------------------------------
     # generation

@@ -21,8 +21,13 @@ import time
 
 import torch
 
-from common import load_model, print0, resume_path, setup_runtime
 from configurator import configure
+from lib.checkpoint import resume_path
+from lib.errors import install
+from lib.models import load_model
+from lib.runtime import print0, setup_runtime
+
+install()  # a user's error is one line 'error: ...', Ctrl-C is 'interrupted' (lib/errors.py)
 
 # -----------------------------------------------------------------------------
 # model
@@ -95,7 +100,8 @@ if tok.n_vocab > V:
                      f"--meta=data/<dataset>/meta.pkl")
 
 if instruct:
-    from finetune import format_prompt
+    from lib.finetuning import format_prompt
+
     # the template the model was fine-tuned with (finetune.py's prompt_template), else Alpaca's
     text = format_prompt(instruct, start, ((ckpt or {}).get("config") or {}).get("prompt_template", "alpaca"))
 elif start:

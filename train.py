@@ -25,7 +25,6 @@ Every default below can be changed by config files and --key=value, in that orde
 
 import math
 import os
-import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -33,17 +32,22 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (GPT2_NAMES, append_jsonl, catch_signals, check_schedule, gather_objects, init_wandb, last_name,
-                    load_model, lr_at, make_checkpoint, model_from_checkpoint, plot_curves, print0,
-                    read_jsonl, restore_rng, resume_run, resume_state, rng_state, save_checkpoint, setup_runtime,
-                    stop_exit, truncate_log)
-from common import peak_flops as device_peak_flops  # peak_flops is a config key
 from configurator import configure
-from dataloader import BinLoader
-from model import GPT, GPTConfig, pick_ns_dtype
-from tokenizer import CharTokenizer, load_tokenizer
+from lib.checkpoint import GPT2_NAMES, last_name
+from lib.errors import install
+from lib.lifecycle import (catch_signals, end_run, gather_objects, lock_out_dir, peak_memory, restore, resume_run,
+                           save_run, start_log, stop_exit, stop_non_finite, wrap)
+from lib.logs import append_jsonl, init_wandb, plot_curves, read_jsonl, record
+from lib.models import load_model, model_from_checkpoint
+from lib.optim import check_schedule, lr_at, make_optimizer, pick_ns_dtype
+from lib.runtime import peak_flops as device_peak_flops  # peak_flops is a config key
+from lib.runtime import print0, setup_runtime
+from lib.tokenizer import CharTokenizer, load_tokenizer
+from lib.tokens import BinLoader
+from model import GPT, GPTConfig
+
+install()  # a user's error is one line 'error: ...', Ctrl-C is 'interrupted' (lib/errors.py)
 
 # ----------------------------------------------------------------------------------------------
 # defaults: GPT-2 (124M) on FineWeb-Edu, as in config/train_fineweb.py, which says where each number comes from
@@ -109,7 +113,8 @@ _explicit = set()  # the keys that config files and --key=value set
 config = configure(globals(), sys.argv[1:], explicit=_explicit); globals().update(config)
 ckpt = None
 if init_from == "resume":  # continue the run in out_dir: its saved config is the base, reporting keys may change
-    config, ckpt = resume_run(config, _explicit, ("pretrain",), "train.py"); globals().update(config)
+    config, ckpt = resume_run(config, _explicit, ("pretrain",), "train.py", ("lr_decay_iters", "sample_interval",
+                              "sample_prompt", "sample_tokens", "save_best", "data_dir", "peak_flops")); globals().update(config)
 # ----------------------------------------------------------------------------------------------
 # checks that need neither data nor model: a typo fails in a second, not after loading
 
@@ -161,7 +166,7 @@ def bin_loader(split: str, seed_: int) -> BinLoader:
 if data_source == "bin":
     train_loader = bin_loader("train", seed)
 else:
-    from dataloader import StreamingLoader  # imports `datasets`: only on this path
+    from lib.streaming import StreamingLoader
     train_loader = StreamingLoader(stream_dataset, name=stream_name or None, split="train",
                                    text_field=stream_text_field, batch_size=batch_size, block_size=block_size,
                                    rank=rt.ddp_rank, world_size=W, seed=seed, shuffle_buffer=shuffle_buffer,
@@ -217,29 +222,14 @@ if saved_tok != tok_meta or (vocab < 50257 if tok_meta["tokenizer"] == "gpt2" el
 model.train()
 model_args = asdict(model.config)
 
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), rt.device_type, optimizer=optimizer,
+optimizer = make_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type, optimizer=optimizer,
                                        muon_lr=muon_lr, muon_momentum=muon_momentum, muon_ns_steps=muon_ns_steps,
                                        muon_ns_dtype=muon_ns_dtype)  # the name in config["optimizer"], the object here
 scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")  # fp16 needs loss scaling
 if init_from == "resume":
-    state = ckpt["resume"]
-    iter_num, best_val_loss = state["iter_num"], state["best"]["value"]
-    optimizer.load_state_dict(state["optimizer"])
-    if state.get("scaler"):  # empty unless the run used float16
-        scaler.load_state_dict(state["scaler"])
-    if state.get("loader") is not None:
-        train_loader.load_state_dict(state["loader"])
-    restore_rng(state["rng"], rt)  # last: building the model above drew random numbers
+    iter_num, best_val_loss = restore(ckpt["resume"], optimizer, scaler, rt, train_loader)
 ckpt = None  # free the memory
-
-# the compiled model runs the training steps; evaluation and sampling use the plain module, whose varying
-# shapes (and eval mode) would otherwise make torch.compile recompile again and again
-train_model = model
-if compile:
-    print0("compiling the model with torch.compile (the first iterations are slow) ...")
-    train_model = torch.compile(model)
-if rt.ddp:
-    train_model = DDP(train_model, device_ids=[rt.ddp_local_rank] if rt.device_type == "cuda" else None)
+train_model = wrap(model, rt, compile)  # runs the training steps; evaluation and sampling use model itself
 
 # MFU: achieved FLOP/s (6N + attention per token, PaLM appendix B; model.flops_per_token) over peak FLOP/s
 peak, peak_why = (peak_flops, "--peak_flops") if peak_flops else device_peak_flops(rt.device)
@@ -304,45 +294,25 @@ def sample_text() -> str:
 
 def save(name: str):
     """Write out_dir/name atomically with everything an exact resume needs (a collective under DDP)."""
-    rngs = gather_objects(rng_state(), rt)
     loader_state = gather_objects(train_loader.state_dict(), rt) if data_source == "stream" else train_loader.state_dict()
-    if master:
-        path = os.path.join(out_dir, name)
-        resume = resume_state(iter_num, "val_loss", best_val_loss, optimizer.state_dict(), scaler.state_dict(), rngs,
-                              loader_state)
-        save_checkpoint(make_checkpoint("pretrain", model.state_dict(), model_args, config, tok_meta, resume), path)
-        print0(f"saved {path} (iteration {iter_num:,})")
-
-
-def stop_non_finite(what: str, value: float, at: int):
-    """Exit at once: saving weights that produce nan/inf would only destroy the last good checkpoint."""
-    sys.exit(f"ERROR: the {what} became {value} (not finite) at iteration {at:,}: the weights are broken, so nothing "
-             f"was saved. The last good checkpoint (if any) is {os.path.join(out_dir, ckpt_name)!r}. Lower "
-             f"--learning_rate, check the data, or use --dtype=bfloat16 or float32, then resume: python "
-             f"{sys.argv[0]} --init_from=resume --out_dir={out_dir} --learning_rate=...")
+    save_run(os.path.join(out_dir, name), "pretrain", model, config, tok_meta, rt, iter_num, ("val_loss", best_val_loss),
+             optimizer, scaler, loader_state)
 
 
 log_path, png_path = os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "loss.png")
 if master:
-    os.makedirs(out_dir, exist_ok=True)
-    if init_from == "resume":
-        truncate_log(log_path, iter_num)  # drop what was logged after the checkpoint
-    elif os.path.exists(log_path):
-        os.replace(log_path, os.path.join(out_dir, "log.prev.jsonl"))
-        print0(f"WARNING: {out_dir!r} holds an earlier run; this new one overwrites its checkpoint at the first save "
-               f"(its log is now log.prev.jsonl). To continue that run instead: --init_from=resume")
+    lock_out_dir(out_dir)  # one run per out_dir: a second one stops here, naming the first
+    start_log(out_dir, iter_num if init_from == "resume" else None)  # a resumed run logs again what followed its save
 wandb_run = init_wandb(wandb_project, wandb_run_name, config, wandb_mode, out_dir) if wandb_log and master else None
 samples, plotted_at, plotted_t = [], 0, time.time()  # wandb's sample table; the iteration and time loss.png shows
 PLOT_EVERY_S = 120  # a drawing costs ~0.1 s on a CPU (the first 0.5 s more, importing matplotlib): 2-10 small steps
 
 
-def record(rec: dict):
-    """A line of log.jsonl and the same numbers to wandb; loss.png drawn at the end, and after an evaluation once
-    PLOT_EVERY_S have passed since the start or the last drawing (so a run of a minute or two draws it once)."""
+def log(rec: dict):
+    """A line of log.jsonl (and wandb); loss.png drawn at the end, and after an evaluation once PLOT_EVERY_S have
+    passed since the start or the last drawing (so a run of a minute or two draws it once)."""
     global plotted_at, plotted_t
-    append_jsonl(log_path, rec)
-    if wandb_run is not None:
-        wandb_run.log({k: v for k, v in rec.items() if k not in ("type", "iter") and v is not None}, step=rec["iter"])
+    record(log_path, rec, wandb_run)
     due = rec["type"] == "summary" or (rec["type"] == "eval" and time.time() - plotted_t >= PLOT_EVERY_S)
     if due and rec["iter"] > 0 and rec["iter"] != plotted_at:
         plotted_t = time.time()
@@ -359,12 +329,12 @@ def run_eval() -> dict:
     losses = evaluate()
     for split, value in losses.items():
         if not math.isfinite(value):
-            stop_non_finite(f"evaluation's {split} loss", value, iter_num)
+            stop_non_finite(f"evaluation's {split} loss", value, iter_num, rt, out_dir)
     if master and losses:
         best = min(best_val_loss, losses.get("val", float("inf")))
         print0(f"eval {iter_num}: " + ", ".join(f"{s} loss {v:.4f}" for s, v in losses.items())
                + (f" (best val {best:.4f})" if "val" in losses else "") + f", {time.time() - t:.1f} s", flush=True)
-        record({"type": "eval", "iter": iter_num, "train_loss": losses.get("train"), "val_loss": losses.get("val"),
+        log({"type": "eval", "iter": iter_num, "train_loss": losses.get("train"), "val_loss": losses.get("val"),
                 "eval_s": time.time() - t})
     return losses
 
@@ -420,7 +390,7 @@ while iter_num < max_iters:
             dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
         lossf = loss_sum.item() / (iters_logged * grad_accum * W)  # waits for the device: once per log line
         if first_bad.item() < BIG:
-            stop_non_finite("loss", lossf, first_bad.item())
+            stop_non_finite("loss", lossf, first_bad.item(), rt, out_dir)
         dt = time.time() - t_log
         train_time += dt
         tok_s = total_batch_size * iters_logged / dt
@@ -431,7 +401,7 @@ while iter_num < max_iters:
                + (f"{mfu * 100:.2f}%" if mfu is not None else "-") + (f" | mem {mem:.2f} GiB" if mem else ""),
                flush=True)
         if master:
-            record({"type": "train", "iter": iter_num, "loss": lossf, "lr": lr, "grad_norm": norm.item(),
+            log({"type": "train", "iter": iter_num, "loss": lossf, "lr": lr, "grad_norm": norm.item(),
                     "ms_per_iter": dt * 1000 / iters_logged, "tok_per_s": tok_s, "mfu": mfu, "mem_gib": mem})
         loss_sum.zero_()
         iters_logged, t_log = 0, time.time()
@@ -463,17 +433,11 @@ while iter_num < max_iters:
 # summary
 
 total_time = time.time() - t_start
-mem = (f"{torch.cuda.max_memory_allocated(rt.device) / 2 ** 30:.2f} GiB on the GPU" if rt.device_type == "cuda"
-       else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB of RAM (max resident set)")
 if master:
     best = f"{best_val_loss:.4f}" if best_val_loss < float("inf") else "-"
     print0(f"done: {iter_num:,} iterations in {total_time:.1f} s ({train_time:.1f} s of training steps), best val "
-           f"loss {best}, peak memory {mem}")
-    record({"type": "summary", "iter": iter_num, "best_val_loss": best_val_loss if best != "-" else None,
-            "total_s": total_time, "train_s": train_time})
+           f"loss {best}, peak memory {peak_memory(rt)}")
+    log({"type": "summary", "iter": iter_num, "best_val_loss": best_val_loss if best != "-" else None,
+         "total_s": total_time, "train_s": train_time})
     print0(f"written: {os.path.join(out_dir, ckpt_name)}, {log_path}, {png_path}")
-    if wandb_run is not None:
-        wandb_run.summary.update({"best_val_loss": best_val_loss, "total_s": total_time})
-        wandb_run.finish()
-if rt.ddp:
-    dist.destroy_process_group()
+end_run(rt, wandb_run)

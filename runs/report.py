@@ -110,7 +110,7 @@ def trained_state(stage: str) -> str:
     ckpt_path = path(stage, "ckpt.pt")
     if not os.path.exists(ckpt_path):
         return "none"
-    from common import load_checkpoint  # imports torch: only for the checks that read a checkpoint
+    from lib.checkpoint import load_checkpoint
     ckpt = load_checkpoint(ckpt_path)
     if ckpt["kind"] == "imported":  # OpenAI's weights, converted (runs/gpt2.sh): nothing to train
         return "done"
@@ -212,7 +212,7 @@ def pretrain_figures() -> dict:
     out["train_loss"] = ev[-1]["train_loss"] if ev else None
     out["tok_per_s"] = statistics.median(r["tok_per_s"] for r in train) if train else None
     if os.path.exists(path("pretrain", "ckpt.pt")):
-        from common import load_checkpoint
+        from lib.checkpoint import load_checkpoint
         ckpt = load_checkpoint(path("pretrain", "ckpt.pt"))
         out["parameters"] = sum(v.numel() for k, v in ckpt["model"].items() if k != "lm_head.weight")  # tied
         out["kind"], out["model_args"] = ckpt["kind"], ckpt["model_args"]
@@ -228,10 +228,10 @@ def sft_figures() -> dict:
 
 
 def dpo_figures() -> dict:
-    ev = [r for r in read_jsonl(path("dpo", "log.jsonl")) if r.get("split") == "val"]
+    ev = [r for r in read_jsonl(path("dpo", "log.jsonl")) if r.get("type") == "eval"]
     out = {"iterations": ev[-1]["iter"] if ev else None}
     for key in ("reward_acc", "reward_margin", "loss", "logp_margin", "logp_drift"):
-        out[f"{key}_start"], out[key] = first_last(ev, key)
+        out[f"{key}_start"], out[key] = first_last(ev, f"val_{key}")
     return out
 
 
@@ -333,17 +333,17 @@ def series(recs: list, key: str) -> tuple:
 
 def pictures(ev: dict) -> dict:
     pt, sft, dpo = (read_jsonl(path(s, "log.jsonl")) for s in ("pretrain", "sft", "dpo"))
-    val = [r for r in dpo if r.get("split") == "val"]
+    val = [r for r in dpo if r.get("type") == "eval"]
     out = {"pretrain": figure("pretrain", [("loss", {
                "train (log lines)": series([r for r in pt if r.get("type") == "train"], "loss"),
                "train": series(pt, "train_loss"), "val (held-out text)": series(pt, "val_loss")})], "pre-training"),
            "sft": figure("sft", [("loss on the responses", {
-               "train": series([r for r in sft if "val_loss" not in r], "loss"), "val": series(sft, "val_loss")}),
+               "train": series([r for r in sft if r.get("type") == "train"], "loss"), "val": series(sft, "val_loss")}),
                ("token accuracy", {"val": series(sft, "val_acc")})], "supervised fine-tuning"),
-           "dpo": figure("dpo", [("loss", {"train": series([r for r in dpo if r.get("split") == "train"], "loss"),
-                                           "val": series(val, "loss")}),
-                                 ("held-out reward", {"accuracy": series(val, "reward_acc"),
-                                                      "margin": series(val, "reward_margin")})], "DPO")}
+           "dpo": figure("dpo", [("loss", {"train": series([r for r in dpo if r.get("type") == "train"], "loss"),
+                                           "val": series(val, "val_loss")}),
+                                 ("held-out reward", {"accuracy": series(val, "val_reward_acc"),
+                                                      "margin": series(val, "val_reward_margin")})], "DPO")}
     shares = [(c, m, label) for c, spec in CHECKS.items() for m, label, _ in spec[3] if "acc" in m]
     names = [n for n in ev if all(ev[n][c][m] is not None for c, m, _ in shares)]
     if names and shares:

@@ -18,15 +18,18 @@ import signal
 import subprocess
 import sys
 
+import align
 import numpy as np
 import pytest
 import torch
 
-import align
-from common import load_checkpoint, load_model, save_checkpoint
-from finetune import PROMPT_INPUT, PROMPT_NO_INPUT, encode_pair, format_prompt
+from lib.checkpoint import load_checkpoint, save_checkpoint
+from lib.finetuning import PROMPT_INPUT, PROMPT_NO_INPUT, encode_pair, format_prompt
+from lib.models import load_model
+from lib.optim import make_optimizer
+from lib.preferences import collate, encode_triples, preference_triples, response_tokens, split_hh
+from lib.tokenizer import CharTokenizer
 from model import GPT, GPTConfig
-from tokenizer import CharTokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LETTERS = "abcdefgh"
@@ -98,8 +101,13 @@ def run(args, hf_home):
 
 
 def records(out_dir, split):
+    """align.py's log records of one split: 'train' (the log lines), or 'val' (the evaluations, their val_ prefix
+    dropped: val_loss -> loss)."""
     with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["split"] == split]
+        recs = list(map(json.loads, f))
+    if split == "train":
+        return [r for r in recs if r["type"] == "train"]
+    return [{k[4:] if k.startswith("val_") else k: v for k, v in r.items()} for r in recs if r["type"] == "eval"]
 
 
 
@@ -140,11 +148,11 @@ def test_step0_policy_equals_reference_gives_log2_and_half_accuracy():
     one half, the reward accuracy is exactly 0.5."""
     model, tok = tiny_model()
     ref = copy.deepcopy(model)
-    pairs, _, _ = align.encode_triples(tok, [(i, r["prompt"], r["chosen"], r["rejected"]) for i, r in
+    pairs, _, _ = encode_triples(tok, [(i, r["prompt"], r["chosen"], r["rejected"]) for i, r in
                                              enumerate(synthetic(20, 5, "explicit"))], 32, "t", verbose=False)
     rt = align.setup_runtime("cpu", "float32")
     pol, refl = align.pair_logps(model, pairs, 8, rt), align.pair_logps(ref, pairs, 8, rt)
-    m = align.preference_metrics(pol, refl, align.response_tokens(pairs), "dpo", 0.1, 0.0)
+    m = align.preference_metrics(pol, refl, response_tokens(pairs), "dpo", 0.1, 0.0)
     assert m["loss"] == pytest.approx(math.log(2), abs=1e-7)
     assert m["reward_acc"] == 0.5 and m["reward_margin"] == 0.0 and m["logp_drift"] == 0.0
 
@@ -155,14 +163,14 @@ def test_reference_never_changes_and_precomputed_logps_match():
     model, tok = tiny_model()
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     before = {k: v.clone() for k, v in ref.state_dict().items()}
-    pairs, _, _ = align.encode_triples(tok, [(i, r["prompt"], r["chosen"], r["rejected"]) for i, r in
+    pairs, _, _ = encode_triples(tok, [(i, r["prompt"], r["chosen"], r["rejected"]) for i, r in
                                              enumerate(synthetic(32, 6, "explicit"))], 32, "t", verbose=False)
     rt = align.setup_runtime("cpu", "float32")
     precomputed = align.pair_logps(ref, pairs, 5, rt)
-    opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+    opt = make_optimizer(model, 0.0, 1e-2, (0.9, 0.95), "cpu")
     for step in range(5):
         idx = list(range(step * 6, step * 6 + 6))
-        x, y = align.collate(pairs, idx, "cpu")
+        x, y = collate(pairs, idx, "cpu")
         lp = align.sequence_logps(model, x, y, rt)
         with torch.no_grad():
             rl = align.sequence_logps(ref, x, y, rt)
@@ -179,20 +187,20 @@ def test_reference_never_changes_and_precomputed_logps_match():
 
 
 def rows(records, file="pairs.jsonl"):
-    """Records as dataloader.load_records returns them: [(FILE:LINE, record)]."""
+    """Records as lib.records.load_records returns them: [(FILE:LINE, record)]."""
     return [(f"{file}:{n}", r) for n, r in enumerate(records, 1)]
 
 
 def test_hh_split_multi_turn_and_errors():
-    prompt, response = align.split_hh(HH_PROMPT + HH_CHOSEN, "r")
+    prompt, response = split_hh(HH_PROMPT + HH_CHOSEN, "r")
     assert (prompt, response) == (HH_PROMPT, HH_CHOSEN)  # earlier Assistant turns stay in the prompt
     recs = rows([{"chosen": HH_PROMPT + HH_CHOSEN, "rejected": HH_PROMPT + HH_REJECTED},
                  {"chosen": HH_PROMPT + " Same.", "rejected": HH_PROMPT + " Same."},
                  {"chosen": HH_PROMPT + HH_CHOSEN, "rejected": HH_PROMPT.replace("grey", "black") + " x"}])
     with pytest.raises(ValueError, match=r"pairs\.jsonl:3: 'chosen' and 'rejected' differ before their last .*at "
                                          r"character 34: 'grey.*drop_mismatched=True\n1 bad record in pairs\.jsonl"):
-        align.preference_triples(recs, "pairs.jsonl")
-    triples, identical, mismatched = align.preference_triples(recs, "pairs.jsonl", drop_mismatched=True)
+        preference_triples(recs, "pairs.jsonl")
+    triples, identical, mismatched = preference_triples(recs, "pairs.jsonl", drop_mismatched=True)
     assert triples == [("pairs.jsonl:1", HH_PROMPT, HH_CHOSEN, HH_REJECTED)] and (identical, mismatched) == (1, 1)
     # every bad record is named with its line, in one error; --skip_bad_records skips and counts them
     bad = rows([{"chosen": HH_PROMPT + "a", "rejected": "\n\nHuman: hi"}, {"chosen": None, "rejected": "x"},
@@ -202,18 +210,18 @@ def test_hh_split_multi_turn_and_errors():
                                          r"'rejected'\]\).*\npairs.jsonl:3: field 'rejected' must be a string, got "
                                          r"int 7\n3 bad records in d: fix them, or skip bad records with "
                                          r"--skip_bad_records=True"):
-        align.preference_triples(bad, "d")
-    assert align.preference_triples(bad, "d", skip_bad=True)[0] == [("pairs.jsonl:4", HH_PROMPT, "a", "b")]
+        preference_triples(bad, "d")
+    assert preference_triples(bad, "d", skip_bad=True)[0] == [("pairs.jsonl:4", HH_PROMPT, "a", "b")]
     with pytest.raises(ValueError, match=r"d:1: no field 'chosen' .*every record of d needs \['chosen', 'rejected'"):
-        align.preference_triples(rows([{"text": "t"}], "d"), "d")
+        preference_triples(rows([{"text": "t"}], "d"), "d")
     with pytest.raises(ValueError, match=r"prompt_template='alpaca' needs records with a 'prompt' or 'instruction'"):
-        align.preference_triples(rows([{"chosen": HH_PROMPT + "a", "rejected": HH_PROMPT + "b"}]), "d", "alpaca")
+        preference_triples(rows([{"chosen": HH_PROMPT + "a", "rejected": HH_PROMPT + "b"}]), "d", "alpaca")
     # the explicit layout, wrapped in finetune.py's template on request
-    triples, _, _ = align.preference_triples(rows([{"prompt": "Name a colour.", "chosen": "Red.", "rejected": "No."}]),
+    triples, _, _ = preference_triples(rows([{"prompt": "Name a colour.", "chosen": "Red.", "rejected": "No."}]),
                                              "d", "alpaca")
     assert triples == [("pairs.jsonl:1", format_prompt("Name a colour."), "Red.", "No.")]
     with pytest.raises(ValueError, match=r"pairs.jsonl:1: field 'prompt' is empty"):
-        align.preference_triples(rows([{"prompt": " ", "chosen": "a", "rejected": "b"}]), "d")
+        preference_triples(rows([{"prompt": " ", "chosen": "a", "rejected": "b"}]), "d")
 
 
 def test_instruction_input_records_become_alpaca_prompts():
@@ -225,7 +233,7 @@ def test_instruction_input_records_become_alpaca_prompts():
                  {"instruction": "Name a primary colour.", "output": "y", "chosen": "Red.",
                   "rejected": "Red is nice."}],
                 "prefs.json")
-    triples, identical, mismatched = align.preference_triples(recs, "prefs.json", "alpaca")
+    triples, identical, mismatched = preference_triples(recs, "prefs.json", "alpaca")
     assert triples == [("prefs.json:1", format_prompt("Rewrite the sentence in passive voice.",
                                                       "The cat chased the mouse."),
                         "The mouse was chased by the cat.", "Cat chase mouse."),
@@ -233,11 +241,11 @@ def test_instruction_input_records_become_alpaca_prompts():
     assert "### Input:\nThe cat chased the mouse." in triples[0][1] and "### Input:" not in triples[1][1]
     with pytest.raises(ValueError, match=r"prefs.json: records with 'instruction' \(and 'input'\) fields need a "
                                          r"template .*--prompt_template=alpaca"):
-        align.preference_triples(recs, "prefs.json")
+        preference_triples(recs, "prefs.json")
     with pytest.raises(ValueError, match=r"p: records have 'prompt' and 'instruction' fields"):
-        align.preference_triples(recs + rows([{"prompt": "a", "chosen": "b", "rejected": "c"}]), "p", "alpaca")
+        preference_triples(recs + rows([{"prompt": "a", "chosen": "b", "rejected": "c"}]), "p", "alpaca")
     with pytest.raises(ValueError, match=r"prefs.json:1: field 'input' must be a string, got int 3"):
-        align.preference_triples([(recs[0][0], {**recs[0][1], "input": 3})], "p", "alpaca")
+        preference_triples([(recs[0][0], {**recs[0][1], "input": 3})], "p", "alpaca")
 
 
 def test_encoding_truncates_prompt_first_with_a_shared_prompt():
@@ -245,22 +253,22 @@ def test_encoding_truncates_prompt_first_with_a_shared_prompt():
     long_prompt = "abcdefgh" * 3 + "="  # 25 chars
     triples = [(0, "ab=", "ab.", "ba."), (1, long_prompt, "abcdefgh.", "a."), (2, "ab=", "", "a."),
                (3, "hh=", "a", "b")]
-    pairs, truncated, empty = align.encode_triples(tok, triples, 16, "t", verbose=False)
+    pairs, truncated, empty = encode_triples(tok, triples, 16, "t", verbose=False)
     assert (len(pairs), truncated, empty) == (3, 1, 1)  # an empty response has no token to score (no EOT here)
     # untruncated: collate reproduces encode_pair's x and y exactly
-    x, y = align.collate(pairs, [0], "cpu")
+    x, y = collate(pairs, [0], "cpu")
     for row, resp in ((0, "ab."), (1, "ba.")):
         ex, ey, _ = encode_pair(tok, "ab=", resp, 16, truncate="prompt")
         assert x[row, :len(ex)].tolist() == ex and y[row, :len(ey)].tolist() == ey
     # truncated: the longer response keeps its 9 tokens, both sides keep the same last 16 + 1 - 9 prompt tokens
     c, r, k = pairs[1]
     assert k == 8 and tok.decode(c) == long_prompt[-8:] + "abcdefgh." and tok.decode(r) == long_prompt[-8:] + "a."
-    x, y = align.collate(pairs, [1], "cpu")  # (2, 16): padding is masked too
+    x, y = collate(pairs, [1], "cpu")  # (2, 16): padding is masked too
     assert (y[0] != -1).sum() == 9 and (y[1] != -1).sum() == 2 and x.shape == (2, 16)
     with pytest.raises(ValueError, match=r"t.jsonl:4: characters '!' are not in this character-level vocabulary.*"
                                          r"\n1 bad record in t"):
-        align.encode_triples(tok, [("t.jsonl:4", "ab=", "a!", "b")], 16, "t", verbose=False)
-    kept, _, _ = align.encode_triples(tok, [("t.jsonl:4", "ab=", "a!", "b")] + triples[:1], 16, "t", False, True)
+        encode_triples(tok, [("t.jsonl:4", "ab=", "a!", "b")], 16, "t", verbose=False)
+    kept, _, _ = encode_triples(tok, [("t.jsonl:4", "ab=", "a!", "b")] + triples[:1], 16, "t", False, True)
     assert len(kept) == 1 and all((a == b).all() for a, b in zip(kept[0][:2], pairs[0][:2]))  # skip_bad_records
 
 
@@ -419,7 +427,7 @@ def test_sigint_saves_and_resume_with_no_flags_equals_the_uninterrupted_run(trai
     ckpt = load_checkpoint(str(out))
     stopped = ckpt["resume"]["iter_num"]
     assert 7 <= stopped < 20 and ckpt["kind"] == "dpo" and len(ckpt["resume"]["rng"]) == 1, output
-    assert "SIGINT: finishing this step" in output and f"saved {out / 'ckpt.pt'} (iteration {stopped:,}, SIGINT)" \
+    assert "SIGINT: finishing this step" in output and f"saved {out / 'ckpt.pt'} (iteration {stopped:,})" \
         in output
     command = output.split("Resume with:\n")[1].split("\n")[0].strip()
     assert command == f"python align.py --init_from=resume --out_dir={out}", output
@@ -428,9 +436,10 @@ def test_sigint_saves_and_resume_with_no_flags_equals_the_uninterrupted_run(trai
     log = main(command.split()[2:])  # in this process: the same run, without a second start-up
     assert f"resuming {out / 'ckpt.pt'} (dpo, iteration {stopped:,}) with its saved config" in log
     assert "skipped a torn log line" in log and "reference model: frozen copy in memory" in log
-    full = {r["iter"]: r["loss"] for r in records(trained[0], "train")}
-    resumed = {r["iter"]: r["loss"] for r in records(out, "train")}
-    assert sorted(resumed) == list(range(1, 41)) and {i: resumed[i] for i in full} == full
+    full = {r["iter"]: r["loss"] for r in records(trained[0], "train")}  # means over log_interval=5 steps
+    resumed = {r["iter"]: r["loss"] for r in records(out, "train")}  # every step (--log_interval=1)
+    assert sorted(resumed) == list(range(1, 41))
+    assert {i: sum(resumed[j] for j in range(i - 4, i + 1)) / 5 for i in full} == pytest.approx(full, rel=1e-6)
     assert records(out, "val")[-1] == records(trained[0], "val")[-1]
     assert [r["iter"] for r in records(out, "val")] == [0, 20, 40]  # the resumed leg did not evaluate again
 
@@ -479,7 +488,7 @@ def test_ctrl_c_in_a_best_only_run_saves_beside_the_best_checkpoint(workdir, tmp
     val5 = [r for r in records(out, "val") if r["iter"] == 5][0]["loss"]
     assert best["resume"]["iter_num"] == 5 and best["resume"]["best"] == {"name": "dpo_val_loss", "value": val5}
     assert last["resume"]["iter_num"] == 6 and last["resume"]["best"]["value"] == val5
-    assert f"saved {out / 'ckpt_last.pt'} (iteration 6, SIGINT)" in output
+    assert f"saved {out / 'ckpt_last.pt'} (iteration 6)" in output
     with pytest.raises(ValueError, match=r"resuming .*ckpt_last.pt' with different settings would make another run: "
                                          r"beta: 0.1 -> 0.5\. Only these may change"):
         main(["--init_from=resume", f"--out_dir={out}", "--beta=0.5"])
@@ -553,7 +562,7 @@ def test_schedule_warning_and_non_finite_loss_stops_without_saving(workdir, main
     message = str(stop.value.code)
     assert re.match(r"ERROR: the training loss became nan at iteration [12]: the weights are broken, so nothing was "
                     r"saved", message), message
-    assert f"--init_from=resume --out_dir={tmp_path / 'nan'} --learning_rate=1e+19" in message
+    assert f"--init_from=resume --out_dir={tmp_path / 'nan'} --learning_rate=..." in message  # the fix: a lower one
     assert not (tmp_path / "nan" / "ckpt.pt").exists()
 
 

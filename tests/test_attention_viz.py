@@ -12,14 +12,14 @@ import subprocess
 import sys
 from html.parser import HTMLParser
 
+import attention_viz as av
 import pytest
 import torch
 from torch.nn import functional as F
 
-import attention_viz as av
-from common import save_checkpoint
+from lib.checkpoint import save_checkpoint
+from lib.tokenizer import CharTokenizer, get_tokenizer
 from model import GPT, GPTConfig
-from tokenizer import CharTokenizer, get_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHARS = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,:;!?'\n$<>/&"

@@ -1,4 +1,4 @@
-"""The shared mechanisms of common.py: checkpoint contract, resume config, schedule, padding, downloads, logs."""
+"""The shared mechanisms of lib/: checkpoint contract, resume config, schedule, padding, downloads, logs."""
 
 import http.server
 import json
@@ -10,26 +10,33 @@ import threading
 import pytest
 import torch
 
-import common
 from configurator import configure
+from lib.checkpoint import load_checkpoint, make_checkpoint, resume_path, resume_state, save_checkpoint
+from lib.download import download
+from lib.finetuning import pad_right
+from lib.lifecycle import resume_run, rng_state, truncate_log
+from lib.logs import append_jsonl, progress, read_jsonl
+from lib.models import load_model
+from lib.optim import check_schedule, lr_at, make_optimizer
+from lib.runtime import local_rank
 from model import GPT, GPTConfig
 
 
 def tiny_ckpt(kind="pretrain", resume=True, config=None):
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32))
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
-    state = common.resume_state(5, "val_loss", 2.5, opt.state_dict(), None, [common.rng_state()]) if resume else None
+    opt = make_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
+    state = resume_state(5, "val_loss", 2.5, opt.state_dict(), None, [rng_state()]) if resume else None
     from dataclasses import asdict
-    return common.make_checkpoint(kind, model.state_dict(), asdict(model.config), config or {"lr": 1.0, "max_iters": 10},
+    return make_checkpoint(kind, model.state_dict(), asdict(model.config), config or {"lr": 1.0, "max_iters": 10},
                                   {"tokenizer": "gpt2"}, state)
 
 
 def test_checkpoint_round_trip_and_no_tmp_left(tmp_path):
     path = str(tmp_path / "ckpt.pt")
-    common.save_checkpoint(tiny_ckpt(), path)
+    save_checkpoint(tiny_ckpt(), path)
     assert os.listdir(tmp_path) == ["ckpt.pt"]
     assert oct(os.stat(path).st_mode & 0o777) == "0o644"
-    ckpt = common.load_checkpoint(path)
+    ckpt = load_checkpoint(path)
     assert ckpt["kind"] == "pretrain" and ckpt["resume"]["iter_num"] == 5 and ckpt["path"] == path
     assert ckpt["resume"]["best"] == {"name": "val_loss", "value": 2.5}
 
@@ -39,90 +46,84 @@ def test_stale_tmp_of_a_killed_writer_is_removed(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = f"{path}.{int(dead.stdout)}.tmp"
     open(stale, "wb").write(b"torn")
-    common.save_checkpoint(tiny_ckpt(), path)
+    save_checkpoint(tiny_ckpt(), path)
     assert not os.path.exists(stale)
 
 
-def test_legacy_layouts_are_upgraded(tmp_path):
-    """nanoGPT's keys (and ours before the contract) read as the contract, with the kind inferred."""
+def test_nanogpt_layout_is_upgraded(tmp_path):
+    """nanoGPT's train.py keys read as the contract: a resumable pre-training run, or weights only."""
     new = tiny_ckpt()
     old = {"model": new["model"], "model_args": new["model_args"], "optimizer": new["resume"]["optimizer"],
            "iter_num": 7, "best_val_loss": 1.5, "config": {"dataset": "x"}}
     torch.save(old, tmp_path / "a.pt")
-    ckpt = common.load_checkpoint(str(tmp_path / "a.pt"))
+    ckpt = load_checkpoint(str(tmp_path / "a.pt"))
     assert ckpt["kind"] == "pretrain" and ckpt["resume"]["iter_num"] == 7
     assert ckpt["resume"]["best"] == {"name": "val_loss", "value": 1.5}
-    old.update(ref_init_from="gpt2", rng=common.rng_state())
-    torch.save(old, tmp_path / "b.pt")
-    ckpt = common.load_checkpoint(str(tmp_path / "b.pt"))
-    assert ckpt["kind"] == "dpo" and ckpt["resume"]["best"]["name"] == "dpo_val_loss"
-    assert isinstance(ckpt["resume"]["rng"], list) and len(ckpt["resume"]["rng"]) == 1
-    imported = {"model": new["model"], "model_args": new["model_args"], "optimizer": None, "iter_num": 0,
-                "origin": {"pretrained": "gpt2"}}
-    torch.save(imported, tmp_path / "c.pt")
-    ckpt = common.load_checkpoint(str(tmp_path / "c.pt"))
+    weights = {"model": new["model"], "model_args": new["model_args"], "optimizer": None, "iter_num": 0}
+    torch.save(weights, tmp_path / "c.pt")
+    ckpt = load_checkpoint(str(tmp_path / "c.pt"))
     assert ckpt["kind"] == "imported" and ckpt["resume"] is None
 
 
 def test_quantized_refused_for_training(tmp_path):
     ckpt = tiny_ckpt("quantized", resume=False)
     ckpt["quantization"] = {"mode": "int8", "source": "out-x/ckpt.pt"}
-    common.save_checkpoint(ckpt, str(tmp_path / "q.pt"))
+    save_checkpoint(ckpt, str(tmp_path / "q.pt"))
     with pytest.raises(ValueError, match=r"int8-quantized.*cannot be trained.*--init_from=out-x/ckpt.pt"):
-        common.load_model(str(tmp_path / "q.pt"), for_training=True)
+        load_model(str(tmp_path / "q.pt"), for_training=True)
 
 
 def test_resume_run_saved_config_is_the_base(tmp_path):
     defaults = {"out_dir": str(tmp_path), "ckpt_name": "ckpt.pt", "init_from": "scratch", "lr": 0.5,
                 "max_iters": 3, "batch_size": 4}
-    common.save_checkpoint(tiny_ckpt(config={**defaults, "lr": 1e-3, "max_iters": 10, "batch_size": 8}),
+    save_checkpoint(tiny_ckpt(config={**defaults, "lr": 1e-3, "max_iters": 10, "batch_size": 8}),
                            str(tmp_path / "ckpt.pt"))
     explicit = set()
     config = configure(defaults, ["--init_from=resume", f"--out_dir={tmp_path}", "--max_iters=20"], verbose=False,
                        explicit=explicit)
     assert explicit == {"init_from", "out_dir", "max_iters"}
-    out, ckpt = common.resume_run(config, explicit, ("pretrain",), "train.py")
+    out, ckpt = resume_run(config, explicit, ("pretrain",), "train.py")
     assert out["lr"] == 1e-3 and out["batch_size"] == 8 and out["max_iters"] == 20 and out["init_from"] == "resume"
     explicit = set()
     config = configure(defaults, ["--init_from=resume", f"--out_dir={tmp_path}", "--batch_size=2"], verbose=False,
                        explicit=explicit)
     with pytest.raises(ValueError, match=r"would make another run: batch_size: 8 -> 2"):
-        common.resume_run(config, explicit, ("pretrain",), "train.py")
+        resume_run(config, explicit, ("pretrain",), "train.py")
     with pytest.raises(ValueError, match=r"is a checkpoint of kind 'pretrain' \(another script's run\).*--init_from="):
-        common.resume_run(config, set(), ("dpo",), "align.py")
+        resume_run(config, set(), ("dpo",), "align.py")
 
 
 def test_resume_path_prefers_the_newer_last_checkpoint(tmp_path):
-    common.save_checkpoint(tiny_ckpt(), str(tmp_path / "ckpt.pt"))
-    assert common.resume_path(str(tmp_path)) == str(tmp_path / "ckpt.pt")
-    common.save_checkpoint(tiny_ckpt(), str(tmp_path / "ckpt_last.pt"))
+    save_checkpoint(tiny_ckpt(), str(tmp_path / "ckpt.pt"))
+    assert resume_path(str(tmp_path)) == str(tmp_path / "ckpt.pt")
+    save_checkpoint(tiny_ckpt(), str(tmp_path / "ckpt_last.pt"))
     os.utime(tmp_path / "ckpt.pt", (1, 1))
-    assert common.resume_path(str(tmp_path)) == str(tmp_path / "ckpt_last.pt")
+    assert resume_path(str(tmp_path)) == str(tmp_path / "ckpt_last.pt")
     with pytest.raises(FileNotFoundError, match="found no checkpoint"):
-        common.resume_path(str(tmp_path / "nothing"))
+        resume_path(str(tmp_path / "nothing"))
 
 
 def test_lr_schedule_and_warnings(capsys):
-    lrs = [common.lr_at(it, 1.0, 10, 100, 0.1) for it in range(120)]
+    lrs = [lr_at(it, 1.0, 10, 100, 0.1) for it in range(120)]
     assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11) and lrs[10] == pytest.approx(1.0)
     assert lrs[100] == lrs[119] == 0.1 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    assert common.lr_at(50, 1.0, 10, 100, 0.1, decay=False) == 1.0
-    common.check_schedule(1e-6, 150, 31, 31, 1e-7, decay=False)
+    assert lr_at(50, 1.0, 10, 100, 0.1, decay=False) == 1.0
+    check_schedule(1e-6, 150, 31, 31, 1e-7, decay=False)
     out = capsys.readouterr().out
     assert "warmup_iters=150 is not shorter than the run (max_iters=31)" in out and "only 2.05e-07" in out
     with pytest.raises(ValueError, match="decay.*before its warmup ends"):
-        common.check_schedule(1e-3, 100, 50, 200, 1e-4)
-    common.check_schedule(1e-3, 10, 100, 100, 1e-4)
+        check_schedule(1e-3, 100, 50, 200, 1e-4)
+    check_schedule(1e-3, 10, 100, 100, 1e-4)
     assert capsys.readouterr().out == ""
 
 
 def test_pad_right():
-    x, y = common.pad_right([[1, 2, 3], [4]], [[-1, 5, 6], [7]], pad_id=0)
+    x, y = pad_right([[1, 2, 3], [4]], [[-1, 5, 6], [7]], pad_id=0)
     assert x.tolist() == [[1, 2, 3], [4, 0, 0]] and y.tolist() == [[-1, 5, 6], [7, -1, -1]]
 
 
 def test_progress_prints_lines_when_redirected(capsys):
-    assert list(common.progress(range(20), desc="scoring")) == list(range(20))
+    assert list(progress(range(20), desc="scoring")) == list(range(20))
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 10 and lines[-1].startswith("scoring: 20/20 it (100%")
 
@@ -130,12 +131,12 @@ def test_progress_prints_lines_when_redirected(capsys):
 def test_torn_log_line_is_skipped(tmp_path, capsys):
     path = str(tmp_path / "log.jsonl")
     for i in (1, 2, 3):
-        common.append_jsonl(path, {"iter": i})
+        append_jsonl(path, {"iter": i})
     with open(path, "a") as f:
         f.write('{"iter": 4, "lo')
-    assert [r["iter"] for r in common.read_jsonl(path)] == [1, 2, 3]
+    assert [r["iter"] for r in read_jsonl(path)] == [1, 2, 3]
     assert "torn log line" in capsys.readouterr().out
-    common.truncate_log(path, 2)
+    truncate_log(path, 2)
     assert [json.loads(line)["iter"] for line in open(path)] == [1, 2]
 
 
@@ -158,13 +159,13 @@ def test_download_once_under_concurrency(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url, target = f"http://127.0.0.1:{server.server_port}/f.bin", str(tmp_path / "f.bin")
-        code = f"import common; common.download({url!r}, {target!r}, retries=1)"
-        procs = [subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(common.__file__),
+        code = f"from lib.download import download; download({url!r}, {target!r}, retries=1)"
+        procs = [subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   stdout=subprocess.DEVNULL) for _ in range(4)]
         assert [p.wait(timeout=60) for p in procs] == [0] * 4
         assert open(target, "rb").read() == body and len(hits) == 1
         with pytest.raises(ConnectionError, match=r"could not download.*put the file there yourself"):
-            common.download(f"http://127.0.0.1:1/x", str(tmp_path / "x"), retries=1, timeout=2,
+            download(f"http://127.0.0.1:1/x", str(tmp_path / "x"), retries=1, timeout=2,
                             hint="put the file there yourself")
     finally:
         server.shutdown()
@@ -174,7 +175,7 @@ def test_local_rank_from_srun(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setenv("SLURM_LOCALID", "3")
-    assert common.local_rank() == 3
+    assert local_rank() == 3
     monkeypatch.delenv("SLURM_LOCALID")
     with pytest.raises(ValueError, match="LOCAL_RANK"):
-        common.local_rank()
+        local_rank()

@@ -23,9 +23,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-import quantize as Q
-from common import load_checkpoint
-from dataloader import BinLoader
+from lib.checkpoint import load_checkpoint
+from lib.decode import StaticDecoder
+from lib.optim import make_optimizer
+from lib.quant import (Int4Linear, Int8Linear, WeightOnlyQuantizer, dequantize_int4, quantize_int4, quantize_int8,
+                       quantized_model_from_checkpoint)
+from lib.tokens import BinLoader
 from model import GPT, GPTConfig, KVCache
 from test_train import char_data  # three sonnets as prepared char data
 
@@ -94,7 +97,7 @@ def test_bf16_autocast_training_step_is_close_to_fp32(no_tf32):
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
         model = tiny()
-        opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cuda")
+        opt = make_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "cuda")
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             _, loss = model(x, y)
         loss.backward()
@@ -112,10 +115,10 @@ def test_bf16_autocast_training_step_is_close_to_fp32(no_tf32):
 
 
 def test_fused_adamw_matches_the_reference_implementation():
-    """configure_optimizers picks the fused CUDA kernel; three steps on the same gradients land where torch's
+    """make_optimizer picks the fused CUDA kernel; three steps on the same gradients land where torch's
     single-tensor for-loop AdamW does, to fp32 rounding."""
     a, b = tiny(), tiny()
-    opt_a = a.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cuda")
+    opt_a = make_optimizer(a, 0.1, 1e-3, (0.9, 0.95), "cuda")
     assert opt_a.defaults["fused"] is True
     groups = [{"params": [p for p in b.parameters() if p.dim() >= 2], "weight_decay": 0.1},
               {"params": [p for p in b.parameters() if p.dim() < 2], "weight_decay": 0.0}]
@@ -137,7 +140,7 @@ def test_fp16_grad_scaler_survives_overflowing_steps(tmp_path):
     scale / 256 tokens until the scale is below 2^24): such a step must leave the weights untouched and halve the
     scale, until the scale fits and the steps apply and stay finite. Then train.py itself with --dtype=float16."""
     model = tiny()
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cuda")
+    opt = make_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "cuda")
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 30)
     g = torch.Generator(device=DEV).manual_seed(2)
     x = torch.randint(0, 64, (8, 32), device=DEV, generator=g)
@@ -252,18 +255,18 @@ def test_cached_greedy_decoding_equals_uncached(no_tf32):
 
 
 def test_compiled_static_decoder_equals_generate_without_recompiling(no_tf32):
-    """quantize.StaticDecoder(compile=True) on an int8 model: prefill compiled once for any prompt length, the
+    """lib.decode.StaticDecoder(compile=True) on an int8 model: prefill compiled once for any prompt length, the
     one-token step compiled once (fullgraph, the int8 matmuls fused with their dequantization) and replayed as a
     CUDA graph. Greedy tokens equal model.generate's (fp32 activations: only the order of float sums differs);
     prompts of two lengths, two graphs in all. (bench.py --decode_compile=True compiles the float and int4 ones.)"""
     from dataclasses import asdict
     model = tiny(n_embd=64).eval().cpu()
-    q = Q.WeightOnlyQuantizer("int8")
+    q = WeightOnlyQuantizer("int8")
     ckpt = {"model_args": asdict(model.config), "model": q.quantize(model),
             "quantization": {"mode": "int8", "group_size": None, "quantize_head": True}}
-    model = Q.quantized_model_from_checkpoint(ckpt).to(DEV).eval()
+    model = quantized_model_from_checkpoint(ckpt).to(DEV).eval()
     torch._dynamo.reset()
-    decoder = Q.StaticDecoder(model, compile=True)
+    decoder = StaticDecoder(model, compile=True)
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for length, new in ((4, 20), (9, 16), (4, 20)):
         prompt = torch.randint(0, 64, (1, length), device=DEV, generator=torch.Generator(device=DEV).manual_seed(length))
@@ -279,8 +282,8 @@ def test_int8_and_int4_cuda_matmuls_match_the_dequantized_weights():
     torch.manual_seed(0)
     w, b = torch.randn(64, 256, device=DEV) * 0.05, torch.randn(64, device=DEV)
     x = torch.randn(3, 5, 256, device=DEV).bfloat16()
-    q8, s8 = Q.quantize_int8(w)
-    m8 = Q.Int8Linear(256, 64, bias=True).to(DEV)
+    q8, s8 = quantize_int8(w)
+    m8 = Int8Linear(256, 64, bias=True).to(DEV)
     m8.weight, m8.scales, m8.bias = q8, s8, b
     expected = F.linear(x.float(), q8.float() * s8[:, None], b)
     tol = 2 ** -7 * float(expected.abs().max())
@@ -298,10 +301,10 @@ def test_int8_and_int4_cuda_matmuls_match_the_dequantized_weights():
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("the int4 tinygemm kernel needs sm80 or newer")
     for group_size in (32, 64, 128):
-        packed, s4, z4 = Q.quantize_int4(w, group_size)
-        m4 = Q.Int4Linear(256, 64, bias=True, group_size=group_size).to(DEV)
+        packed, s4, z4 = quantize_int4(w, group_size)
+        m4 = Int4Linear(256, 64, bias=True, group_size=group_size).to(DEV)
         m4.weight, m4.scales, m4.zeros, m4.bias = packed, s4, z4, b
-        expected = F.linear(x.float(), Q.dequantize_int4(packed, s4, z4), b)
+        expected = F.linear(x.float(), dequantize_int4(packed, s4, z4), b)
         out = m4(x)
         assert m4.layout == "cuda-int4pack" and out.dtype == torch.bfloat16
         torch.testing.assert_close(out.float(), expected, rtol=0, atol=2 ** -7 * float(expected.abs().max()),

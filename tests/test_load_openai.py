@@ -19,8 +19,13 @@ import numpy as np
 import pytest
 import torch
 
-import load_openai as lo
-from common import download, load_checkpoint, load_model, make_checkpoint, model_from_checkpoint, save_checkpoint
+from lib.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from lib.download import download
+from lib.gpt2_weights import (OPENAI_FILES, PRETRAINED, config_from_openai, fetch_pretrained, load_dir, load_pretrained,
+                              openai_shapes, pretrained_config, pretrained_urls, state_dict_from_openai)
+from lib.models import load_model, model_from_checkpoint
+from lib.quant import WeightOnlyQuantizer
+from lib.tf_checkpoint import crc32c, read_tf_checkpoint, read_tf_index
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,8 +45,8 @@ def copy_fixture(tmp_path, src=TF_DIR):
 
 def test_crc32c_matches_reference():
     """Known vector (RFC 3720 B.4 check value) and a bitwise reference across the 1 KiB chunk seams."""
-    assert lo.crc32c(b"123456789") == 0xE3069283
-    assert lo.crc32c(b"") == 0
+    assert crc32c(b"123456789") == 0xE3069283
+    assert crc32c(b"") == 0
 
     def slow(data):
         crc = 0xFFFFFFFF
@@ -54,19 +59,19 @@ def test_crc32c_matches_reference():
     rng = np.random.default_rng(0)
     for n in (1, 1023, 1024, 1025, 3 * 1024 + 7):
         data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
-        assert lo.crc32c(data) == slow(data), n
+        assert crc32c(data) == slow(data), n
     data = rng.integers(0, 256, 40 * 1024 + 3, dtype=np.uint8).tobytes()
-    assert lo.crc32c(data, lanes=7) == lo.crc32c(data) == slow(data)  # several batches of lanes
+    assert crc32c(data, lanes=7) == crc32c(data) == slow(data)  # several batches of lanes
 
 
 def test_reader_returns_the_exact_arrays():
     """Every tensor TF wrote equals, bit for bit, the same numbers written by safetensors."""
     from safetensors.numpy import load_file
-    entries = lo.read_tf_index(os.path.join(TF_DIR, "model.ckpt.index"))
+    entries = read_tf_index(os.path.join(TF_DIR, "model.ckpt.index"))
     assert entries.pop("") == {"num_shards": 1}
     assert entries["model/h0/attn/c_attn/w"]["shape"] == [1, 32, 96]
-    arrays = lo.read_tf_checkpoint(os.path.join(TF_DIR, "model.ckpt"))
-    assert set(arrays) == set(entries) == set(lo.openai_shapes(lo.config_from_openai(
+    arrays = read_tf_checkpoint(os.path.join(TF_DIR, "model.ckpt"))
+    assert set(arrays) == set(entries) == set(openai_shapes(config_from_openai(
         json.load(open(os.path.join(TF_DIR, "hparams.json"))))))
     hf = load_file(os.path.join(HF_DIR, "model.safetensors"))
     for name, a in arrays.items():
@@ -82,8 +87,8 @@ def test_reader_returns_the_exact_arrays():
 def test_tf_and_hf_layouts_give_the_same_model():
     """Both layouts of the fixture load into equal weights and equal logits (tests/test_model.py checks the
     Hugging Face path against transformers' GPT2LMHeadModel)."""
-    m_tf = lo.load_dir(TF_DIR).eval()
-    m_hf = lo.load_dir(HF_DIR).eval()
+    m_tf = load_dir(TF_DIR).eval()
+    m_hf = load_dir(HF_DIR).eval()
     assert m_tf.config == m_hf.config and m_tf.config.vocab_size == 96  # taken from the file, not padded
     assert m_tf.lm_head.weight is m_tf.transformer.wte.weight  # still tied after loading
     for k, v in m_hf.state_dict().items():
@@ -91,7 +96,7 @@ def test_tf_and_hf_layouts_give_the_same_model():
     idx = torch.randint(0, 96, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(m_tf(idx)[0], m_hf(idx)[0])
-    m_drop = lo.load_dir(TF_DIR, dropout=0.1)
+    m_drop = load_dir(TF_DIR, dropout=0.1)
     assert m_drop.config.dropout == 0.1 and m_drop.transformer.h[0].attn.dropout == 0.1
 
 
@@ -101,43 +106,43 @@ def test_corrupt_or_truncated_checkpoints_are_refused(tmp_path):
     data[5000] ^= 0x01  # one flipped bit inside a tensor
     (d / DATA).write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"corrupt: crc32c mismatch for tensor 'model/h0/"):
-        lo.load_dir(str(d))
-    lo.load_dir(str(d), verify=False)  # the check is what caught it
+        load_dir(str(d))
+    load_dir(str(d), verify=False)  # the check is what caught it
     (d / DATA).write_bytes(bytes(data[:-100]))
     with pytest.raises(ValueError, match=r"is truncated: tensor 'model/wte' needs bytes"):
-        lo.load_dir(str(d), verify=False)
+        load_dir(str(d), verify=False)
     index = bytearray((d / "model.ckpt.index").read_bytes())
     index[20] ^= 0x01
     (d / "model.ckpt.index").write_bytes(bytes(index))
     with pytest.raises(ValueError, match=r"crc32c mismatch in the block at byte 0"):
-        lo.read_tf_index(str(d / "model.ckpt.index"))
+        read_tf_index(str(d / "model.ckpt.index"))
     (d / "model.ckpt.index").write_bytes(b"not a table" * 10)
     with pytest.raises(ValueError, match=r"not a TensorFlow checkpoint index"):
-        lo.read_tf_index(str(d / "model.ckpt.index"))
+        read_tf_index(str(d / "model.ckpt.index"))
 
 
 def test_names_and_shapes_are_checked(tmp_path):
-    arrays = lo.read_tf_checkpoint(os.path.join(TF_DIR, "model.ckpt"))
-    config = lo.config_from_openai(json.load(open(os.path.join(TF_DIR, "hparams.json"))))
+    arrays = read_tf_checkpoint(os.path.join(TF_DIR, "model.ckpt"))
+    config = config_from_openai(json.load(open(os.path.join(TF_DIR, "hparams.json"))))
     bad = dict(arrays)
     bad["model/h9/attn/c_attn/w"] = bad.pop("model/h1/attn/c_attn/w")
     with pytest.raises(ValueError, match=r"missing \['model/h1/attn/c_attn/w'\], unused \['model/h9/attn/c_attn/w'\]"):
-        lo.state_dict_from_openai(bad, config)
+        state_dict_from_openai(bad, config)
     bad = dict(arrays, **{"model/h0/mlp/c_fc/w": arrays["model/h0/mlp/c_fc/w"][0]})  # leading 1 dropped
     with pytest.raises(ValueError, match=r"shape mismatch for model/h0/mlp/c_fc/w: the checkpoint has \(32, 128\), "
                                          r"hparams.json implies \(1, 32, 128\)"):
-        lo.state_dict_from_openai(bad, config)
+        state_dict_from_openai(bad, config)
     d = copy_fixture(tmp_path)
     hp = json.load(open(d / "hparams.json"))
     (d / "hparams.json").write_text(json.dumps(dict(hp, n_ctx=64)))
     with pytest.raises(ValueError, match=r"shape mismatch for model/wpe: the checkpoint has \(32, 32\)"):
-        lo.load_dir(str(d))
+        load_dir(str(d))
     (d / "hparams.json").write_text(json.dumps({"n_embd": 32}))
     with pytest.raises(ValueError, match=r"not a GPT-2 hparams.json: missing \['n_vocab', 'n_ctx', 'n_head'"):
-        lo.load_dir(str(d))
+        load_dir(str(d))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"holds neither OpenAI's layout .* it has \[\]"):
-        lo.load_dir(str(tmp_path / "empty"))
+        load_dir(str(tmp_path / "empty"))
 
 
 def test_cli_from_dir_writes_an_imported_checkpoint_and_hf_folder(tmp_path):
@@ -157,7 +162,7 @@ def test_cli_from_dir_writes_an_imported_checkpoint_and_hf_folder(tmp_path):
     idx = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(1))
     model, _, _ = load_model(str(out))  # --init_from=<that folder>, as every script loads it
     with torch.no_grad():
-        ref = lo.load_dir(HF_DIR).eval()(idx)[0]
+        ref = load_dir(HF_DIR).eval()(idx)[0]
         torch.testing.assert_close(model.eval()(idx)[0], ref)
         torch.testing.assert_close(GPT2LMHeadModel.from_pretrained(str(hf)).eval()(idx).logits, ref)
 
@@ -194,10 +199,11 @@ def test_export_hf_from_any_checkpoint_matches_transformers(tmp_path, bias):
 
 def test_cli_refuses_what_it_cannot_do(tmp_path, monkeypatch):
     import runpy
+
     import quantize as Q
     model = tiny_checkpoint(tmp_path / "ckpt.pt", bias=False)
     ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
-    save_checkpoint(Q.quantized_checkpoint(model, ckpt, None, Q.WeightOnlyQuantizer("int8"), str(tmp_path / "ckpt.pt")),
+    save_checkpoint(Q.quantized_checkpoint(model, ckpt, None, WeightOnlyQuantizer("int8"), str(tmp_path / "ckpt.pt")),
                     str(tmp_path / "q.pt"))
     cases = [([f"--init_from={tmp_path / 'q.pt'}", f"--export_hf={tmp_path / 'hf'}"],
               r"q.pt' is quantized; GPT-2's Hugging Face format holds float weights: export the float checkpoint, "
@@ -222,19 +228,19 @@ def test_released_configs_urls_and_parameter_counts():
     counts = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
     for name, n in counts.items():
         with torch.device("meta"):
-            model = GPT(lo.pretrained_config(name))
+            model = GPT(pretrained_config(name))
         assert model.num_params(non_embedding=False) == n, name
-        folder = lo.PRETRAINED[name][0]
+        folder = PRETRAINED[name][0]
         assert round(n / 1e6) == int(folder[:-1]) or name == "gpt2-large"  # 774.03 -> "774M"
-        assert lo.pretrained_urls(name)["model.ckpt.index"] == \
+        assert pretrained_urls(name)["model.ckpt.index"] == \
             f"https://openaipublic.blob.core.windows.net/gpt-2/models/{folder}/model.ckpt.index"
-        assert lo.pretrained_urls(name, "hf")["model.safetensors"] == \
+        assert pretrained_urls(name, "hf")["model.safetensors"] == \
             f"https://huggingface.co/openai-community/{name}/resolve/main/model.safetensors"
     with pytest.raises(ValueError, match=r"unknown GPT-2 model 'gpt2-small'; valid: gpt2, gpt2-medium, gpt2-large, "
                                          r"gpt2-xl"):
-        lo.load_pretrained("gpt2-small")
+        load_pretrained("gpt2-small")
     with pytest.raises(ValueError, match=r"source must be 'openai' .* or 'hf' .*, got 'tf'"):
-        lo.pretrained_urls("gpt2", "tf")
+        pretrained_urls("gpt2", "tf")
 
 # ----------------------------------------------------------------------------------------------
 # downloads, against a local server
@@ -346,7 +352,7 @@ def test_download_rejects_corrupt_files_and_reports_errors(server, tmp_path):
                                               r"2 attempt\(s\) in a row failed.*python load_openai.py --from_dir=DIR "
                                               r"--out_dir=OUT\ngpt2 is these files.*then: python load_openai.py "
                                               r"--from_dir=DIR --out_dir=out-gpt2, and use --init_from=out-gpt2$"):
-        lo.fetch_pretrained("gpt2", cache_dir=str(tmp_path / "c"), openai_url=f"http://127.0.0.1:{port}", retries=2,
+        fetch_pretrained("gpt2", cache_dir=str(tmp_path / "c"), openai_url=f"http://127.0.0.1:{port}", retries=2,
                             backoff=0)
     assert not path.exists()
 
@@ -355,7 +361,7 @@ def test_fetch_and_load_pretrained_from_a_mirror(server, tmp_path):
     """The whole OpenAI-layout fetch (with encoder.json / vocab.bpe checked against their known sha256), and
     the Hub layout with its X-Linked-Etag sha256, from a local mirror; the tiny files are not gpt2's shape,
     which load_pretrained notices."""
-    from tokenizer import _bpe_file
+    from lib.tokenizer import _bpe_file
     sha256 = lambda data: hashlib.sha256(data).hexdigest()
     url, h = server
     for f in ("hparams.json", "model.ckpt.index", DATA):
@@ -367,21 +373,21 @@ def test_fetch_and_load_pretrained_from_a_mirror(server, tmp_path):
         h.files[f"/openai-community/gpt2/resolve/main/{f}"] = data  # the Hub states an LFS file's sha256:
         h.extra_headers[f"/openai-community/gpt2/resolve/main/{f}"] = {"X-Linked-Etag": f'"{sha256(data)}"'}
     cache = str(tmp_path / "cache")
-    folder, fresh = lo.fetch_pretrained("gpt2", cache_dir=cache, openai_url=url, backoff=0)
+    folder, fresh = fetch_pretrained("gpt2", cache_dir=cache, openai_url=url, backoff=0)
     assert fresh and folder == os.path.join(cache, "openai", "124M")
     files = lambda d: sorted(f for f in os.listdir(d) if not f.endswith(".lock"))  # the downloader's lock files
-    assert files(folder) == sorted(lo.OPENAI_FILES)
+    assert files(folder) == sorted(OPENAI_FILES)
     with pytest.raises(ValueError, match=r"describe GPTConfig\(block_size=32, vocab_size=96, n_layer=2.*not gpt2"):
-        lo.load_pretrained("gpt2", cache_dir=cache, openai_url=url, backoff=0)
+        load_pretrained("gpt2", cache_dir=cache, openai_url=url, backoff=0)
     h.log.clear()
-    folder, fresh = lo.fetch_pretrained("gpt2", "hf", cache_dir=cache, hf_url=url, backoff=0)
+    folder, fresh = fetch_pretrained("gpt2", "hf", cache_dir=cache, hf_url=url, backoff=0)
     assert fresh and files(folder) == ["config.json", "model.safetensors"]
-    assert not lo.fetch_pretrained("gpt2", "hf", cache_dir=cache, hf_url=url)[1] and len(h.log) == 2  # cached
+    assert not fetch_pretrained("gpt2", "hf", cache_dir=cache, hf_url=url)[1] and len(h.log) == 2  # cached
     # only the Hub's copy cached: load_pretrained(source='openai') uses it, contacting nobody (port 9 is closed)
     cache2 = str(tmp_path / "cache2")
-    lo.fetch_pretrained("gpt2", "hf", cache_dir=cache2, hf_url=url)
+    fetch_pretrained("gpt2", "hf", cache_dir=cache2, hf_url=url)
     with pytest.raises(ValueError, match=r"the files in '.*cache2/hf/gpt2' describe GPTConfig\(block_size=32"):
-        lo.load_pretrained("gpt2", cache_dir=cache2, openai_url="http://127.0.0.1:9", retries=1)
+        load_pretrained("gpt2", cache_dir=cache2, openai_url="http://127.0.0.1:9", retries=1)
     h.files["/124M/vocab.bpe"] = b"#version: 0.2\n"  # not OpenAI's file: its known sha256 rejects it
     with pytest.raises(ValueError, match=r"vocab.bpe downloaded corrupt: sha256"):
-        lo.fetch_pretrained("gpt2", cache_dir=str(tmp_path / "c2"), openai_url=url, retries=1, backoff=0)
+        fetch_pretrained("gpt2", cache_dir=str(tmp_path / "c2"), openai_url=url, retries=1, backoff=0)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from load_openai import config_from_hf, export_hf, state_dict_from_hf
+from lib.gpt2_weights import config_from_hf, export_hf, state_dict_from_hf
+from lib.optim import make_optimizer
 from model import GPT, GPTConfig
 
 # (n_embd, n_head, n_positions, vocab): the four GPT-2 widths and head counts at 2 layers (the full vocabulary
@@ -203,7 +204,7 @@ def test_bfloat16_autocast_on_cpu_attends_in_float32_and_trains_like_float32():
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
         m = GPT(GPTConfig(block_size=16, vocab_size=30, n_layer=2, n_head=2, n_embd=32))
-        opt = m.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+        opt = make_optimizer(m, 0.0, 1e-2, (0.9, 0.95), "cpu")
         curves[dtype] = []
         for _ in range(20):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
@@ -236,7 +237,7 @@ def test_loss_ignores_minus_one_and_overfits_one_batch():
     logits, loss = model(x, y_masked)
     ref = torch.nn.functional.cross_entropy(logits[:, 8:].reshape(-1, 30), y[:, 8:].reshape(-1))
     assert abs(loss.item() - ref.item()) < 1e-6
-    opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+    opt = make_optimizer(model, 0.0, 1e-2, (0.9, 0.95), "cpu")
     first = None
     for _ in range(100):
         _, loss = model(x, y)
@@ -278,7 +279,7 @@ def test_crop_block_size_and_optimizer_groups():
         model.crop_block_size(9)
     with pytest.raises(ValueError, match="8"):
         model(torch.zeros((1, 9), dtype=torch.long))
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    opt = make_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() < 2 for p in no_decay["params"])
@@ -289,3 +290,55 @@ def test_crop_block_size_and_optimizer_groups():
 def test_bad_head_count_is_refused():
     with pytest.raises(ValueError, match="n_head"):
         GPTConfig(n_embd=50, n_head=3)
+
+
+def test_a_change_to_the_block_reaches_every_consumer(monkeypatch):
+    """The trunk lives in model.py only: change the block (here the MLP's activation, as an experiment would) and
+    pre-training's loss, SFT's and classification's heads, DPO's log-probs, eval.py's scores, attention_viz's maps,
+    KV-cached generation and compiled (static-cache) int8 decoding all change with it; undo it and they return."""
+    import attention_viz as av
+    import eval as ev
+    from align import sequence_logps
+    from lib.decode import decode_step
+    from lib.finetuning import Finetuned
+    from lib.quant import WeightOnlyQuantizer
+    from lib.runtime import Runtime
+    from model import MLP, KVCache
+
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, bias=True)).eval()
+    q = WeightOnlyQuantizer("int8")
+    qmodel = q.convert(GPT(gpt.config).eval())
+    qmodel.load_state_dict(q.quantize(gpt))
+    rt = Runtime("cpu", "cpu", "float32")
+    x = torch.randint(0, 64, (2, 12))
+    y = torch.where(torch.arange(12) >= 8, torch.roll(x, -1, 1), torch.full_like(x, -1))  # the "response" only
+    y_cls = torch.full_like(x, -1)
+    y_cls[:, -1] = torch.tensor([0, 1])
+    classifier = Finetuned(gpt, num_classes=2).eval()
+
+    def outputs() -> dict:
+        with torch.no_grad():
+            cache = KVCache(gpt.config, 2)
+            gpt(x[:, :6], cache=cache)
+            k = torch.zeros(2, 1, 2, 16, 16)
+            decode_step(qmodel, x[:1, :1], torch.zeros(1, dtype=torch.long), k, k.clone())
+            return {"pretrain loss": gpt(x, torch.roll(x, -1, 1))[1],
+                    "sft logits": Finetuned(gpt)(x, y)[0],
+                    "classify logits": classifier(x, y_cls)[0],
+                    "dpo log-probs": sequence_logps(gpt, x, y, rt),
+                    "eval scores": ev.score_batch(gpt, [(x[0].tolist(), 4)], 64, rt)[0][0],
+                    "attention maps": av.attention_maps(gpt, x),
+                    "cached generation logits": gpt(x[:, 6:7], cache=cache, last_only=True)[0],
+                    "int8 static decode logits": decode_step(qmodel, x[:1, 1:2], torch.ones(1, dtype=torch.long),
+                                                             k, k.clone())}
+
+    before = outputs()
+    relu = lambda self, h: self.dropout(self.c_proj(torch.relu(self.c_fc(h))))  # the experiment: ReLU for GELU
+    monkeypatch.setattr(MLP, "forward", relu)
+    changed = outputs()
+    unchanged = [name for name in before if torch.allclose(before[name].float(), changed[name].float())]
+    assert not unchanged, f"these consumers did not see the change to model.py: {unchanged}"
+    monkeypatch.undo()
+    again = outputs()
+    assert all(torch.equal(before[n], again[n]) for n in before)

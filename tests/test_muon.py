@@ -1,5 +1,5 @@
 """
-model.configure_optimizers: optimizer='adamw' is torch's AdamW as before; optimizer='muon' puts the 2-D weights
+lib.optim.make_optimizer: optimizer='adamw' is torch's AdamW as before; optimizer='muon' puts the 2-D weights
 inside the blocks under torch.optim.Muon and everything else under AdamW, behind one object that the training loops,
 torch.amp.GradScaler and clip_grad_norm_ use like a torch optimizer. Tiny real models (2 layers, 2 heads, 32 dims)
 read the characters of a sonnet; every comparison of two runs is bit for bit.
@@ -8,8 +8,9 @@ read the characters of a sonnet; every comparison of two runs is bit for bit.
 import pytest
 import torch
 
-from model import GPT, GPTConfig, MuonAdamW, muon_step, newton_schulz, pick_ns_dtype
-from tokenizer import CharTokenizer
+from lib.optim import MuonAdamW, make_optimizer, muon_step, newton_schulz, pick_ns_dtype
+from lib.tokenizer import CharTokenizer
+from model import GPT, GPTConfig
 
 TEXT = ("Shall I compare thee to a summer's day?\nThou art more lovely and more temperate:\nRough winds do shake "
         "the darling buds of May,\nAnd summer's lease hath all too short a date;\n")  # sonnet 18, public domain
@@ -33,7 +34,7 @@ def batch(step: int):
 
 
 def muon_adamw(model: GPT, **kw):
-    return model.configure_optimizers(0.1, 1e-2, (0.9, 0.99), "cpu", optimizer="muon", **kw)
+    return make_optimizer(model, 0.1, 1e-2, (0.9, 0.99), "cpu", optimizer="muon", **kw)
 
 
 def train_steps(model, optimizer, steps, scaler=None, lr: float = 1e-2) -> list:
@@ -67,7 +68,7 @@ def changed(model, before: dict) -> set:
 
 def test_adamw_is_torchs_fused_adamw_as_before():
     model = tiny()
-    opt = model.configure_optimizers(0.1, 1e-2, (0.9, 0.99), "cpu")
+    opt = make_optimizer(model, 0.1, 1e-2, (0.9, 0.99), "cpu")
     assert type(opt) is torch.optim.AdamW and opt.defaults["fused"] is True
     decay, no_decay = opt.param_groups
     assert {id(p) for p in decay["params"]} == {id(p) for p in model.parameters() if p.dim() >= 2}
@@ -242,10 +243,10 @@ def test_muon_overfits_one_batch():
 def test_bad_optimizer_settings_are_refused():
     model = tiny()
     with pytest.raises(ValueError, match=r"optimizer must be 'adamw' or 'muon', got 'sgd'; e.g. --optimizer=muon"):
-        model.configure_optimizers(0.1, 1e-2, (0.9, 0.99), "cpu", optimizer="sgd")
+        make_optimizer(model, 0.1, 1e-2, (0.9, 0.99), "cpu", optimizer="sgd")
     with pytest.raises(ValueError, match=r"needs learning_rate > 0 and muon_lr > 0 .* muon_lr=0.0"):
         muon_adamw(model, muon_lr=0.0)
-    adamw_state = model.configure_optimizers(0.1, 1e-2, (0.9, 0.99), "cpu").state_dict()
+    adamw_state = make_optimizer(model, 0.1, 1e-2, (0.9, 0.99), "cpu").state_dict()
     with pytest.raises(ValueError, match=r"keys \['param_groups', 'state'\], not Muon \+ AdamW's .* with that "
                                          r"one \(e.g. --optimizer=adamw\)"):
         muon_adamw(model).load_state_dict(adamw_state)

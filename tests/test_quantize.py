@@ -14,13 +14,19 @@ from dataclasses import asdict
 
 import numpy as np
 import pytest
+import quantize as Q
 import torch
 from torch.nn import functional as F
 
-import quantize as Q
-from common import load_checkpoint, load_model, make_checkpoint, resume_state, save_checkpoint, write_tokens
+from lib.checkpoint import load_checkpoint, make_checkpoint, resume_state, save_checkpoint
+from lib.decode import StaticDecoder, decode_step, prefill
+from lib.models import load_model
+from lib.quant import (Int4Linear, Int8Linear, WeightOnlyQuantizer, dequantize_int4, int4_kernel, linear_bytes,
+                       memory_bytes, pack_int4, prepare_for_device, quantize_int4, quantize_int8,
+                       quantized_model_from_checkpoint, unpack_int4)
+from lib.tokenizer import CharTokenizer
+from lib.tokens import write_tokens
 from model import GPT, GPTConfig, KVCache
-from tokenizer import CharTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 20
@@ -35,10 +41,10 @@ def tiny(n_embd=32, vocab_size=64, seed=0) -> GPT:
 
 def quantized(model: GPT, mode: str, group_size: int = 32, quantize_head: bool = True) -> GPT:
     """Quantize, then rebuild from the checkpoint entries, as loading a saved file does."""
-    q = Q.WeightOnlyQuantizer(mode, group_size, quantize_head)
+    q = WeightOnlyQuantizer(mode, group_size, quantize_head)
     ckpt = {"model_args": asdict(model.config), "model": q.quantize(model),
             "quantization": {"mode": mode, "group_size": group_size, "quantize_head": quantize_head}}
-    return Q.quantized_model_from_checkpoint(ckpt).eval()
+    return quantized_model_from_checkpoint(ckpt).eval()
 
 
 def weights(seed=0):
@@ -52,7 +58,7 @@ def weights(seed=0):
 
 def test_int8_error_is_at_most_half_a_step():
     w = weights()
-    q, s = Q.quantize_int8(w)
+    q, s = quantize_int8(w)
     assert q.dtype == torch.int8 and s.shape == (32,) and int(q.abs().max()) <= 127
     err = (w - q.float() * s[:, None]).abs()
     assert bool((err <= s[:, None] / 2 * (1 + 1e-6)).all()), f"worst error / step: {(err / s[:, None]).max():.4f}"
@@ -62,10 +68,10 @@ def test_int8_error_is_at_most_half_a_step():
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_int4_error_is_at_most_half_a_step(group_size):
     w = weights(1)
-    packed, s, z = Q.quantize_int4(w, group_size)
+    packed, s, z = quantize_int4(w, group_size)
     assert packed.dtype == torch.uint8 and packed.shape == (32, 64)  # two codes per byte
     assert s.shape == z.shape == (32, 128 // group_size)
-    err = (w - Q.dequantize_int4(packed, s, z)).abs().view(32, -1, group_size)
+    err = (w - dequantize_int4(packed, s, z)).abs().view(32, -1, group_size)
     step = s[..., None]
     # float rounding of (q - 8) * s + z adds a few ulps of the group's largest value
     slack = 1e-6 * w.abs().view(32, -1, group_size).amax(-1, keepdim=True)
@@ -75,9 +81,9 @@ def test_int4_error_is_at_most_half_a_step(group_size):
 def test_int4_packing_round_trips_all_16_values():
     hi, lo = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
     codes = torch.stack([hi.flatten(), lo.flatten()], dim=1).view(1, 512)  # every (even, odd) pair of codes
-    packed = Q.pack_int4(codes)
+    packed = pack_int4(codes)
     assert packed.shape == (1, 256) and sorted(packed[0].tolist()) == list(range(256))  # all byte values
-    assert torch.equal(Q.unpack_int4(packed), codes.to(torch.uint8))
+    assert torch.equal(unpack_int4(packed), codes.to(torch.uint8))
 
 
 @pytest.mark.parametrize("out_features", [48, 40])  # 40: not a multiple of 16, the plain dequantize path
@@ -88,20 +94,20 @@ def test_kernels_match_the_dequantized_weights(out_features):
     w, b = torch.randn(out_features, 64) * 0.05, torch.randn(out_features)
     x = torch.randn(2, 5, 64)  # (B, T, C)
     xr = x.bfloat16().float()
-    q8, s8 = Q.quantize_int8(w)
-    m8 = Q.Int8Linear(64, out_features, bias=True)
+    q8, s8 = quantize_int8(w)
+    m8 = Int8Linear(64, out_features, bias=True)
     m8.weight, m8.scales, m8.bias = q8, s8, b
     expected = F.linear(xr, q8.float() * s8[:, None], b)
     torch.testing.assert_close(m8(x), expected, rtol=0, atol=2 ** -8 * float(expected.abs().max()))
-    packed, s4, z4 = Q.quantize_int4(w, 32)
-    m4 = Q.Int4Linear(64, out_features, bias=True, group_size=32)
+    packed, s4, z4 = quantize_int4(w, 32)
+    m4 = Int4Linear(64, out_features, bias=True, group_size=32)
     m4.weight, m4.scales, m4.zeros, m4.bias = packed, s4, z4, b
     fused = out_features % 16 == 0
-    expected = F.linear(xr if fused else x, Q.dequantize_int4(packed, s4, z4), b)
+    expected = F.linear(xr if fused else x, dequantize_int4(packed, s4, z4), b)
     atol = 2 ** -8 * float(expected.abs().max()) if fused else 1e-5
     torch.testing.assert_close(m4(x), expected, rtol=0, atol=atol)
     torch.testing.assert_close(m4(x[:, :1]), expected[:, :1], rtol=0, atol=atol)  # again, after re-packing
-    assert Q.int4_kernel(torch.device("cpu"), out_features, 64) == ("cpu-int4pack" if fused else "dequantize")
+    assert int4_kernel(torch.device("cpu"), out_features, 64) == ("cpu-int4pack" if fused else "dequantize")
     assert m4.layout == ("cpu-int4pack" if fused else "plain")
 
 
@@ -123,10 +129,10 @@ def test_quantized_logits_stay_close_to_fp32(mode, tolerance):
 def test_quantized_model_layout_and_generation():
     model = tiny()
     qm = quantized(model, "int4")
-    assert qm.transformer.wte is qm.lm_head and isinstance(qm.lm_head, Q.Int8Linear)  # still tied
-    assert sum(isinstance(m, Q.Int4Linear) for m in qm.modules()) == 8  # 4 Linears in each of 2 blocks
+    assert qm.transformer.wte is qm.lm_head and isinstance(qm.lm_head, Int8Linear)  # still tied
+    assert sum(isinstance(m, Int4Linear) for m in qm.modules()) == 8  # 4 Linears in each of 2 blocks
     assert not any(t.is_meta for t in qm.state_dict().values())
-    assert Q.memory_bytes(qm) < Q.memory_bytes(model) / 3
+    assert memory_bytes(qm) < memory_bytes(model) / 3
     prompt = torch.tensor([[1, 2, 3]])
     out = qm.generate(prompt, 10, temperature=0.0)
     assert torch.equal(out, qm.generate(prompt, 10, temperature=0.0, use_cache=False))  # cache == no cache
@@ -142,15 +148,15 @@ def test_static_decoder_matches_generate_and_compiles_whole(mode):
     every position (backend='eager': dynamo only, fast on a CPU; the CUDA tests run inductor and CUDA graphs)."""
     model = tiny(n_embd=64)
     m = model if mode == "fp32" else quantized(model, mode)
-    decoder = Q.StaticDecoder(m)
+    decoder = StaticDecoder(m)
     for prompt, new in ((torch.tensor([[1, 2, 3]]), 20), (torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]]), 12)):
         expected = m.generate(prompt, new, temperature=0.0)
         assert torch.equal(decoder.generate(prompt, new), expected), mode
     torch._dynamo.reset()
-    traced = Q.StaticDecoder(m)  # what compile=True does, with dynamo's 'eager' backend
-    Q.prepare_for_device(m, torch.device("cpu"))
-    traced.prefill = torch.compile(Q.prefill, dynamic=True, backend="eager")
-    traced.step = torch.compile(Q.decode_step, fullgraph=True, backend="eager")
+    traced = StaticDecoder(m)  # what compile=True does, with dynamo's 'eager' backend
+    prepare_for_device(m, torch.device("cpu"))
+    traced.prefill = torch.compile(prefill, dynamic=True, backend="eager")
+    traced.step = torch.compile(decode_step, fullgraph=True, backend="eager")
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for prompt in (torch.tensor([[1, 2, 3, 4, 5, 6, 7]]), torch.tensor([[4, 3, 2, 1]])):
         assert torch.equal(traced.generate(prompt, 24), m.generate(prompt, 24, temperature=0.0))
@@ -161,7 +167,7 @@ def test_static_decoder_matches_generate_and_compiles_whole(mode):
         m(prompt, cache=cache)  # positions 0-3
         k, v = cache.k.clone(), cache.v.clone()  # the whole window, zero from position 4 on
         ref, _ = m(torch.tensor([[7]]), cache=cache)  # position 4
-        out = Q.decode_step(m, torch.tensor([[7]]), torch.tensor([4]), k, v)
+        out = decode_step(m, torch.tensor([[7]]), torch.tensor([4]), k, v)
     torch.testing.assert_close(out, ref[:, -1], rtol=0, atol=1e-5)
     torch.testing.assert_close((k, v), (cache.k, cache.v), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match=r"prompt \+ new tokens <= block_size \(32\), got a prompt of 4 and "
@@ -177,10 +183,10 @@ def test_saved_checkpoints_are_smaller_by_the_expected_factor(tmp_path):
     float_ckpt = make_checkpoint("pretrain", model.state_dict(), asdict(model.config), {"dataset": "x"},
                                  {"tokenizer": "gpt2"}, resume=resume_state(7, "val_loss", 2.5, optimizer=adam))
     save_checkpoint(float_ckpt, tmp_path / "ckpt.pt")
-    fp32 = Q.linear_bytes(model.state_dict(), model)
+    fp32 = linear_bytes(model.state_dict(), model)
     assert fp32 == 4 * 2 * (128 * 384 + 128 * 128 + 128 * 512 + 512 * 128)
     for mode in ("int8", "int4"):
-        q = Q.WeightOnlyQuantizer(mode, 64)
+        q = WeightOnlyQuantizer(mode, 64)
         source = str(tmp_path / "ckpt.pt")
         ckpt = Q.quantized_checkpoint(model, load_checkpoint(source), None, q, source)
         assert ckpt["kind"] == "quantized" and ckpt["resume"] is None  # no optimizer state: inference only
@@ -189,7 +195,7 @@ def test_saved_checkpoints_are_smaller_by_the_expected_factor(tmp_path):
         save_checkpoint(ckpt, tmp_path / f"ckpt_{mode}.pt")
         loaded = load_checkpoint(str(tmp_path / f"ckpt_{mode}.pt"))  # weights_only: plain tensors only
         sd = loaded["model"]
-        qbytes = Q.linear_bytes(sd, model)
+        qbytes = linear_bytes(sd, model)
         if mode == "int8":  # 1 byte a weight, a 4-byte scale a row
             assert sd["transformer.h.0.mlp.c_fc.weight"].dtype == torch.int8
             assert qbytes == fp32 // 4 + 4 * 2 * (384 + 128 + 512 + 128)
@@ -201,7 +207,7 @@ def test_saved_checkpoints_are_smaller_by_the_expected_factor(tmp_path):
         assert ratio > (3.5 if mode == "int8" else 5.0), f"{mode}: file only {ratio:.2f}x smaller"
         # every script loads it by name; training from it is refused, naming the float file to train from instead
         qm, loaded, _ = load_model(str(tmp_path / f"ckpt_{mode}.pt"))
-        assert loaded["kind"] == "quantized" and isinstance(qm.lm_head, Q.Int8Linear)
+        assert loaded["kind"] == "quantized" and isinstance(qm.lm_head, Int8Linear)
         with pytest.raises(ValueError, match=rf"is {mode}-quantized: .* cannot be trained\. Train from the float "
                                              rf"checkpoint instead: --init_from={re.escape(source)}"):
             load_model(str(tmp_path / f"ckpt_{mode}.pt"), for_training=True)
@@ -209,20 +215,20 @@ def test_saved_checkpoints_are_smaller_by_the_expected_factor(tmp_path):
 
 def test_bad_input_is_refused_clearly():
     with pytest.raises(ValueError, match=r"mode must be one of \('int8', 'int4'\), got 'int3'"):
-        Q.WeightOnlyQuantizer("int3")
+        WeightOnlyQuantizer("int3")
     with pytest.raises(ValueError, match=r"group_size must be one of .* for int4, got 48"):
-        Q.WeightOnlyQuantizer("int4", 48)
+        WeightOnlyQuantizer("int4", 48)
     wide = tiny(n_embd=96)  # 96 input columns: groups of 64 do not fit
     with pytest.raises(ValueError, match=r"--group_size=64 does not divide the width of transformer.h.0.attn.c_attn "
                                          r"\(in_features=96\)"):
-        Q.WeightOnlyQuantizer("int4", 64).quantize(wide)
+        WeightOnlyQuantizer("int4", 64).quantize(wide)
     model = tiny()
     done = {"model_args": asdict(model.config), "model": {}, "quantization": {"mode": "int8"}}
     with pytest.raises(ValueError, match=r"'ckpt_int8.pt' is already quantized \('int8'\); quantize the float"):
-        Q.quantized_checkpoint(model, done, None, Q.WeightOnlyQuantizer("int4"), "ckpt_int8.pt")
+        Q.quantized_checkpoint(model, done, None, WeightOnlyQuantizer("int4"), "ckpt_int8.pt")
     bad = {**done, "quantization": {"mode": "fp8"}}
     with pytest.raises(ValueError, match=r"entry should be a dict with mode in .* got \{'mode': 'fp8'\}"):
-        Q.quantized_model_from_checkpoint(bad)
+        quantized_model_from_checkpoint(bad)
 
 
 def test_perplexity_windows_of_a_text_file(tmp_path):

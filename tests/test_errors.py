@@ -1,0 +1,142 @@
+"""
+lib/errors.py and lib/lifecycle.lock_out_dir, with the scripts as real processes (the excepthook acts only there):
+a user's bad input ends in one line "error: ..." and exit status 2 with nothing written, LLM_E2E_TRACEBACK=1 brings
+the traceback back, Ctrl-C is "interrupted" and 130, internal errors keep their traceback; one run per out_dir.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from lib import lifecycle
+from lib.tokenizer import CharTokenizer
+from lib.tokens import write_tokens
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = ["--device=cpu", "--compile=False"]
+
+
+def run(tmp_path, *argv, extra_env=None, **kw) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("LLM_E2E_TRACEBACK", "RANK")}
+    env.update({"OMP_NUM_THREADS": "1", "HOME": str(tmp_path / "home"), **(extra_env or {})})
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+                          **kw)
+
+
+def listing(folder):
+    """What a folder holds (None: it does not exist), to check that a failed run left it as it was."""
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else None
+
+
+# (script and flags, text the one line must contain); {tmp} is the test's folder, every run gets --out_dir={tmp}/out
+BAD_INPUTS = [
+    (["train.py", *CPU, "--nonsense_key=1"], "'nonsense_key'"),
+    (["train.py", *CPU, "--n_layer=x"], "n_layer expects a int (default 12), got 'x'"),
+    (["train.py", *CPU, "--data_dir={tmp}/no_such_data"], "{tmp}/no_such_data"),
+    (["sample.py", *CPU, "--init_from={tmp}/no_such_ckpt"], "{tmp}/no_such_ckpt"),
+    (["finetune.py", *CPU, "--task=bogus"], "task must be one of ('instruct', 'classify'), got 'bogus'"),
+    (["eval.py", *CPU, "--task=bogus"], "got 'bogus'"),
+    (["quantize.py", "--device=cpu", "--mode=int3"], "got 'int3'"),
+    (["load_openai.py", "--device=cpu", "--model=gpt3"], "'gpt3'"),
+    (["data/shakespeare_char/prepare.py", "--input={tmp}/wide.txt"], "70,000 distinct characters"),
+]
+
+
+def test_bad_inputs_are_one_line_and_touch_nothing(tmp_path):
+    """Each user error: exit status 2, stderr is `error: ...` naming the offending value, no traceback, and the
+    --out_dir is as it was (not created, or unchanged where the script made it before reading its input)."""
+    # 70,000 distinct characters (code points above the surrogates): more ids than uint16 holds
+    (tmp_path / "wide.txt").write_text("".join(map(chr, range(0x10000, 0x10000 + 70_000))), encoding="utf-8")
+    for argv, expected in BAD_INPUTS:
+        out = tmp_path / f"out_{argv[0].replace('/', '_')}_{len(listing(tmp_path))}"
+        if argv[0].startswith("data/"):
+            out.mkdir()  # a prepare script makes its folder first: it must stay empty
+        before = listing(out)
+        argv = [a.format(tmp=tmp_path) for a in argv] + [f"--out_dir={out}"]
+        r = run(tmp_path, *argv)
+        line = expected.format(tmp=tmp_path)
+        assert r.returncode == 2, f"{argv}: exit {r.returncode}\n{r.stderr[-3000:]}"
+        assert "Traceback" not in r.stderr and r.stderr.startswith("error: "), f"{argv}:\n{r.stderr[-3000:]}"
+        assert line in r.stderr, f"{argv}: {line!r} not in\n{r.stderr}"
+        assert listing(out) == before, f"{argv} changed {out}: {before} -> {listing(out)}"
+
+
+def test_full_traceback_on_request(tmp_path):
+    r = run(tmp_path, "train.py", *CPU, "--n_layer=x", f"--out_dir={tmp_path}/out",
+            extra_env={"LLM_E2E_TRACEBACK": "1"})
+    assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr
+    assert "TypeError: command line: n_layer expects a int" in r.stderr
+
+
+def test_only_rank_0_prints_under_torchrun(tmp_path):
+    r = run(tmp_path, "train.py", *CPU, "--n_layer=x", extra_env={"RANK": "1"})
+    assert r.returncode == 2 and r.stderr == ""
+
+
+def test_internal_errors_keep_their_traceback(tmp_path):
+    """Not a user's mistake: a RuntimeError anywhere, or a FileNotFoundError raised inside numpy (or from code that
+    is no file of the project, like python -c), keeps Python's traceback and exit status 1."""
+    for code in ["raise RuntimeError('boom')",
+                 "import numpy as np; np.load('/no/such/file.npy')",
+                 "raise ValueError('from -c')"]:
+        r = run(tmp_path, "-c", f"from lib.errors import install; install(); {code}")
+        assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr, (code, r.stderr)
+        assert "error: " not in r.stderr.splitlines()[0]
+
+
+def test_ctrl_c_is_one_line_and_130(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("LLM_E2E_TRACEBACK", "RANK")}
+    p = subprocess.Popen([sys.executable, "-c", "from lib.errors import install; install(); import time; "
+                          "print('ready', flush=True); time.sleep(60)"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "ready\n"
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 130 and err == "interrupted\n", (p.returncode, err)
+
+
+# ----------------------------------------------------------------------------------------------
+# one writer per out_dir
+
+HOLD = "import sys, time; from lib.lifecycle import lock_out_dir; lock_out_dir(sys.argv[1]); print('locked', " \
+       "flush=True); time.sleep(120)"
+
+
+def test_out_dir_lock_names_its_holder_and_dies_with_it(tmp_path):
+    out = str(tmp_path / "out")
+    p = subprocess.Popen([sys.executable, "-c", HOLD, out, "--marker"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "locked\n"
+        with pytest.raises(ValueError, match=rf"--out_dir={out}: process {p.pid} \(-c {out} --marker\).*another "
+                                             rf"--out_dir"):
+            lifecycle.lock_out_dir(out)
+        # a training run on that folder stops before it writes anything
+        data = tmp_path / "data"
+        data.mkdir()
+        tok = CharTokenizer.from_text("to be or not to be, that is the question\n" * 20)
+        ids = np.array(tok.encode("to be or not to be, that is the question\n" * 20), dtype=np.uint16)
+        write_tokens(str(data / "train.bin"), ids[:700])
+        write_tokens(str(data / "val.bin"), ids[700:])
+        tok.save(str(data / "meta.pkl"))
+        r = run(tmp_path, "train.py", *CPU, f"--data_dir={data}", f"--out_dir={out}", "--n_layer=2", "--n_head=2",
+                "--n_embd=32", "--block_size=16", "--batch_size=2", "--total_batch_size=0", "--max_iters=2")
+        assert r.returncode == 2 and r.stderr.startswith("error: another run is writing"), r.stderr[-3000:]
+        assert str(p.pid) in r.stderr and sorted(os.listdir(out)) == [".lock"]
+    finally:
+        p.kill()
+        p.wait()
+    # the holder is gone: its lock went with it
+    time.sleep(0.1)
+    lifecycle.lock_out_dir(out)
+    with open(os.path.join(out, ".lock")) as f:
+        assert f.read().split("\n")[0] == str(os.getpid())
+    lifecycle._lock.close()
+    lifecycle._lock = None
