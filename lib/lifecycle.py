@@ -173,6 +173,7 @@ def stop_exit(signum: int, rt: Runtime, script_argv: list, out_dir: str):
     """After the stop save: say how to continue, leave the process group, exit 128 + signal as shells do."""
     print0(f"stopped by {signal.Signals(signum).name}. Resume with:\n  {resume_command(script_argv, rt, out_dir)}",
            flush=True)
+    unlock_out_dir()
     if rt.ddp:
         torch.distributed.destroy_process_group()
     sys.exit(128 + signum)
@@ -186,9 +187,7 @@ def lock_out_dir(out_dir: str):
     other's checkpoints and logs. An advisory flock on out_dir/.lock, which holds the holder's PID and command;
     the kernel releases it when the process ends, however it ends, so a crashed run's lock is simply taken."""
     global _lock
-    if _lock is not None:  # an earlier run in this process (tests run scripts in-process): flock is per open file
-        _lock.close()
-        _lock = None
+    unlock_out_dir()  # an earlier run in this process (tests run scripts in-process): flock is per open file
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, ".lock")
     f = open(path, "a+")  # not "w": truncating would erase the holder's PID before we know we may write
@@ -205,6 +204,14 @@ def lock_out_dir(out_dir: str):
     f.write(f"{os.getpid()}\n{' '.join(sys.argv)}\n")
     f.flush()
     _lock = f
+
+
+def unlock_out_dir():
+    """Let the next run have out_dir (as the run ends: tests run scripts in-process, whose process lives on)."""
+    global _lock
+    if _lock is not None:
+        _lock.close()
+        _lock = None
 
 
 def start_log(out_dir: str, resume_iter: Optional[int]) -> str:
@@ -274,6 +281,7 @@ def save_run(path: str, kind: str, model, config: dict, tokenizer: dict, rt: Run
 
 def stop_non_finite(what: str, value: float, iter_num: int, rt: Runtime, out_dir: str):
     """Exit at once: saving weights that produce nan/inf would only destroy the last good checkpoint."""
+    unlock_out_dir()
     sys.exit(f"ERROR: the {what} became {value} at iteration {iter_num:,}: the weights are broken, so nothing was "
              f"saved. Lower --learning_rate, check the data, or use --dtype=bfloat16 or float32, then "
              f"continue from the last good checkpoint in {out_dir!r} (if any): "
@@ -288,6 +296,7 @@ def peak_memory(rt: Runtime) -> str:
 
 
 def end_run(rt: Runtime, wandb_run=None):
+    unlock_out_dir()
     if wandb_run is not None:
         wandb_run.finish()
     if rt.ddp:

@@ -363,5 +363,5 @@ def test_fineweb_prepare_bad_settings(tmp_path):
     p = subprocess.run([sys.executable, "data/fineweb/prepare.py", f"--dataset={tmp_path / 'c.jsonl'}",
                         "--doc_separator=<|endoftext|>", f"--out_dir={tmp_path / 'o'}"], cwd=ROOT, capture_output=True,
                        text=True)
-    assert p.returncode == 1 and re.search(r"ValueError: --doc_separator='<\|endoftext\|>' splits plain-text files, "
+    assert p.returncode == 2 and re.search(r"^error: --doc_separator='<\|endoftext\|>' splits plain-text files, "
                                            r"but .*c.jsonl' is no .txt file", p.stderr), p.stderr

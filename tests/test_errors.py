@@ -138,5 +138,6 @@ def test_out_dir_lock_names_its_holder_and_dies_with_it(tmp_path):
     lifecycle.lock_out_dir(out)
     with open(os.path.join(out, ".lock")) as f:
         assert f.read().split("\n")[0] == str(os.getpid())
-    lifecycle._lock.close()
-    lifecycle._lock = None
+    lifecycle.unlock_out_dir()  # as a run's end does: a child may take it now
+    r = run(tmp_path, "-c", HOLD.replace("time.sleep(120)", "None"), out)
+    assert r.returncode == 0 and r.stdout == "locked\n", r.stderr[-3000:]
