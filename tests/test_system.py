@@ -41,7 +41,7 @@ TRAIN = ["train.py", "--device=cpu", "--compile=False", "--n_layer=2", "--n_head
 # the signal (with second_signal_on_tmp: a second SIGINT as soon as a checkpoint's temporary file exists).
 RUNNER = textwrap.dedent('''
     import glob, json, os, runpy, signal, sys, time
-    import torch, numpy, common, model, dataloader, configurator, tokenizer  # imported once, before any fork
+    import torch, numpy, model, configurator, lib.models, lib.lifecycle, lib.tokens, lib.records  # once, before any fork
     import torch._dynamo  # torch.optim imports it on the first optimizer: seconds, once
     import matplotlib
     matplotlib.use("Agg")
