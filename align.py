@@ -14,7 +14,8 @@ no reward model, no sampling. loss_type='ipo' (Azar et al. 2023, arXiv:2310.1203
 Records, in three layouts: {"chosen": conversation, "rejected": conversation} (hh-rlhf's, split at the last
 "\\n\\nAssistant:"); {"prompt": ..., "chosen": response, "rejected": response}; or {"instruction": ...,
 "input": ... (optional), "chosen": ..., "rejected": ...} with --prompt_template=alpaca (finetune.py's template).
-Writes out_dir/ckpt.pt (kind 'dpo': every script that takes a model reads it), out_dir/log.jsonl, out_dir/align.png.
+Writes out_dir/ckpt.pt (kind 'dpo': every script that takes a model reads it), out_dir/log.jsonl, out_dir/loss.png
+and out_dir/reward.png.
 """
 
 import copy
@@ -28,17 +29,14 @@ import torch
 import torch.nn.functional as F
 
 from configurator import configure
-from lib.checkpoint import last_name
+from lib import checkpoint, lifecycle, logs, optim
 from lib.errors import install
 from lib.finetuning import Finetuned
-from lib.lifecycle import (catch_signals, end_run, lock_out_dir, peak_memory, restore, resume_run, save_run, start_log,
-                           stop_exit, stop_non_finite, wrap)
-from lib.logs import init_wandb, plot_curves, progress, read_jsonl, record
-from lib.models import load_model, model_from_checkpoint, tokenizer_for
-from lib.optim import check_schedule, lr_at, make_optimizer
+from lib.lora import Merged, add_lora, check_settings, load_adapters, load_base, lora_entry, weights_hash
 from lib.preferences import collate, encode_triples, fingerprint, preference_triples, response_tokens
 from lib.records import load_records, local_paths
 from lib.runtime import print0, setup_runtime
+from lib.tokenizer import tokenizer_for
 
 _LOSS_TYPES = ("dpo", "cdpo", "ipo")
 
@@ -91,18 +89,39 @@ def preference_loss(pc, pr, rc, rr, loss_type: str = "dpo", beta: float = 0.1, l
     return losses, beta * (pc - rc).detach(), beta * (pr - rr).detach()
 
 
-def preference_metrics(policy, ref, ntok, loss_type: str, beta: float, label_smoothing: float) -> dict:
+# what every log line records, train and held-out alike (held-out ones prefixed val_); reward_acc is strict as TRL's
+# rewards/accuracies (chosen reward > rejected reward; a tie, e.g. every pair at step 0, counts 0)
+LOGGED = ("loss", "dpo_loss", "nll", "reward_acc", "reward_margin")
+
+
+def pair_terms(pc, pr, rc, rr, nc, nr, loss_type: str = "dpo", beta: float = 0.1, label_smoothing: float = 0.0,
+               rpo_alpha: float = 0.0, ipo_per_token: bool = False) -> dict:
+    """Per-pair terms (each (B,)) from the policy's (pc, pr) and the reference's (rc, rr) sequence log-probs of the
+    chosen and rejected responses, and their token counts (nc, nr): loss = dpo_loss + rpo_alpha * nll, what training
+    minimises; dpo_loss, the preference loss of loss_type alone (dpo, cdpo or ipo); nll, the chosen response's NLL
+    per token; reward_chosen, reward_rejected and reward_margin (chosen - rejected), the implicit rewards."""
+    if loss_type == "ipo" and ipo_per_token:  # TRL's IPO: log-probs averaged over each response's tokens
+        losses, cr, rj = preference_loss(pc / nc, pr / nr, rc / nc, rr / nr, loss_type, beta, label_smoothing)
+    else:
+        losses, cr, rj = preference_loss(pc, pr, rc, rr, loss_type, beta, label_smoothing)
+    nll = -pc / nc.clamp(min=1)
+    return {"loss": losses + rpo_alpha * nll if rpo_alpha else losses, "dpo_loss": losses, "nll": nll,
+            "reward_chosen": cr, "reward_rejected": rj, "reward_margin": cr - rj}
+
+
+def preference_metrics(policy, ref, ntok, loss_type: str, beta: float, label_smoothing: float,
+                       rpo_alpha: float = 0.0, ipo_per_token: bool = False) -> dict:
     """Metrics over pairs from (N, 2) log-probs [chosen, rejected] of policy and reference and the (N, 2)
-    response token counts. Reward accuracy counts ties (policy == reference, e.g. at step 0) as one half."""
-    losses, cr, rr = preference_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], loss_type, beta,
-                                     label_smoothing)
-    m = cr - rr
-    return {"loss": losses.mean().item(), "reward_acc": ((m > 0).float() + 0.5 * (m == 0).float()).mean().item(),
-            "reward_margin": m.mean().item(), "reward_chosen": cr.mean().item(), "reward_rejected": rr.mean().item(),
-            "logp_chosen": policy[:, 0].mean().item(), "logp_rejected": policy[:, 1].mean().item(),
-            "logp_margin": (policy[:, 0] - policy[:, 1]).mean().item(),
-            # mean log(pi / ref) per response token, chosen and rejected together: how far the policy moved
-            "logp_drift": ((policy - ref).sum() / ntok.sum()).item()}
+    response token counts: the means of pair_terms, the strict reward accuracy, and how far the policy moved."""
+    t = pair_terms(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], ntok[:, 0], ntok[:, 1], loss_type, beta,
+                   label_smoothing, rpo_alpha, ipo_per_token)
+    out = {k: v.mean().item() for k, v in t.items()}
+    out["reward_acc"] = (t["reward_margin"] > 0).float().mean().item()  # strict: a tie is not a win
+    out.update({"logp_chosen": policy[:, 0].mean().item(), "logp_rejected": policy[:, 1].mean().item(),
+                "logp_margin": (policy[:, 0] - policy[:, 1]).mean().item(),
+                # mean log(pi / ref) per response token, chosen and rejected together: how far the policy moved
+                "logp_drift": ((policy - ref).sum() / ntok.sum()).item()})
+    return {k: out[k] for k in (*LOGGED, *sorted(set(out) - set(LOGGED)))}
 
 
 @torch.no_grad()
@@ -115,7 +134,7 @@ def pair_logps(model, pairs: list, batch_size: int, rt, desc: str = "") -> torch
     order = sorted(range(len(pairs)), key=lambda i: -max(len(pairs[i][0]), len(pairs[i][1])))
     order = order[rt.ddp_rank::rt.ddp_world_size]
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for idx in progress(batches, desc, unit="batches", disable=not desc, leave=False):
+    for idx in logs.progress(batches, desc, unit="batches", disable=not desc, leave=False):
         lp = sequence_logps(model, *collate(pairs, idx, rt.device), rt).cpu()  # (2B,)
         out[idx] = torch.stack([lp[:len(idx)], lp[len(idx):]], dim=1)
     if rt.ddp:  # every rank filled its own rows with the rest zero: a sum gathers them
@@ -159,10 +178,18 @@ block_size = 512  # longest prompt + response in tokens; longer pairs lose promp
 # method
 loss_type = "dpo"  # 'dpo' | 'cdpo' (label-smoothed DPO) | 'ipo'
 beta = 0.1  # strength of the pull to the reference: higher = stay closer (DPO paper: 0.1; IPO's tau)
+ipo_per_token = False  # ipo: False = summed log-probs, as the paper (eq. 17), target margin 1/(2 beta) per response;
+# True = log-probs averaged over each response's tokens, as TRL's loss_type='ipo': the same beta then asks for a margin
+# of 1/(2 beta) per token, about L times more for L-token responses (raise beta by ~L to keep the paper's pull)
 label_smoothing = 0.0  # cdpo: assumed probability that a preference label is flipped, in (0, 0.5)
 rpo_alpha = 0.0  # > 0: plus rpo_alpha x the chosen response's NLL per token (RPO: Pang et al. 2024, arXiv:2404.19733;
 # TRL's rpo_alpha), which keeps DPO from lowering the likelihood of the chosen answers along with the rejected ones
 precompute_ref = False  # True: reference log-probs computed once up front; no reference model held in memory
+# LoRA (lib/lora.py): freeze the policy, train a rank-r update of the Linear layers named; saved merged
+lora_rank = 0  # 0 = off (every weight trains); r > 0: adapters of rank r
+lora_alpha = 16.0  # the update is scaled by lora_alpha / lora_rank (Hu et al. 2021, section 4.1)
+lora_dropout = 0.0  # dropout on the adapters' input
+lora_targets = "c_attn,c_proj,c_fc"  # which of each block's Linear layers: c_attn, c_proj (attn and mlp), c_fc
 # optimization
 batch_size = 8  # preference pairs per micro-step per process (2 sequences each)
 total_batch_pairs = 64  # pairs per optimizer step, all processes; grad accumulation is derived from it
@@ -190,7 +217,7 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     resume = config["init_from"] == "resume"
     ckpt = None
     if resume:  # the saved run's config is the base: --init_from=resume --out_dir=X alone continues X
-        config, ckpt = resume_run(config, explicit, ("dpo",), "align.py")
+        config, ckpt = lifecycle.resume_run(config, explicit, ("dpo",), "align.py")
     globals().update(config)
     # checks that need neither data nor model: a typo fails in a second, not after loading
     for key, allowed in dict(loss_type=_LOSS_TYPES, prompt_template=("none", "alpaca"),
@@ -205,9 +232,13 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     if not (isinstance(rpo_alpha, (int, float)) and rpo_alpha >= 0):
         raise ValueError(f"rpo_alpha must be a number >= 0 (0 = plain {loss_type}), got {rpo_alpha!r}; e.g. "
                          f"--rpo_alpha=1.0")
+    if ipo_per_token and loss_type != "ipo":
+        raise ValueError(f"ipo_per_token=True only applies to loss_type='ipo' (got loss_type={loss_type!r}); use "
+                         f"--loss_type=ipo or --ipo_per_token=False")
     if loss_type != "cdpo" and label_smoothing != 0:
         raise ValueError(f"label_smoothing={label_smoothing!r} only applies to loss_type='cdpo' (got "
                          f"loss_type={loss_type!r}); use --loss_type=cdpo or --label_smoothing=0")
+    check_settings(lora_rank, lora_alpha, lora_dropout, lora_targets)
     for key in ("batch_size", "total_batch_pairs", "val_pairs", "eval_interval", "log_interval", "block_size"):
         if config[key] < 1:
             raise ValueError(f"{key} must be >= 1, got {config[key]!r}")
@@ -235,11 +266,13 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     # ------------------------------------------------------------------------------------------
     # the policy, and where the reference comes from
     if resume:
-        model, tok = model_from_checkpoint(ckpt, dropout).to(rt.device), tokenizer_for(ckpt)
+        # a LoRA run's merged weights are not its unmerged ones: its base is re-read (and checked by its hash)
+        model = load_base(ckpt["lora"], dropout) if lora_rank else checkpoint.float_model(ckpt, dropout)
+        model, tok = model.to(rt.device), tokenizer_for(ckpt)
         ref_from = ckpt["ref_init_from"]
     else:
         print0(f"loading the starting model from {init_from!r}")
-        model, ckpt, tok = load_model(init_from, out_dir, rt.device, dropout, ckpt_name, for_training=True)
+        model, ckpt, tok = checkpoint.load_float_model(init_from, out_dir, rt.device, dropout, ckpt_name)
         ref_from = os.path.abspath(ckpt["path"]) if ckpt else init_from  # a file, or a GPT-2 name
     ckpt = ckpt or {}
     ckpt.pop("model", None)  # the weights now live in the model: do not hold a second copy
@@ -290,7 +323,7 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     print0(f"{total_batch_pairs} pairs per step = {batch_size} per micro-step x {accum} grad accum x {world} "
            f"processes; {iters:,} iterations ({iters / steps_per_epoch:.2f} epochs)")
     if not eval_only:  # warn now about a schedule that cannot do what its numbers say
-        check_schedule(learning_rate, warmup_iters, iters, iters, min_lr, decay=lr_schedule == "cosine")
+        optim.check_schedule(learning_rate, warmup_iters, iters, iters, min_lr, decay=lr_schedule == "cosine")
 
     # ------------------------------------------------------------------------------------------
     # the reference: stored log-probs (resume), precomputed once, or a frozen copy held alongside
@@ -303,7 +336,7 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     else:
         if resume:
             print0(f"loading the reference model from {ref_from!r}")
-            ref_model = load_model(ref_from, device=rt.device, ckpt_name=ckpt_name)[0]
+            ref_model = checkpoint.load_float_model(ref_from, device=rt.device, ckpt_name=ckpt_name)[0]
         else:  # the starting weights: the policy itself before its first step, or a copy to keep
             ref_model = model if precompute_ref else copy.deepcopy(model)
         if precompute_ref:
@@ -319,18 +352,26 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
             print0(f"reference model: frozen copy in memory ({param_mib:,.1f} MiB of parameters)")
 
     # ------------------------------------------------------------------------------------------
-    # optimizer, the state of a resumed run, compile, DDP
-    optimizer = make_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
+    # LoRA on the policy (the reference above stays its plain start), optimizer, a resumed run's state, compile, DDP
+    if lora_rank:
+        base, base_hash = ((ckpt["lora"]["base"], ckpt["lora"]["base_sha256"]) if resume else
+                           (ref_from, weights_hash(model)))
+        n_wrapped = add_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)  # freezes the rest
+        if resume:
+            load_adapters(model, ckpt["lora"]["adapters"])
+        print0(f"LoRA: rank {lora_rank}, alpha {lora_alpha:g} on {n_wrapped} Linear layers ({lora_targets}): "
+               f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters")
+    optimizer = optim.make_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")  # fp16 only: loss scaling
     iter_num, best_val_loss = 0, float("inf")
     if resume:
         state = ckpt["resume"]
-        iter_num, best_val_loss = restore(state, optimizer, scaler, rt)
+        iter_num, best_val_loss = lifecycle.restore(state, optimizer, scaler, rt)
         if ckpt.get("data_fingerprint") != data_hash:
             print0("WARNING: the training data differ from the checkpoint's run; resuming on the new data, so the "
                    "run does not continue exactly (restore the data files the run started with to continue it)")
     ckpt = state = None  # free the optimizer state and reference log-probs held twice
-    train_model = wrap(Finetuned(model), rt, compile)  # the same weights; logits at the response tokens only
+    train_model = lifecycle.wrap(Finetuned(model), rt, compile)  # the same weights; logits at the response tokens only
     perms = {}  # epoch -> its shuffle of the training pairs (the current epoch only)
 
     def batch_indices(it, micro):
@@ -348,55 +389,63 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     # logs, evaluation, checkpoints
     log_path = os.path.join(out_dir, "log.jsonl")
     if master:
-        lock_out_dir(out_dir)  # one run per out_dir: a second one stops here, naming the first
-        start_log(out_dir, iter_num if resume else None)  # a resume logs again what came after its checkpoint
-    wandb_run = init_wandb(wandb_project, wandb_run_name, config, wandb_mode, out_dir) if wandb_log and master else None
+        lifecycle.lock_out_dir(out_dir)  # one run per out_dir: a second one stops here, naming the first
+        lifecycle.start_log(out_dir, iter_num if resume else None)  # a resume logs again what came after its checkpoint
+    wandb_run = None
+    if wandb_log and master:
+        wandb_run = logs.init_wandb(wandb_project, wandb_run_name, config, wandb_mode, out_dir)
 
     def log(rec: dict):
-        record(log_path, rec, wandb_run)
+        logs.record(log_path, rec, wandb_run)
 
     def evaluate() -> dict:
         """Held-out metrics (every rank calls this: pair_logps shares the pairs out), logged and plotted."""
         pol = pair_logps(model, val, batch_size, rt, "eval" if sys.stderr.isatty() else "")  # no bar in a log
         ref = ref_logps["val"] if ref_logps is not None else pair_logps(ref_model, val, batch_size, rt)
-        m = preference_metrics(pol, ref, val_tokens, loss_type, beta, label_smoothing)
+        m = preference_metrics(pol, ref, val_tokens, loss_type, beta, label_smoothing, rpo_alpha, ipo_per_token)
         if not math.isfinite(m["loss"]):
-            stop_non_finite("held-out loss", m["loss"], iter_num, rt, out_dir)
-        print0(f"eval iter {iter_num}: val loss {m['loss']:.4f}, reward acc {m['reward_acc']:.3f}, margin "
-               f"{m['reward_margin']:.4f}, chosen {m['reward_chosen']:.4f}, rejected {m['reward_rejected']:.4f}, "
-               f"logp margin {m['logp_margin']:.3f}, drift {m['logp_drift']:+.4f}/token")
+            lifecycle.stop_non_finite("held-out loss", m["loss"], iter_num, rt, out_dir)
+        print0(f"eval iter {iter_num}: val loss {m['loss']:.4f}, dpo loss {m['dpo_loss']:.4f}, nll {m['nll']:.4f}, "
+               f"reward acc {m['reward_acc']:.3f}, margin {m['reward_margin']:.4f}, chosen {m['reward_chosen']:.4f}, "
+               f"rejected {m['reward_rejected']:.4f}, logp margin {m['logp_margin']:.3f}, drift "
+               f"{m['logp_drift']:+.4f}/token")
         if master:
             log({"type": "eval", "iter": iter_num, **{f"val_{k}": v for k, v in m.items()}})
-            recs = read_jsonl(log_path)  # the whole run, resumed legs included
-            curves = {c: tuple(zip(*[(r["iter"], r[k]) for r in recs if r.get("type") == t])) or ([], [])
-                      for c, t, k in (("train loss", "train", "loss"), ("val loss", "eval", "val_loss"),
-                                      ("val reward accuracy", "eval", "val_reward_acc"))}
-            plot_curves(os.path.join(out_dir, "align.png"), curves, f"{loss_type} (beta={beta})",
-                        ylabel="loss / accuracy")
+            recs = logs.read_jsonl(log_path)  # the whole run, resumed legs included
+            series = lambda t, k: tuple(zip(*[(r["iter"], r[k]) for r in recs if r.get("type") == t and k in r]))
+            title = f"{loss_type} (beta={beta}" + (f", rpo_alpha={rpo_alpha:g})" if rpo_alpha else ")")
+            # losses and accuracies apart: train and held-out of the same quantity on one plot
+            for file, keys, ylabel in (("loss.png", ("dpo_loss", "nll"), "loss"),
+                                       ("reward.png", ("reward_acc",), "reward accuracy (strict)")):
+                curves = {f"{split} {k}": series(t, p + k) or ([], []) for k in keys
+                          for split, t, p in (("train", "train", ""), ("val", "eval", "val_"))}
+                logs.plot_curves(os.path.join(out_dir, file), curves, title, ylabel=ylabel)
         return m
 
     def save(file: str):
         """Write out_dir/file atomically with everything an exact resume needs (a collective under DDP)."""
-        save_run(os.path.join(out_dir, file), "dpo", model, config, tok.meta(), rt, iter_num,
-                 ("dpo_val_loss", best_val_loss), optimizer, scaler, ref_init_from=ref_from, ref_logps=ref_logps,
-                 data_fingerprint=data_hash)
+        lora = dict(lora=lora_entry(model, base, base_hash, lora_rank, lora_alpha, lora_dropout, lora_targets)
+                    ) if lora_rank else {}  # the merged weights for every script; adapters and base for a resume
+        lifecycle.save_run(os.path.join(out_dir, file), "dpo", Merged(model) if lora_rank else model, config,
+                           tok.meta(), rt, iter_num, ("dpo_val_loss", best_val_loss), optimizer, scaler,
+                           ref_init_from=ref_from, ref_logps=ref_logps, data_fingerprint=data_hash, **lora)
 
     # ------------------------------------------------------------------------------------------
     # training loop: one optimizer step per iteration; evaluate (and save) every eval_interval steps
-    stop = catch_signals()  # SIGINT/SIGTERM: finish the step, save, print the resume command
+    stop = lifecycle.catch_signals()  # SIGINT/SIGTERM: finish the step, save, print the resume command
     start_iter, saved_at, t_start = iter_num, iter_num, time.time()
     if iter_num == 0 or eval_only:
-        m = evaluate()  # the baseline: policy == reference, loss log 2 and reward accuracy 0.5 exactly
-        best_val_loss = min(best_val_loss, m["loss"])
+        m = evaluate()  # the baseline: policy == reference, dpo loss log 2, every reward 0: reward accuracy 0
+        best_val_loss = min(best_val_loss, m["dpo_loss"])
     if iter_num >= iters and not eval_only:
         print0(f"nothing to do: the run is at iteration {iter_num:,} and max_iters is {iters:,}")
     params = [p for p in model.parameters() if p.requires_grad]
-    sums = torch.zeros(2, device=rt.device)  # since the last log line: summed step losses and reward accuracies
+    sums = torch.zeros(len(LOGGED), device=rt.device)  # since the last log line: the step means of LOGGED, summed
     BIG = 2 ** 62
     first_bad = torch.full((), BIG, dtype=torch.long, device=rt.device)  # first step with a non-finite loss
     t0, tokens_seen, last_log = time.time(), 0, iter_num  # throughput since the last log line, evals excluded
     while iter_num < iters and not eval_only:
-        lr = lr_at(iter_num, learning_rate, warmup_iters, iters, min_lr, decay=lr_schedule == "cosine")
+        lr = optim.lr_at(iter_num, learning_rate, warmup_iters, iters, min_lr, decay=lr_schedule == "cosine")
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         for micro in range(accum):
@@ -412,12 +461,11 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
             else:
                 with torch.no_grad():
                     rc, rr = sequence_logps(ref_model, x, y, rt).split(len(idx))
-            losses, cr, rrw = preference_loss(pc, pr, rc, rr, loss_type, beta, label_smoothing)
-            if rpo_alpha:
-                losses = losses - rpo_alpha * pc / (y[:len(idx)] != -1).sum(1).clamp(min=1)
-            scaler.scale(losses.mean() / accum).backward()
-            acc = ((cr > rrw).float() + 0.5 * (cr == rrw).float()).mean()  # ties count one half
-            sums += torch.stack([losses.detach().mean(), acc]) / accum
+            nc, nr = (y != -1).sum(1).float().split(len(idx))  # response tokens of each side
+            t = pair_terms(pc, pr, rc, rr, nc, nr, loss_type, beta, label_smoothing, rpo_alpha, ipo_per_token)
+            scaler.scale(t["loss"].mean() / accum).backward()
+            t["reward_acc"] = (t["reward_margin"] > 0).float()  # strict, as the held-out one
+            sums += torch.stack([t[k].detach().mean() for k in LOGGED]) / accum
         first_bad = torch.where(torch.isfinite(sums[0]), first_bad, first_bad.clamp(max=iter_num + 1))
         scaler.unscale_(optimizer)  # clip and log the true gradient norm (a no-op unless fp16)
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
@@ -432,43 +480,43 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
             if rt.ddp:
                 torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
             if first_bad.item() < BIG:
-                stop_non_finite("training loss", float(sums[0]), first_bad.item(), rt, out_dir)
+                lifecycle.stop_non_finite("training loss", float(sums[0]), first_bad.item(), rt, out_dir)
         if iter_num % log_interval == 0 or iter_num == iters:
             if rt.ddp:  # the mean over all ranks' pairs
                 torch.distributed.all_reduce(sums)
-            loss, acc = (sums / (world * (iter_num - last_log))).tolist()
+            t = dict(zip(LOGGED, (sums / (world * (iter_num - last_log))).tolist()))
             dt = time.time() - t0
             tok_s = tokens_seen * world / dt  # tokens fed to the policy (prompt + response, both sides)
-            print0(f"iter {iter_num}: loss {loss:.4f}, reward acc {acc:.3f}, lr {lr:.2e}, grad norm {norm.item():.3f}, "
-                   f"{dt * 1000 / (iter_num - last_log):.0f} ms/iter, {tok_s:,.0f} tok/s", flush=True)
+            print0(f"iter {iter_num}: loss {t['loss']:.4f}, dpo loss {t['dpo_loss']:.4f}, nll {t['nll']:.4f}, reward "
+                   f"acc {t['reward_acc']:.3f}, margin {t['reward_margin']:.4f}, lr {lr:.2e}, grad norm "
+                   f"{norm.item():.3f}, {dt * 1000 / (iter_num - last_log):.0f} ms/iter, {tok_s:,.0f} tok/s", flush=True)
             if master:
-                log({"type": "train", "iter": iter_num, "loss": loss, "reward_acc": acc, "lr": lr,
-                     "grad_norm": norm.item(), "tok_per_s": tok_s})
+                log({"type": "train", "iter": iter_num, **t, "lr": lr, "grad_norm": norm.item(), "tok_per_s": tok_s})
             sums.zero_()
             t0, tokens_seen, last_log = time.time(), 0, iter_num
         if eval_due:
             t_eval = time.time()
             m = evaluate()
-            improved = m["loss"] < best_val_loss
-            best_val_loss = min(best_val_loss, m["loss"])
+            improved = m["dpo_loss"] < best_val_loss  # the preference loss: what "best" means for every loss_type
+            best_val_loss = min(best_val_loss, m["dpo_loss"])
             if improved or always_save_checkpoint:
                 save(ckpt_name)
                 saved_at = iter_num
             t0 += time.time() - t_eval
         if stopping:
             if saved_at != iter_num:  # a run that keeps its best model in ckpt_name saves this state beside it
-                save(ckpt_name if always_save_checkpoint else last_name(ckpt_name))
-            stop_exit(stopping, rt, sys.argv, out_dir)
+                save(ckpt_name if always_save_checkpoint else checkpoint.last_name(ckpt_name))
+            lifecycle.stop_exit(stopping, rt, sys.argv, out_dir)
 
     # ------------------------------------------------------------------------------------------
     # summary
     if master:
-        evals = [r for r in read_jsonl(log_path) if r.get("type") == "eval"]  # the whole run, resumed legs included
+        evals = [r for r in logs.read_jsonl(log_path) if r.get("type") == "eval"]  # all legs of the run
         a, b = (evals[0], evals[-1]) if evals else (None, None)
-        held_out = (f"held-out reward acc {a['val_reward_acc']:.3f} -> {b['val_reward_acc']:.3f}, loss "
-                    f"{a['val_loss']:.4f} -> {b['val_loss']:.4f} (iterations {a['iter']:,} -> {b['iter']:,}); "
-                    if evals else "")
+        held_out = (f"held-out reward acc {a['val_reward_acc']:.3f} -> {b['val_reward_acc']:.3f}, dpo loss "
+                    f"{a['val_dpo_loss']:.4f} -> {b['val_dpo_loss']:.4f}, nll {a['val_nll']:.4f} -> "
+                    f"{b['val_nll']:.4f} (iterations {a['iter']:,} -> {b['iter']:,}); " if evals else "")
         total = time.time() - t_start
-        print0(f"done: {iter_num - start_iter} iterations in {total:.1f} s; {held_out}peak memory {peak_memory(rt)}")
+        print0(f"done: {iter_num - start_iter} iterations in {total:.1f} s; {held_out}peak memory {lifecycle.peak_memory(rt)}")
         log({"type": "summary", "iter": iter_num, "best_val_loss": best_val_loss, "total_s": total})
-    end_run(rt, wandb_run)
+    lifecycle.end_run(rt, wandb_run)

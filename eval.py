@@ -24,16 +24,15 @@ import sys
 import time
 from typing import Optional
 
-import numpy as np
 import torch
-from torch.nn import functional as F
 
 from configurator import configure
 from lib.checkpoint import GPT2_NAMES, checkpoint_path
-from lib.download import cache_root, download
+from lib.download import download
+from lib.runtime import cache_root
 from lib.errors import install
-from lib.finetuning import pad_right
 from lib.logs import append_jsonl, progress
+from lib.perplexity import all_reduce_sums, perplexity, score_batch, sliding_windows, text_tokens  # quantize.py's too
 from lib.models import load_model
 from lib.records import load_records, read_text, report_bad
 from lib.runtime import print0, setup_runtime
@@ -183,33 +182,6 @@ def lambada_item(where: str, row: dict):
 # scoring
 
 
-@torch.no_grad()
-def score_batch(model, rows: list, n_vocab: int, rt) -> list:
-    """rows: [(ids, n)] token sequences whose last n tokens are scored given everything before them.
-    Returns [(log-probs (n,) float64, greedy (n,) bool: the target was the argmax)]."""
-    inputs = [ids[:-1] for ids, _ in rows]
-    x, _ = pad_right(inputs, [[-1] * len(ids) for ids in inputs], pad_id=0)  # (B, T) right-padded with token 0
-    counts = [n for _, n in rows]
-    row = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(counts))  # (N,) row of each scored token
-    pos = torch.cat([torch.arange(len(ids) - 1 - n, len(ids) - 1) for ids, n in rows])  # (N,) its input position
-    targets = torch.as_tensor(np.concatenate([np.asarray(ids[-n:], dtype=np.int64) for ids, n in rows]))
-    with rt.autocast():
-        # padding only at the right end needs no attention mask: causal attention never lets a real position
-        # see a later (pad) one, so a row's scores are the same alone or in any batch
-        h, _ = model(x.to(rt.device), return_hidden=True)  # (B, T, C) final hidden states
-    # the logits of the scored tokens in float32, also under bf16 autocast: close calls between endings stay exact
-    h = h[row.to(h.device), pos.to(h.device)].float()  # (N, C) where the scored tokens are predicted
-    logp, greedy = [], []
-    for k in range(0, len(h), 1024):  # at most 1024 x 50257 float32 logits (200 MB) at a time
-        # ids beyond the tokenizer's (GPT-2's 50257 in a 50304 table) are never text: normalise over real ids
-        lg = model.lm_head(h[k:k + 1024])[:, :n_vocab].float()  # (<= 1024, n_vocab)
-        tg = targets[k:k + 1024].to(lg.device)
-        logp.append(-F.cross_entropy(lg, tg, reduction="none"))
-        greedy.append(lg.argmax(dim=-1) == tg)
-    logp, greedy = torch.cat(logp).double().cpu(), torch.cat(greedy).cpu()
-    return list(zip(logp.split(counts), greedy.split(counts)))
-
-
 def score_items(model, items: list, window: int, batch_size: int, n_vocab: int, rt):
     """items: [(context ids, [continuation ids, ...])]. Yields (item index, [(log-probs, greedy)] for each
     continuation), longest items first: out-of-memory shows at once, and neighbours need little padding
@@ -249,20 +221,6 @@ def encode_items(pairs: list, tokenizer, window: int):
     return items, kept
 
 
-def sliding_windows(n: int, window: int, stride: int) -> list:
-    """Windows over n tokens for perplexity -> [(begin, end, n_new)]: tokens[begin:end] (at most window + 1:
-    the model reads the first `window`) with the last n_new scored. Windows start every `stride` tokens and
-    each scores only the tokens the previous ones did not, so every token but the first is scored exactly once,
-    past the first window with at least window - stride + 1 tokens of context (Hugging Face's "Perplexity of
-    fixed-length models" recipe). stride == window is plain chunking."""
-    spans, done, begin = [], 0, 0  # done: index of the last token scored so far (token 0 never is)
-    while done < n - 1:
-        end = min(begin + window + 1, n)
-        spans.append((begin, end, end - 1 - done))
-        done, begin = end - 1, begin + stride
-    return spans
-
-
 def weight_count(model) -> int:
     """Parameters as model.num_params counts them, the quantized ones included: int8/int4 layers hold their
     weights as integer buffers (int4 two to a byte, re-packed per device), so count in x out (+ bias) each."""
@@ -274,14 +232,6 @@ def weight_count(model) -> int:
             n += m.in_features * m.out_features + (bias.numel() if bias is not None else 0)
     return n
 
-
-def all_reduce_sums(sums: dict, rt) -> dict:
-    """Add up every rank's sums (DDP), in float64."""
-    if not rt.ddp:
-        return sums
-    t = torch.tensor(list(sums.values()), dtype=torch.float64, device=rt.device)
-    torch.distributed.all_reduce(t)
-    return dict(zip(sums, t.tolist()))
 
 # -----------------------------------------------------------------------------
 # tasks: each returns (number of items or tokens scored, metrics {name: value}, extra record fields)
@@ -326,10 +276,9 @@ def perplexity_tokens(tokenizer, text: Optional[str] = None) -> list:
     if text_file:
         text = read_text(text_file, encoding) if text is None else text
         try:
-            ids = tokenizer.encode_ordinary(text)
+            files = [(text_file, text_tokens(tokenizer, text))]
         except ValueError as e:
             raise ValueError(f"{text_file!r} cannot be encoded with this model's tokenizer: {e}") from e
-        files = [(text_file, np.asarray([tokenizer.eot_token] * (tokenizer.eot_token is not None) + ids))]
     else:
         from lib.tokenizer import CharTokenizer
         from lib.tokens import token_files
@@ -361,25 +310,11 @@ def eval_perplexity(model, tokenizer, window: int, n_vocab: int, rt, text: Optio
         if int(tokens.max()) >= n_vocab:
             raise ValueError(f"{name!r} holds token id {int(tokens.max())}, beyond this model's tokenizer "
                              f"({n_vocab:,} ids): it was prepared with another tokenizer")
-    jobs = [(tokens, span) for _, tokens in files for span in sliding_windows(len(tokens), window, step)]
+    n_windows = sum(len(sliding_windows(len(t), window, step)) for _, t in files)
     print0(f"perplexity: {sum(len(t) for _, t in files):,} tokens of {', '.join(name for name, _ in files)}; "
-           f"{len(jobs):,} windows of {window} tokens, one every {step}")
-    jobs = jobs[rt.ddp_rank::rt.ddp_world_size]
-    eot = tokenizer.eot_token
-    s = {"tokens": 0, "nll": 0.0, "text_nll": 0.0, "bytes": 0}
-    for k in progress(range(0, len(jobs), batch_size), desc="perplexity", unit="batch"):
-        rows = [(np.asarray(t[b:e], dtype=np.int64), n) for t, (b, e, n) in jobs[k:k + batch_size]]
-        for (ids, n), (logp, _) in zip(rows, score_batch(model, rows, n_vocab, rt)):
-            text = ids[-n:] != eot  # bits per byte leaves <|endoftext|> out: it stands for no text
-            s["tokens"] += n
-            s["nll"] -= float(logp.sum())
-            s["text_nll"] -= float(logp[torch.from_numpy(text)].sum())
-            s["bytes"] += len(tokenizer.token_bytes(ids[-n:][text]))  # exact bytes: BPE tokens may split characters
-    s = all_reduce_sums(s, rt)
-    nll = s["nll"] / s["tokens"]
-    return int(s["tokens"]), {"nll": nll, "ppl": math.exp(nll), "bits_per_byte": s["text_nll"] / math.log(2) /
-                              max(s["bytes"], 1)}, \
-        {"window": window, "stride": step, "bytes": int(s["bytes"]), "text": [name for name, _ in files]}
+           f"{n_windows:,} windows of {window} tokens, one every {step}")
+    n, metrics, n_bytes = perplexity(model, tokenizer, files, window, step, batch_size, n_vocab, rt)  # lib/perplexity.py
+    return n, metrics, {"window": window, "stride": step, "bytes": n_bytes, "text": [name for name, _ in files]}
 
 # -----------------------------------------------------------------------------
 

@@ -37,18 +37,15 @@ import torch
 from torch.nn import functional as F
 
 from configurator import configure
-from lib.checkpoint import last_name
+from lib import checkpoint, lifecycle, logs, optim
 from lib.errors import install
 from lib.finetuning import (TEMPLATES, Finetuned, answer, class_metrics, class_report, encode_pair, format_prompt,
-                            freeze, pad_right, padded_fraction, plan_batches, template_marker)
-from lib.lifecycle import (catch_signals, end_run, lock_out_dir, peak_memory, restore, resume_run, save_run, start_log,
-                           stop_exit, stop_non_finite, wrap)
-from lib.logs import init_wandb, plot_confusion, plot_curves, progress, read_jsonl, record
-from lib.models import load_model, model_from_checkpoint, tokenizer_for
-from lib.optim import check_schedule, lr_at, make_optimizer
+                            freeze, pad_right, padded_fraction, plan_batches, plot_confusion, template_marker)
+from lib.lora import Merged, add_lora, check_settings, load_adapters, load_base, lora_entry, weights_hash
+from lib.models import load_model
 from lib.records import COMPRESSIONS, RECORD_FORMATS, load_records, report_bad
 from lib.runtime import print0, setup_runtime
-from lib.tokenizer import get_tokenizer
+from lib.tokenizer import get_tokenizer, tokenizer_for
 from model import GPT, GPTConfig
 
 # ----------------------------------------------------------------------------------------------
@@ -150,7 +147,7 @@ def encode_records(tok, rows: list, block_size: int, truncate: str, source: str,
     (where, text, class id) -> (ids, class id). truncate: 'left' drops prompt tokens first (instruct)
     or keeps a text's end (classify), 'right' cuts the end, 'drop' skips the record."""
     examples, stats = [], dict(truncated=0, dropped=0)
-    for where, *fields in progress(rows, desc=f"tokenizing {source}", disable=len(rows) < 5000):
+    for where, *fields in logs.progress(rows, desc=f"tokenizing {source}", disable=len(rows) < 5000):
         try:
             if len(fields) == 3:  # instruct
                 x, y, cut = encode_pair(tok, format_prompt(fields[0], fields[1], template), fields[2], block_size,
@@ -202,7 +199,7 @@ def evaluate(model, examples: list, batches: list, pad_id: int, rt, num_classes:
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # (summed loss, correct, labels)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=rt.device)
     mine = batches[rt.ddp_rank::rt.ddp_world_size]
-    for idx in progress(mine, desc=desc, disable=not desc or len(mine) < 100):
+    for idx in logs.progress(mine, desc=desc, disable=not desc or len(mine) < 100):
         x, y = (t.to(rt.device) for t in make_batch(examples, idx, pad_id))
         with rt.autocast():
             logits, loss = model(x, y, reduction="sum")
@@ -261,6 +258,11 @@ bias = True
 dropout = 0.0  # for every init_from; 0.1 is a common choice when fine-tuning on little data
 block_size = 1024  # tokens per record at most; a model with a longer window is cropped to this
 n_trainable_layers = -1  # -1 = train all; k >= 0: freeze all but the last k blocks (+ final LayerNorm, head)
+# LoRA (lib/lora.py): freeze the model, train a rank-r update of the Linear layers named; saved merged
+lora_rank = 0  # 0 = off (full fine-tuning); r > 0: adapters of rank r (4..16 are usual)
+lora_alpha = 16.0  # the update is scaled by lora_alpha / lora_rank (Hu et al. 2021, section 4.1)
+lora_dropout = 0.0  # dropout on the adapters' input
+lora_targets = 'c_attn,c_proj,c_fc'  # which of each block's Linear layers: c_attn, c_proj (attn and mlp), c_fc
 # optimization: AdamW, linear warmup then cosine decay to min_lr at max_iters
 batch_size = 8  # records per micro-batch (per GPU)
 gradient_accumulation_steps = 1  # micro-batches per optimizer step (per GPU)
@@ -299,7 +301,7 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     config = configure(globals(), sys.argv[1:], explicit=explicit)
     ckpt = None
     if config["init_from"] == "resume" and not config["predict"]:  # the saved config is the base
-        config, ckpt = resume_run(config, explicit, ("sft", "classify"), "finetune.py",
+        config, ckpt = lifecycle.resume_run(config, explicit, ("sft", "classify"), "finetune.py",
                                   ("epochs", "sample_interval", "num_samples", "max_new_tokens", "final_eval"))
     globals().update(config)
     for key, valid in (("task", ("instruct", "classify")), ("truncate", ("left", "right", "drop")),
@@ -312,6 +314,11 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
             raise ValueError(f"{key} must be >= 1, got {config[key]!r}")
     if not (0 < val_fraction < 1 or val_split):
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r} (or name a split: --val_split=...)")
+    check_settings(lora_rank, lora_alpha, lora_dropout, lora_targets)
+    if lora_rank and (init_from == "scratch" or n_trainable_layers != -1):
+        raise ValueError(f"LoRA (lora_rank={lora_rank}) adapts a pre-trained model and trains nothing else: it takes "
+                         f"neither init_from='scratch' nor n_trainable_layers (got init_from={init_from!r}, "
+                         f"n_trainable_layers={n_trainable_layers}); e.g. --init_from=gpt2 --n_trainable_layers=-1")
     rt = setup_runtime(device, dtype, training=True)
     master, world = rt.master_process, rt.ddp_world_size
     torch.manual_seed(seed + rt.ddp_rank)  # the head's init, and dropout (different on each rank)
@@ -377,11 +384,16 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
         gpt = GPT(GPTConfig(block_size=block_size, vocab_size=50304, n_layer=n_layer, n_head=n_head,
                             n_embd=n_embd, dropout=dropout, bias=bias))  # 50257 ids padded to a multiple of 64
     elif ckpt is not None:  # resume: the checkpoint that resume_run read
-        gpt, tok = model_from_checkpoint(ckpt, dropout), tokenizer_for(ckpt)
+        # a LoRA run's merged weights are not its unmerged ones: its base is re-read (and checked by its hash)
+        gpt = load_base(ckpt["lora"], dropout, block_size) if lora_rank else checkpoint.float_model(ckpt, dropout)
+        tok = tokenizer_for(ckpt)
     else:
-        gpt, _, tok = load_model(init_from, out_dir, "cpu", dropout=dropout, ckpt_name=ckpt_name, for_training=True)
+        gpt, start, tok = checkpoint.load_float_model(init_from, out_dir, "cpu", dropout, ckpt_name)
     if block_size < gpt.config.block_size:
         gpt.crop_block_size(block_size)
+    if lora_rank:  # where the frozen base comes from, and which it is: what an exact resume re-reads
+        base, base_hash = ((ckpt["lora"]["base"], ckpt["lora"]["base_sha256"]) if ckpt is not None else
+                           (os.path.abspath(start["path"]), weights_hash(gpt)))
     T = gpt.config.block_size
     if block_size > T:
         print0(f"note: block_size {block_size} exceeds the model's window; using {T}")
@@ -412,14 +424,19 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     print0(f"{max_iters:,} iterations = {max_iters / steps_per_epoch:.2f} epochs; {batch_size} x "
            f"{gradient_accumulation_steps} x {world} records per iteration (batch x accumulation x GPUs)")
     decay_iters = max(max_iters, warmup_iters + 1)  # the cosine ends with the run (a warmup as long: no decay)
-    check_schedule(learning_rate, warmup_iters, decay_iters, max_iters, min_lr, decay_lr)
+    optim.check_schedule(learning_rate, warmup_iters, decay_iters, max_iters, min_lr, decay_lr)
 
     # ------------------------------------------------------------------------------------------
     # what trains, the optimizer, resume
     model = Finetuned(gpt, len(names) if task == "classify" else 0)
-    freeze(gpt, n_trainable_layers)
+    if lora_rank:
+        n_wrapped = add_lora(gpt, lora_rank, lora_alpha, lora_dropout, lora_targets)  # freezes the rest
+        if ckpt is not None:
+            load_adapters(gpt, ckpt["lora"]["adapters"])
+    else:
+        freeze(gpt, n_trainable_layers)
     model.to(rt.device)
-    optimizer = make_optimizer(gpt, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
+    optimizer = optim.make_optimizer(gpt, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
     if model.head is not None:
         optimizer.add_param_group({"params": [model.head.weight], "weight_decay": weight_decay})
         optimizer.add_param_group({"params": [model.head.bias], "weight_decay": 0.0})
@@ -427,7 +444,11 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     params = [p for g in optimizer.param_groups for p in g["params"]]  # the trainable ones
     n_all, n_train = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in params)
     frozen = f" (the last {n_trainable_layers} blocks, ln_f{', head' * (task == 'classify')})"
-    print0(f"parameters: {n_all / 1e6:.2f}M, trainable {n_train / 1e6:.2f}M" + frozen * (n_trainable_layers >= 0))
+    if lora_rank:
+        frozen = (f" (LoRA: rank {lora_rank}, alpha {lora_alpha:g} on {n_wrapped} Linear layers "
+                  f"({lora_targets}){', head' * (task == 'classify')})")
+    print0(f"parameters: {n_all / 1e6:.2f}M, trainable {n_train / 1e6:.2f}M" + frozen * (n_trainable_layers >= 0
+                                                                                        or lora_rank > 0))
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")  # fp16 only: loss scaling
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
@@ -437,26 +458,31 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
                              f"--init_from={out_dir!r} --out_dir=NEW_DIR")
         if model.head is not None:
             model.head.load_state_dict(ckpt["head"])
-        iter_num, best_val_loss = restore(ckpt["resume"], optimizer, scaler, rt)
+        iter_num, best_val_loss = lifecycle.restore(ckpt["resume"], optimizer, scaler, rt)
     ckpt = None  # free the loaded weights
-    train_model = wrap(model, rt, compile, dynamic=True)  # batch lengths vary
+    train_model = lifecycle.wrap(model, rt, compile, dynamic=True)  # batch lengths vary
     shown = raw["val"][1][:num_samples] if task == "instruct" else []  # held-out instructions to answer
 
     # ------------------------------------------------------------------------------------------
     # what the loop calls: checkpoints, evaluation, logs
     log_path = os.path.join(out_dir, "log.jsonl")
     if master:
-        lock_out_dir(out_dir)  # one run per out_dir: a second one stops here, naming the first
-        start_log(out_dir, iter_num if init_from == "resume" else None)  # a resume logs the rest again
-    wandb_run = init_wandb(wandb_project, wandb_run_name, config, wandb_mode, out_dir) if wandb_log and master else None
+        lifecycle.lock_out_dir(out_dir)  # one run per out_dir: a second one stops here, naming the first
+        lifecycle.start_log(out_dir, iter_num if init_from == "resume" else None)  # a resume logs the rest again
+    wandb_run = None
+    if wandb_log and master:
+        wandb_run = logs.init_wandb(wandb_project, wandb_run_name, config, wandb_mode, out_dir)
 
     def log(rec: dict):
-        record(log_path, rec, wandb_run)
+        logs.record(log_path, rec, wandb_run)
 
     def save(name: str):
         """out_dir/name with everything an exact resume needs (a collective under DDP: the RNG of every rank)."""
         extra = dict(head=model.head.state_dict(), labels=names) if model.head is not None else {}
-        save_run(os.path.join(out_dir, name), "classify" if task == "classify" else "sft", gpt, config, tok.meta(), rt,
+        if lora_rank:  # the merged weights for every script; the adapters and the base's hash for a resume
+            extra["lora"] = lora_entry(gpt, base, base_hash, lora_rank, lora_alpha, lora_dropout, lora_targets)
+        lifecycle.save_run(os.path.join(out_dir, name), "classify" if task == "classify" else "sft",
+                 Merged(gpt) if lora_rank else gpt, config, tok.meta(), rt,
                  iter_num, ("val_loss", best_val_loss), optimizer, scaler, **extra)
 
     def run_eval():
@@ -464,21 +490,21 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
         for split, (examples, batches) in eval_sets.items():
             rec[f"{split}_loss"], rec[f"{split}_acc"], _ = evaluate(model, examples, batches, pad_id, rt)
         if not math.isfinite(rec["val_loss"]):
-            stop_non_finite("val loss", rec["val_loss"], iter_num, rt, out_dir)
+            lifecycle.stop_non_finite("val loss", rec["val_loss"], iter_num, rt, out_dir)
         print0(f"eval {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in rec.items() if k not in ("type", "iter")))
         if master:
             log(rec)
-            recs = read_jsonl(log_path)
+            recs = logs.read_jsonl(log_path)
             for kind in ("loss", "acc"):
                 curves = {k: ([r["iter"] for r in recs if k in r], [r[k] for r in recs if k in r])
                           for k in [kind] + [f"{s}_{kind}" for s in eval_sets]}
-                plot_curves(os.path.join(out_dir, f"{kind}.png"), curves, f"finetune.py task={task}, {dataset}",
+                logs.plot_curves(os.path.join(out_dir, f"{kind}.png"), curves, f"finetune.py task={task}, {dataset}",
                             ylabel=kind)
         return rec["val_loss"]
 
     # ------------------------------------------------------------------------------------------
     # training loop
-    stop = catch_signals()
+    stop = lifecycle.catch_signals()
     G, start_iter, t_start = gradient_accumulation_steps, iter_num, time.time()
     if iter_num == 0:
         run_eval()  # the starting model's loss, a baseline
@@ -486,7 +512,7 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     counts = np.zeros(3)  # and on the host: labels, real tokens, all tokens (real + padding)
     t_log, window, saved_at = time.time(), 0, iter_num
     while iter_num < max_iters:
-        lr = lr_at(iter_num, learning_rate, warmup_iters, decay_iters, min_lr, decay_lr)
+        lr = optim.lr_at(iter_num, learning_rate, warmup_iters, decay_iters, min_lr, decay_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         # one optimizer step: G micro-batches on each of the world ranks; micro-batch m of rank r is batch
@@ -519,7 +545,7 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
                 torch.distributed.all_reduce(totals)
             loss_sum, correct, count, real, padded = totals.tolist()
             if not math.isfinite(loss_sum):
-                stop_non_finite("training loss", loss_sum / count, iter_num, rt, out_dir)
+                lifecycle.stop_non_finite("training loss", loss_sum / count, iter_num, rt, out_dir)
             dt = time.time() - t_log
             rec = {"type": "train", "iter": iter_num, "loss": loss_sum / count, "acc": correct / count, "lr": lr,
                    "grad_norm": norm.item(), "tok_per_s": real / dt}
@@ -549,8 +575,8 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
             gpt.train()
         if stopping:
             if saved_at != iter_num:  # a run that keeps its best checkpoint keeps it: the stop goes to ckpt_last.pt
-                save(ckpt_name if always_save_checkpoint else last_name(ckpt_name))
-            stop_exit(stopping, rt, sys.argv, out_dir)
+                save(ckpt_name if always_save_checkpoint else checkpoint.last_name(ckpt_name))
+            lifecycle.stop_exit(stopping, rt, sys.argv, out_dir)
         if eval_due:
             t_log = time.time()  # log lines time the training steps, not evaluations, samples and saves
 
@@ -574,6 +600,6 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     if master:
         total = time.time() - t_start
         print0(f"done: {iter_num - start_iter:,} iterations in {total:.1f} s, best val loss {best_val_loss:.4f}, peak "
-               f"memory {peak_memory(rt)}; metrics in {log_path}")
+               f"memory {lifecycle.peak_memory(rt)}; metrics in {log_path}")
         log({"type": "summary", "iter": iter_num, "best_val_loss": best_val_loss, "total_s": total})
-    end_run(rt, wandb_run)
+    lifecycle.end_run(rt, wandb_run)

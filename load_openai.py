@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from lib.download import cache_root
+from lib.runtime import cache_root
 from lib.errors import install
 from lib.gpt2_weights import HF_URL, OPENAI_URL, PRETRAINED, export_hf, load_dir, load_pretrained, pretrained_urls
 

@@ -17,7 +17,8 @@ loss and decode speed for every mode.
     python quantize.py --out_dir=out-gpt2 --mode=int8 --report=True --device=cuda --compile=True
 """
 
-import math
+import copy
+import dataclasses
 import os
 import statistics
 import sys
@@ -28,49 +29,52 @@ import torch
 
 from lib.decode import StaticDecoder
 from lib.errors import install
+from lib.perplexity import perplexity, text_tokens
 from lib.quant import WeightOnlyQuantizer, kernel_name, linear_bytes, memory_bytes, quantized_model_from_checkpoint
 from model import GPT
 
-# the report: size, memory, loss and decode speed of the float model and of each quantized checkpoint
+# the report: size, memory, perplexity and decode speed of the float model (fp32 and bf16) and of each quantized
+# checkpoint; perplexity by lib/perplexity.py, eval.py's own code (sliding windows, the text after <|endoftext|>)
 
 
-def eval_batches(tok, data: str, text_file: str, batch_size: int, block_size: int, n_batches: int, seed: int):
-    """The same (x, y) batches for every model: random windows of data/<dataset>/val.bin, or consecutive
-    windows of a text file encoded with the checkpoint's tokenizer."""
-    if data:
-        from lib.tokens import BinLoader
-        loader = BinLoader(data, "val", batch_size, block_size, seed=seed)
-        return [loader.next_batch() for _ in range(n_batches)]
-    with open(text_file, encoding="utf-8") as f:
-        ids = torch.tensor(tok.encode(f.read()), dtype=torch.long)
-    if ids.numel() < 2:
-        raise ValueError(f"{text_file!r} encodes to {ids.numel()} token(s); perplexity needs at least 2")
-    T = min(block_size, ids.numel() - 1)
-    n = min((ids.numel() - 1) // T, n_batches * batch_size)  # whole windows only
-    x, y = ids[:n * T].view(n, T), ids[1:n * T + 1].view(n, T)  # (n, T) each
-    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n, batch_size)]
+def heldout_tokens(tok, data_dir: str, text_file: str, task_file: str, n_tokens: int) -> dict:
+    """The texts every row is scored on, as eval.py --task=perplexity reads them -> {'text': [(name, ids)], 'task':
+    [(name, ids)]}: data_dir/val.bin, or a text file after <|endoftext|>, cut to n_tokens; and each record of a
+    JSONL task file ({"text": ...}, e.g. the journey's held-out questions with their answers) as a text of its own."""
+    out = {}
+    if data_dir:
+        from lib.tokens import read_tokens, token_files
+        out["text"] = [(p, read_tokens(p)) for p in token_files(data_dir, "val")]
+    elif text_file:
+        with open(text_file, encoding="utf-8") as f:
+            out["text"] = [(text_file, text_tokens(tok, f.read()))]
+    if "text" in out:
+        left, files = n_tokens, []
+        for name, ids in out["text"]:
+            if left >= 2 and len(ids) >= 2:
+                files.append((name, ids[:left]))
+                left -= len(files[-1][1])
+        if not files:
+            raise ValueError(f"{text_file or data_dir!r} holds fewer than 2 tokens; perplexity needs at least 2")
+        out["text"] = files
+    if task_file:
+        import json
+        with open(task_file, encoding="utf-8") as f:
+            texts = [json.loads(line)["text"] for line in f if line.strip()]
+        out["task"] = [(f"{task_file}:{i + 1}", text_tokens(tok, t)) for i, t in enumerate(texts)]
+    return out
 
 
 @torch.no_grad()
-def eval_loss(model, batches, rt) -> float:
-    """Mean cross-entropy over the batches (token-weighted)."""
-    from tqdm import tqdm
-    total, count = 0.0, 0
-    for x, y in tqdm(batches, desc="eval", leave=False):
-        with rt.autocast():
-            _, loss = model(x.to(rt.device), y.to(rt.device))
-        total, count = total + loss.item() * y.numel(), count + y.numel()
-    return total / count
-
-
-@torch.no_grad()
-def decode_speeds(models: list, prompt: torch.Tensor, new_tokens: int, repeats: int, rt, compile: bool = False) -> list:
+def decode_speeds(models: list, prompt: torch.Tensor, new_tokens: int, repeats: int, rts: list,
+                  compile: bool = False) -> list:
     """Greedy decode tokens/s with the KV cache, median of repeats: model.generate, or with compile the compiled
-    StaticDecoder. Models take turns in every repeat, so a busy machine slows them alike and the ratios stay fair."""
+    StaticDecoder; each model under its own runtime's autocast (rts). Models take turns in every repeat, so a busy
+    machine slows them alike and the ratios stay fair."""
     gens = [StaticDecoder(m, compile=True).generate if compile else
             (lambda p, n, m=m: m.generate(p, n, temperature=0.0)) for m in models]
 
-    def run(gen):
+    def run(gen, rt):
         if rt.device_type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -79,13 +83,13 @@ def decode_speeds(models: list, prompt: torch.Tensor, new_tokens: int, repeats: 
         if rt.device_type == "cuda":
             torch.cuda.synchronize()
         return new_tokens / (time.perf_counter() - t0)
-    for gen in gens:
+    for gen, rt in zip(gens, rts):
         with rt.autocast():
             gen(prompt, min(4, new_tokens))  # warm-up: int4 re-packs for the device, compile traces, CUDA graphs record
     speeds = [[] for _ in models]
     for _ in range(repeats):
-        for i, gen in enumerate(gens):
-            speeds[i].append(run(gen))
+        for i, (gen, rt) in enumerate(zip(gens, rts)):
+            speeds[i].append(run(gen, rt))
     return [statistics.median(s) for s in speeds]
 
 
@@ -133,12 +137,13 @@ if __name__ == "__main__":
     quantize_head = True  # also the tied token embedding / LM head, in int8 for both modes (31% of GPT-2 124M's
     # weights); False keeps it in fp32: a bigger file and slower decoding, the logits' projection exact
     # report
-    report = False  # compare the fp32 model with every quantized checkpoint in out_dir made from it
-    dataset = ""  # val loss on data/<dataset>/val.bin (a name under data/, or a folder holding val.bin)
-    text_file = ""  # or perplexity on a UTF-8 text file
-    eval_iters = 20  # batches of the loss evaluation
-    batch_size = 8
-    block_size = 0  # context of the loss evaluation; 0 = the model's block_size
+    report = False  # compare the model in fp32 and bf16 with every quantized checkpoint in out_dir made from it
+    dataset = ""  # perplexity of data/<dataset>/val.bin (a name under data/, or a folder holding val.bin)
+    text_file = ""  # or of a UTF-8 text file (after <|endoftext|>, as eval.py --task=perplexity reads it)
+    task_file = ""  # and of each record of a JSONL file of {"text": ...} (e.g. held-out questions with answers)
+    eval_iters = 20  # how much of the text: eval_iters x batch_size x block_size tokens
+    batch_size = 8  # windows per forward pass
+    block_size = 0  # the perplexity's window (it moves by half of it, as eval.py's); 0 = the model's block_size
     prompt_len = 16  # decode benchmark: prompt tokens (from the eval data when given), then...
     decode_tokens = 128  # ...this many new tokens, greedy, batch 1, with the KV cache
     decode_repeats = 5  # decode speed is the median of this many runs
@@ -160,6 +165,8 @@ if __name__ == "__main__":
         token_files(data_dir, "val")  # raises with the prepare command when missing
     elif report and text_file and not os.path.isfile(text_file):
         raise FileNotFoundError(f"--text_file={text_file!r} does not exist; pass a UTF-8 text file")
+    if report and task_file and not os.path.isfile(task_file):
+        raise FileNotFoundError(f"--task_file={task_file!r} does not exist; pass a JSONL file of {{\"text\": ...}}")
     elif report and not text_file:
         print0("WARNING: --report without --dataset or --text_file measures no loss; add "
                "--dataset=shakespeare_char (data/<name>/val.bin) or --text_file=FILE")
@@ -186,7 +193,20 @@ if __name__ == "__main__":
         buf = io.BytesIO()  # the fp32 checkpoint as it would be without optimizer state, like the quantized ones
         torch.save({k: v for k, v in qckpt.items() if k != "quantization"} | {"model": model.state_dict()}, buf)
         rows = [{"mode": "fp32", "kernel": "dense matmul", "model": model, "disk_bytes": buf.tell(),
-                 "linear_bytes": fp32_linear}]
+                 "linear_bytes": fp32_linear, "rt": dataclasses.replace(rt, dtype="float32")}]
+        # bf16: the same weights rounded to bfloat16 and run under bf16 autocast, the activation precision of the
+        # CPU's int8/int4 kernels, so that the quantized rows' deltas against it are the weights' alone
+        # (held as float32 numbers that bf16 represents exactly: autocast rounds nothing more, and the float32
+        # projections of score_batch still apply)
+        half = copy.deepcopy(model)
+        for p in half.parameters():
+            p.data = p.data.to(torch.bfloat16).float()
+        half_sd = {k: v.to(torch.bfloat16) for k, v in half.state_dict().items()}  # what a bf16 file holds
+        buf = io.BytesIO()
+        torch.save({k: v for k, v in qckpt.items() if k != "quantization"} | {"model": half_sd}, buf)
+        rows.append({"mode": "bf16", "kernel": "dense matmul, bf16 autocast", "model": half, "disk_bytes": buf.tell(),
+                     "memory_bytes": memory_bytes(model) // 2, "linear_bytes": linear_bytes(half_sd, half),
+                     "rt": dataclasses.replace(rt, dtype="bfloat16")})
         for m in WeightOnlyQuantizer.modes:
             p = os.path.join(out_dir, f"ckpt_{m}.pt")
             c = load_checkpoint(p) if os.path.exists(p) else None
@@ -198,36 +218,46 @@ if __name__ == "__main__":
             qm = quantized_model_from_checkpoint(c).eval()
             label = m + (f" g{c['quantization']['group_size']}" if m == "int4" else "")
             rows.append({"mode": label, "kernel": kernel_name(m, torch.device(rt.device), qm, compile), "model": qm,
-                         "disk_bytes": os.path.getsize(p), "linear_bytes": linear_bytes(c["model"], qm)})
+                         "disk_bytes": os.path.getsize(p), "linear_bytes": linear_bytes(c["model"], qm), "rt": rt})
         T = min(block_size or model.config.block_size, model.config.block_size)
-        batches = eval_batches(tok, data_dir, text_file, batch_size, T, eval_iters, seed) if data_dir or text_file \
-            else []
+        texts = heldout_tokens(tok, data_dir, text_file, task_file, eval_iters * batch_size * T)
         for r in rows:
             r["model"].to(rt.device)
-            r["memory_bytes"] = memory_bytes(r["model"])
-            r["loss"] = eval_loss(r["model"], batches, rt) if batches else None
-            r["ppl"] = math.exp(r["loss"]) if batches else None
-        prompt = batches[0][0][:1, :prompt_len] if batches else torch.randint(0, tok.n_vocab, (1, prompt_len))
+            r.setdefault("memory_bytes", memory_bytes(r["model"]))
+            for key, files in (("ppl", texts.get("text")), ("task_ppl", texts.get("task"))):
+                r[key] = perplexity(r["model"], tok, files, T, max(T // 2, 1), batch_size, tok.n_vocab, r["rt"],
+                                    desc="")[1]["ppl"] if files else None
+        first = (texts.get("text") or texts.get("task") or [(None, [])])[0][1]
+        prompt = torch.as_tensor(first[:prompt_len], dtype=torch.long)[None] if len(first) >= prompt_len else \
+            torch.randint(0, tok.n_vocab, (1, prompt_len))
         new = min(decode_tokens, model.config.block_size - prompt.size(1))  # stay within one window
-        speeds = decode_speeds([r.pop("model") for r in rows], prompt.to(rt.device), new, decode_repeats, rt, compile)
-        metric = "val loss" if data_dir else "ppl"
-        print0(f"\n{'mode':<9} {'kernel':<30} {'disk MB':>8} {'memory MB':>9} {'Linear MB':>15} "
-               f"{metric:>17} {'decode tok/s':>15}")
-        base = rows[0]
+        speeds = decode_speeds([r.pop("model") for r in rows], prompt.to(rt.device), new, decode_repeats,
+                               [r["rt"] for r in rows], compile)
+        print0(f"\n{'mode':<9} {'kernel':<30} {'disk MB':>8} {'memory MB':>9} {'Linear MB':>15} {'ppl (vs fp32, bf16)':>30} "
+               f"{'task ppl (vs fp32, bf16)':>30} {'decode tok/s':>15}")
+        fp32, bf16 = rows[0], rows[1]
         for r, speed in zip(rows, speeds):
+            r.pop("rt")
             r.update(decode_tok_s=speed, decode_speedup=speed / speeds[0],
-                     linear_ratio=base["linear_bytes"] / r["linear_bytes"])
-            value = r["loss"] if data_dir else r["ppl"]
-            if value is not None:
-                r["change_pct"] = 100 * (value / (base["loss"] if data_dir else base["ppl"]) - 1)
-            cell = f"{value:.4f} ({r['change_pct']:+.2f}%)" if value is not None else "-"
+                     linear_ratio=fp32["linear_bytes"] / r["linear_bytes"])
+            cells = []
+            for key, prefix in (("ppl", ""), ("task_ppl", "task_")):
+                if r[key] is None:
+                    cells.append("-")
+                    continue
+                # deltas against fp32 (weights and activations) and against bf16 (the weights' share alone)
+                r[f"{prefix}change_pct"] = 100 * (r[key] / fp32[key] - 1)
+                r[f"{prefix}change_vs_bf16_pct"] = 100 * (r[key] / bf16[key] - 1)
+                cells.append(f"{r[key]:.4f} ({r[f'{prefix}change_pct']:+.2f}%, {r[f'{prefix}change_vs_bf16_pct']:+.2f}%)")
             print0(f"{r['mode']:<9} {r['kernel']:<30} {r['disk_bytes'] / 1e6:>8.2f} {r['memory_bytes'] / 1e6:>9.2f} "
-                   f"{r['linear_bytes'] / 1e6:>8.2f} ({r['linear_ratio']:.1f}x) {cell:>17} {speed:>8.1f} "
-                   f"({r['decode_speedup']:.2f}x)")
+                   f"{r['linear_bytes'] / 1e6:>8.2f} ({r['linear_ratio']:.1f}x) {cells[0]:>30} {cells[1]:>30} "
+                   f"{speed:>8.1f} ({r['decode_speedup']:.2f}x)")
         report_path = os.path.join(out_dir, "quant_report.json")
         with open(report_path + ".tmp", "w") as f:
-            json.dump({"device": rt.device, "dtype": rt.dtype, "threads": torch.get_num_threads(), "metric": metric,
-                       "eval": {"dataset": dataset, "text_file": text_file, "batches": len(batches), "block_size": T},
+            json.dump({"device": rt.device, "dtype": rt.dtype, "threads": torch.get_num_threads(), "metric": "ppl",
+                       "eval": {"dataset": dataset, "text_file": text_file, "task_file": task_file, "window": T,
+                                "stride": max(T // 2, 1), "tokens": sum(len(t) for _, t in texts.get("text", [])),
+                                "task_records": len(texts.get("task", []))},
                        "decode": {"prompt_len": prompt.size(1), "new_tokens": new, "repeats": decode_repeats,
                                   "compile": compile},
                        "rows": rows}, f, indent=2)

@@ -34,17 +34,12 @@ import torch
 import torch.distributed as dist
 
 from configurator import configure
-from lib.checkpoint import GPT2_NAMES, last_name
+from lib import checkpoint, lifecycle, logs, optim
 from lib.errors import install
-from lib.lifecycle import (catch_signals, end_run, gather_objects, lock_out_dir, peak_memory, restore, resume_run,
-                           save_run, start_log, stop_exit, stop_non_finite, wrap)
-from lib.logs import append_jsonl, init_wandb, plot_curves, read_jsonl, record
-from lib.models import load_model, model_from_checkpoint
-from lib.optim import check_schedule, lr_at, make_optimizer, pick_ns_dtype
 from lib.runtime import peak_flops as device_peak_flops  # peak_flops is a config key
 from lib.runtime import print0, setup_runtime
-from lib.tokenizer import CharTokenizer, load_tokenizer
-from lib.tokens import BinLoader
+from lib.tokenizer import load_tokenizer
+from lib.tokens import BinLoader, data_tokenizer, largest_id
 from model import GPT, GPTConfig
 
 install()  # a user's error is one line 'error: ...', Ctrl-C is 'interrupted' (lib/errors.py)
@@ -60,6 +55,7 @@ log_interval = 10  # iterations between log lines (each one waits for the device
 always_save_checkpoint = True  # True: save at every evaluation; False: ckpt_name holds the best only (a stop saves ckpt_last.pt)
 save_best = False  # also keep the model with the lowest val loss in out_dir/ckpt_best.pt
 init_from = "scratch"  # 'scratch', 'resume' (continue the run in out_dir), 'gpt2'..'gpt2-xl', or any checkpoint file/folder
+overwrite = False  # True: a new run may replace the checkpoints already in out_dir (else it stops, saying what is there)
 ckpt_name = "ckpt.pt"  # checkpoint file in out_dir
 sample_interval = 0  # iterations between text samples from sample_prompt (0: off)
 sample_prompt = "\n"  # a fixed prompt, so that successive samples show what the model learned
@@ -113,8 +109,9 @@ _explicit = set()  # the keys that config files and --key=value set
 config = configure(globals(), sys.argv[1:], explicit=_explicit); globals().update(config)
 ckpt = None
 if init_from == "resume":  # continue the run in out_dir: its saved config is the base, reporting keys may change
-    config, ckpt = resume_run(config, _explicit, ("pretrain",), "train.py", ("lr_decay_iters", "sample_interval",
-                              "sample_prompt", "sample_tokens", "save_best", "data_dir", "peak_flops")); globals().update(config)
+    config, ckpt = lifecycle.resume_run(config, _explicit, ("pretrain",), "train.py", (
+        "lr_decay_iters", "sample_interval", "sample_prompt", "sample_tokens", "save_best", "data_dir", "peak_flops"))
+    globals().update(config)
 # ----------------------------------------------------------------------------------------------
 # checks that need neither data nor model: a typo fails in a second, not after loading
 
@@ -123,16 +120,20 @@ for key, allowed in dict(data_source=("bin", "stream"), data_order=("random", "s
                          muon_ns_dtype=("auto", "bfloat16", "float32")).items():
     if config[key] not in allowed:
         raise ValueError(f"{key} must be one of {allowed}, got {config[key]!r}; e.g. --{key}={allowed[0]}")
-for key in ("batch_size", "block_size", "eval_interval", "log_interval", "sample_tokens"):
-    if config[key] < 1:
-        raise ValueError(f"{key} must be at least 1, got {config[key]!r}")
-for key in ("max_iters", "eval_iters", "sample_interval", "warmup_iters", "total_batch_size"):
-    if config[key] < 0:
-        raise ValueError(f"{key} must be 0 or more, got {config[key]!r}")
-if init_from not in ("scratch", "resume") + GPT2_NAMES and not os.path.exists(init_from):
-    raise ValueError(f"init_from must be 'scratch', 'resume', one of {GPT2_NAMES} or an existing checkpoint "
+for key, ok, accepted in [(k, config[k] >= 1, "at least 1") for k in ("batch_size", "block_size", "eval_interval",
+                           "log_interval", "sample_tokens", "n_layer", "n_head", "n_embd", "muon_ns_steps")] + \
+        [(k, config[k] >= 0, "0 or more") for k in ("max_iters", "eval_iters", "sample_interval", "warmup_iters",
+                                                    "total_batch_size", "learning_rate", "min_lr", "weight_decay",
+                                                    "grad_clip", "muon_lr")] + \
+        [(k, 0 <= config[k] < 1, "in [0, 1)") for k in ("dropout", "beta1", "beta2", "muon_momentum")] + \
+        [("n_embd", n_embd % max(n_head, 1) == 0, f"a multiple of n_head={n_head}")]:
+    if not ok:
+        raise ValueError(f"{key} must be {accepted}, got {config[key]!r}")
+lifecycle.check_out_dir(out_dir, init_from, overwrite, "train.py")
+if init_from not in ("scratch", "resume") + checkpoint.GPT2_NAMES and not os.path.exists(init_from):
+    raise ValueError(f"init_from must be 'scratch', 'resume', one of {checkpoint.GPT2_NAMES} or an existing checkpoint "
                      f"file or folder, got {init_from!r}")
-check_schedule(learning_rate, warmup_iters, lr_decay_iters, max_iters, min_lr, decay_lr)
+optim.check_schedule(learning_rate, warmup_iters, lr_decay_iters, max_iters, min_lr, decay_lr)
 
 rt = setup_runtime(device, dtype, training=True)
 master, W = rt.master_process, rt.ddp_world_size
@@ -151,12 +152,9 @@ torch.manual_seed(seed + rt.ddp_rank)  # dropout differs per rank; DDP copies ra
 # data: prepared token files (BinLoader) or a text dataset tokenized on the fly (StreamingLoader)
 
 data_dir = data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
-meta_path = os.path.join(data_dir, "meta.pkl")  # written by character-level prepare scripts only
-if data_source == "bin" and os.path.exists(meta_path):
-    tok_meta = CharTokenizer.load(meta_path).meta()
-    data_vocab = tok_meta["vocab_size"]
-else:
-    tok_meta, data_vocab = {"tokenizer": "gpt2"}, 50304  # GPT-2's 50257 ids in a table padded to a multiple of 64
+# what the token files hold, from the meta.json (and meta.pkl) their prepare script wrote; checked against the model
+tok_meta, data_ids, max_id = data_tokenizer(data_dir) if data_source == "bin" else ({"tokenizer": "gpt2"}, 50257, None)
+data_vocab = 50304 if tok_meta["tokenizer"] == "gpt2" else data_ids  # GPT-2's 50257 ids padded to a multiple of 64
 
 
 def bin_loader(split: str, seed_: int) -> BinLoader:
@@ -197,16 +195,15 @@ if init_from == "scratch":
     model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                           vocab_size=data_vocab, dropout=dropout, bias=bias)).to(rt.device)
     saved_tok = tok_meta
-elif init_from == "resume":  # the shape and everything else come from the checkpoint (resume_run above)
-    model = model_from_checkpoint(ckpt, dropout).to(rt.device)
+elif init_from == "resume":  # the shape and everything else come from the checkpoint (lifecycle.resume_run above)
+    model = checkpoint.float_model(ckpt, dropout).to(rt.device)
     saved_tok = ckpt["tokenizer"] or {"tokenizer": "gpt2"}
 else:  # a model to start from: GPT-2's weights, or any checkpoint that holds one (a quantized one is refused)
-    if init_from in GPT2_NAMES and tok_meta["tokenizer"] != "gpt2":
+    if init_from in checkpoint.GPT2_NAMES and tok_meta["tokenizer"] != "gpt2":
         raise ValueError(f"init_from={init_from!r} needs GPT-2 token ids, but {data_dir!r} is character-level "
                          f"(it has a meta.pkl); use a GPT-2-tokenized dataset, e.g. --dataset=shakespeare")
     # every rank loads; downloads take turns on a lock file, so the first downloads and the others read the file
-    model, ckpt, tok = load_model(init_from, out_dir, rt.device, dropout=dropout, ckpt_name=ckpt_name,
-                                  for_training=True)
+    model, ckpt, tok = checkpoint.load_float_model(init_from, out_dir, rt.device, dropout, ckpt_name)
     saved_tok = tok.meta()
     if ckpt is not None:
         print0(f"starting from {ckpt['path']} ({ckpt['kind']}" + (f", iteration {ckpt['resume']['iter_num']:,}"
@@ -219,17 +216,24 @@ if saved_tok != tok_meta or (vocab < 50257 if tok_meta["tokenizer"] == "gpt2" el
     raise ValueError(f"init_from={init_from!r} does not fit the data: the checkpoint's vocabulary is "
                      f"{saved_tok['tokenizer']} ({vocab} ids), the data's {tok_meta['tokenizer']} ({data_vocab} ids, "
                      f"{data_dir!r}); use data prepared with the model's tokenizer")
+if max_id is None and data_source == "bin":  # no meta.json to say: small files are read through now
+    max_id = largest_id([f for loader in (train_loader, *eval_loaders.values()) for f in loader.files])
+if max_id is not None and max_id >= vocab:
+    raise ValueError(f"the token files in {data_dir!r} hold ids up to {max_id} (their meta.json, or read now), "
+                     f"beyond the model's vocabulary of {vocab} ids; prepare the data with the model's tokenizer")
+for loader in (train_loader, *eval_loaders.values()):
+    loader.vocab_size = vocab  # and every batch is checked as it is read (files without a meta.json too)
 model.train()
 model_args = asdict(model.config)
 
-optimizer = make_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type, optimizer=optimizer,
-                                       muon_lr=muon_lr, muon_momentum=muon_momentum, muon_ns_steps=muon_ns_steps,
-                                       muon_ns_dtype=muon_ns_dtype)  # the name in config["optimizer"], the object here
+optimizer = optim.make_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type, optimizer,
+                                 muon_lr=muon_lr, muon_momentum=muon_momentum, muon_ns_steps=muon_ns_steps,
+                                 muon_ns_dtype=muon_ns_dtype)  # the name in config["optimizer"], the object here
 scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")  # fp16 needs loss scaling
 if init_from == "resume":
-    iter_num, best_val_loss = restore(ckpt["resume"], optimizer, scaler, rt, train_loader)
+    iter_num, best_val_loss = lifecycle.restore(ckpt["resume"], optimizer, scaler, rt, train_loader)
 ckpt = None  # free the memory
-train_model = wrap(model, rt, compile)  # runs the training steps; evaluation and sampling use model itself
+train_model = lifecycle.wrap(model, rt, compile)  # runs the training steps; evaluation and sampling use model itself
 
 # MFU: achieved FLOP/s (6N + attention per token, PaLM appendix B; model.flops_per_token) over peak FLOP/s
 peak, peak_why = (peak_flops, "--peak_flops") if peak_flops else device_peak_flops(rt.device)
@@ -241,7 +245,7 @@ print0(f"batch: {total_batch_size:,} tokens per iteration = {batch_size} sequenc
 print0(f"MFU against {peak / 1e12:.1f} TFLOP/s per device ({peak_why})" if peak else "MFU: no peak known, set "
        "--peak_flops")
 if config["optimizer"] == "muon":
-    ns_dtype, ns_why = pick_ns_dtype(muon_ns_dtype, rt.device_type)
+    ns_dtype, ns_why = optim.pick_ns_dtype(muon_ns_dtype, rt.device_type)
     hidden = optimizer.muon.param_groups[0]["params"]
     rest = sum(p.numel() for g in optimizer.adamw.param_groups for p in g["params"])
     print0(f"optimizer: Muon for the {len(hidden)} matrices inside the blocks ({sum(p.numel() for p in hidden):,} "
@@ -294,16 +298,19 @@ def sample_text() -> str:
 
 def save(name: str):
     """Write out_dir/name atomically with everything an exact resume needs (a collective under DDP)."""
-    loader_state = gather_objects(train_loader.state_dict(), rt) if data_source == "stream" else train_loader.state_dict()
-    save_run(os.path.join(out_dir, name), "pretrain", model, config, tok_meta, rt, iter_num, ("val_loss", best_val_loss),
-             optimizer, scaler, loader_state)
+    loader = train_loader.state_dict()
+    loader = lifecycle.gather_objects(loader, rt) if data_source == "stream" else loader  # a stream: every rank's
+    lifecycle.save_run(os.path.join(out_dir, name), "pretrain", model, config, tok_meta, rt, iter_num,
+                       ("val_loss", best_val_loss), optimizer, scaler, loader)
 
 
 log_path, png_path = os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "loss.png")
 if master:
-    lock_out_dir(out_dir)  # one run per out_dir: a second one stops here, naming the first
-    start_log(out_dir, iter_num if init_from == "resume" else None)  # a resumed run logs again what followed its save
-wandb_run = init_wandb(wandb_project, wandb_run_name, config, wandb_mode, out_dir) if wandb_log and master else None
+    lifecycle.lock_out_dir(out_dir)  # one run per out_dir: a second one stops here, naming the first
+    lifecycle.start_log(out_dir, iter_num if init_from == "resume" else None)  # a resume logs again what followed
+wandb_run = None
+if wandb_log and master:
+    wandb_run = logs.init_wandb(wandb_project, wandb_run_name, config, wandb_mode, out_dir)
 samples, plotted_at, plotted_t = [], 0, time.time()  # wandb's sample table; the iteration and time loss.png shows
 PLOT_EVERY_S = 120  # a drawing costs ~0.1 s on a CPU (the first 0.5 s more, importing matplotlib): 2-10 small steps
 
@@ -312,15 +319,15 @@ def log(rec: dict):
     """A line of log.jsonl (and wandb); loss.png drawn at the end, and after an evaluation once PLOT_EVERY_S have
     passed since the start or the last drawing (so a run of a minute or two draws it once)."""
     global plotted_at, plotted_t
-    record(log_path, rec, wandb_run)
+    logs.record(log_path, rec, wandb_run)
     due = rec["type"] == "summary" or (rec["type"] == "eval" and time.time() - plotted_t >= PLOT_EVERY_S)
     if due and rec["iter"] > 0 and rec["iter"] != plotted_at:
         plotted_t = time.time()
-        recs = read_jsonl(log_path)
+        recs = logs.read_jsonl(log_path)
         curves = {name: ([r["iter"] for r in recs if r.get(key) is not None],
                          [r[key] for r in recs if r.get(key) is not None])
                   for name, key in (("train (log lines)", "loss"), ("train", "train_loss"), ("val", "val_loss"))}
-        plot_curves(png_path, curves, title=f"{out_dir}: loss")
+        logs.plot_curves(png_path, curves, title=f"{out_dir}: loss")
         plotted_at = rec["iter"]
 
 
@@ -329,7 +336,7 @@ def run_eval() -> dict:
     losses = evaluate()
     for split, value in losses.items():
         if not math.isfinite(value):
-            stop_non_finite(f"evaluation's {split} loss", value, iter_num, rt, out_dir)
+            lifecycle.stop_non_finite(f"evaluation's {split} loss", value, iter_num, rt, out_dir)
     if master and losses:
         best = min(best_val_loss, losses.get("val", float("inf")))
         print0(f"eval {iter_num}: " + ", ".join(f"{s} loss {v:.4f}" for s, v in losses.items())
@@ -339,7 +346,7 @@ def run_eval() -> dict:
     return losses
 
 
-stop = catch_signals()  # SIGINT/SIGTERM: finish the step, save, print how to resume
+stop = lifecycle.catch_signals()  # SIGINT/SIGTERM: finish the step, save, print how to resume
 
 # ----------------------------------------------------------------------------------------------
 # training loop
@@ -358,7 +365,7 @@ loss_sum = torch.zeros((), device=rt.device)  # summed micro-step losses since t
 first_bad = torch.full((), BIG, dtype=torch.long, device=rt.device)  # first iteration with a non-finite loss
 t_log, iters_logged, train_time, saved_at = time.time(), 0, 0.0, -1
 while iter_num < max_iters:
-    lr = lr_at(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
+    lr = optim.lr_at(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)  # an optimizer may run some groups at a multiple
     step_loss = torch.zeros((), device=rt.device)
@@ -390,7 +397,7 @@ while iter_num < max_iters:
             dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
         lossf = loss_sum.item() / (iters_logged * grad_accum * W)  # waits for the device: once per log line
         if first_bad.item() < BIG:
-            stop_non_finite("loss", lossf, first_bad.item(), rt, out_dir)
+            lifecycle.stop_non_finite("loss", lossf, first_bad.item(), rt, out_dir)
         dt = time.time() - t_log
         train_time += dt
         tok_s = total_batch_size * iters_logged / dt
@@ -418,14 +425,14 @@ while iter_num < max_iters:
         text = sample_text()
         print0(f"sample {iter_num}: {text!r}")
         samples.append([iter_num, text])
-        append_jsonl(log_path, {"type": "sample", "iter": iter_num, "text": text})
+        logs.append_jsonl(log_path, {"type": "sample", "iter": iter_num, "text": text})
         if wandb_run is not None:
             import wandb
             wandb_run.log({"samples": wandb.Table(columns=["iter", "text"], data=samples)}, step=iter_num)
     if stopping:
         if saved_at != iter_num:  # a best-only ckpt_name keeps the best model: the state goes to ckpt_last.pt
-            save(ckpt_name if always_save_checkpoint else last_name(ckpt_name))
-        stop_exit(stopping, rt, sys.argv, out_dir)
+            save(ckpt_name if always_save_checkpoint else checkpoint.last_name(ckpt_name))
+        lifecycle.stop_exit(stopping, rt, sys.argv, out_dir)
     if eval_due or sample_due:
         t_log = time.time()  # log lines time the training steps, not evaluations, samples and saves
 
@@ -436,8 +443,8 @@ total_time = time.time() - t_start
 if master:
     best = f"{best_val_loss:.4f}" if best_val_loss < float("inf") else "-"
     print0(f"done: {iter_num:,} iterations in {total_time:.1f} s ({train_time:.1f} s of training steps), best val "
-           f"loss {best}, peak memory {peak_memory(rt)}")
+           f"loss {best}, peak memory {lifecycle.peak_memory(rt)}")
     log({"type": "summary", "iter": iter_num, "best_val_loss": best_val_loss if best != "-" else None,
          "total_s": total_time, "train_s": train_time})
     print0(f"written: {os.path.join(out_dir, ckpt_name)}, {log_path}, {png_path}")
-end_run(rt, wandb_run)
+lifecycle.end_run(rt, wandb_run)

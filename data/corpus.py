@@ -199,7 +199,7 @@ def already_prepared(out_dir: str, meta: dict) -> bool:
             old = json.load(f)
     except (OSError, ValueError):
         return False
-    same = all(old.get(k) == v for k, v in meta.items() if not k.endswith("_tokens"))
+    same = all(old.get(k) == v for k, v in meta.items() if not k.endswith("_tokens")) and "max_id" in old
     sizes = [os.path.getsize(p) if os.path.exists(p) else -1
              for p in (os.path.join(out_dir, "train.bin"), os.path.join(out_dir, "val.bin"))]
     return same and sizes == [2 * old.get("train_tokens", -1), 2 * old.get("val_tokens", -1)]
@@ -214,7 +214,8 @@ def write_splits(out_dir: str, ids: np.ndarray, meta: dict):
                          f"train/val split with val_fraction={meta['val_fraction']}; use a longer text")
     write_tokens(os.path.join(out_dir, "train.bin"), ids[:n])
     write_tokens(os.path.join(out_dir, "val.bin"), ids[n:])
-    write_json(os.path.join(out_dir, "meta.json"), {**meta, "train_tokens": n, "val_tokens": len(ids) - n})
+    write_json(os.path.join(out_dir, "meta.json"), {**meta, "train_tokens": n, "val_tokens": len(ids) - n,
+                                                     "max_id": int(ids.max())})  # checked against a model's vocabulary
     print(f"train {n:,} tokens, val {len(ids) - n:,}: wrote train.bin, val.bin and meta.json to {out_dir}")
 
 

@@ -8,13 +8,23 @@ continuing the run needs (resume_state). Files are written atomically and read w
 in a file runs); nanoGPT's layout is upgraded on read.
 """
 
+import fcntl
 import glob
 import os
 import signal
+import subprocess
+import sys
 import threading
 from typing import Optional
 
 import torch
+
+from lib.logs import print0
+from lib.runtime import cache_root
+from lib.tokenizer import tokenizer_for
+from model import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, where load_openai.py is
 
 CKPT_FORMAT = 2
 CKPT_KINDS = ("pretrain", "sft", "classify", "dpo", "imported", "quantized")
@@ -155,13 +165,66 @@ def resume_path(out_dir: str, ckpt_name: str = "ckpt.pt") -> str:
     return max(paths, key=os.path.getmtime)
 
 
+def pretrained_path(name: str) -> str:
+    """OpenAI's GPT-2 `name` as a checkpoint file, like any other: load_openai.py downloads and converts it once
+    into the cache (CACHE/checkpoints/NAME/ckpt.pt), and every script reads that file. Scripts hand each other files:
+    the weight readers stay with load_openai.py. DDP ranks (or nodes sharing the cache) take turns on a lock file, so
+    one converts and the others read."""
+    folder = os.path.join(cache_root(), "checkpoints", name)
+    path = os.path.join(folder, "ckpt.pt")
+    if os.path.exists(path):
+        return path
+    os.makedirs(folder, exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if not os.path.exists(path):
+            command = [sys.executable, os.path.join(ROOT, "load_openai.py"), f"--model={name}", f"--out_dir={folder}"]
+            print0(f"{name}: converting OpenAI's weights once into {path}: python load_openai.py --model={name} "
+                   f"--out_dir={folder}", flush=True)
+            done = subprocess.run(command)
+            if done.returncode or not os.path.exists(path):
+                raise ValueError(f"--init_from={name}: load_openai.py could not provide OpenAI's weights (exit status "
+                                 f"{done.returncode}; its message is above). Offline, convert a copy of the files: "
+                                 f"python load_openai.py --from_dir=DIR --out_dir=out-{name}, then --init_from=out-{name}")
+    return path
+
+
 def checkpoint_path(init_from: str, out_dir: str = "", ckpt_name: str = "ckpt.pt") -> str:
-    """The file that init_from names: 'resume' (resume_path), a checkpoint folder, or a file."""
+    """The file that init_from names: 'resume' (resume_path), a GPT-2 name (pretrained_path), a checkpoint
+    folder, or a file."""
     if init_from == "resume":
         return resume_path(out_dir, ckpt_name)
+    if init_from in GPT2_NAMES:
+        return pretrained_path(init_from)
     if os.path.isdir(init_from):
         return os.path.join(init_from, ckpt_name)
     if os.path.isfile(init_from):
         return init_from
     raise ValueError(f"init_from must be 'resume' (continues {os.path.join(out_dir, ckpt_name)!r}), one of "
                      f"{GPT2_NAMES}, or an existing checkpoint file or folder; got {init_from!r}")
+
+
+def float_model(ckpt: dict, dropout: Optional[float] = None) -> GPT:
+    """The GPT a float checkpoint describes, with its weights. A quantized one is refused naming its float source:
+    integer weights take no gradients (lib/models.py loads them for inference)."""
+    if ckpt["kind"] == "quantized":
+        q = ckpt.get("quantization") or {}
+        source = q.get("source") or "the float checkpoint it was made from"
+        raise ValueError(f"{ckpt['path']!r} is {q.get('mode', 'quantized')}-quantized: its weights are for inference "
+                         f"only (sample.py, eval.py, attention_viz.py) and cannot be trained. Train from the float "
+                         f"checkpoint instead: --init_from={source}")
+    model_args = dict(ckpt["model_args"])
+    if dropout is not None:
+        model_args["dropout"] = dropout
+    known = set(GPTConfig.__dataclass_fields__)
+    model = GPT(GPTConfig(**{k: v for k, v in model_args.items() if k in known}))
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def load_float_model(init_from: str, out_dir: str = "", device: str = "cpu", dropout: Optional[float] = None,
+                     ckpt_name: str = "ckpt.pt"):
+    """What the trainers start from -> (model on device, its checkpoint, its tokenizer): a GPT-2 name or any float
+    checkpoint (lib/models.load_model, which every other script uses, also takes quantized ones)."""
+    ckpt = load_checkpoint(checkpoint_path(init_from, out_dir, ckpt_name), map_location="cpu")
+    return float_model(ckpt, dropout).to(device), ckpt, tokenizer_for(ckpt)

@@ -10,11 +10,6 @@ import time
 from typing import Optional
 
 
-def cache_root(cache_dir: str = "") -> str:
-    """The download cache: cache_dir, else $LLM_E2E_CACHE, else ~/.cache/llm-e2e."""
-    return cache_dir or os.environ.get("LLM_E2E_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llm-e2e")
-
-
 def _announced_checksums(response) -> dict:
     """Checksums the server states: Azure's Content-MD5 (base64 MD5 of the whole blob; on a ranged reply it
     is x-ms-blob-content-md5) and the Hub's X-Linked-Etag (sha256 of an LFS file, on the redirect)."""

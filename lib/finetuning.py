@@ -4,6 +4,8 @@ right-padded batches, and the GPT with outputs only where there are labels (the 
 classification head at the last token), computed by model.py's own trunk.
 """
 
+import os
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -173,3 +175,24 @@ def class_report(confusion: torch.Tensor, names: list) -> str:
     lines.append(f"confusion (rows: true class, columns: predicted)\n{'':<{w}}" + "".join(f"{n:>{cw}}" for n in names))
     lines += [f"{name:<{w}}" + "".join(f"{int(v):>{cw},}" for v in row) for name, row in zip(names, confusion.tolist())]
     return "\n".join(lines)
+
+
+def plot_confusion(path: str, confusions: dict, names: list, title: str):
+    """Confusion matrices {split: confusion} as PNG heatmaps side by side, counts written in, atomically."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    k = len(names)
+    fig, axes = plt.subplots(1, len(confusions), figsize=((2 + 0.8 * k) * len(confusions), 1.5 + 0.8 * k),
+                             squeeze=False)
+    for ax, (split, c) in zip(axes[0], confusions.items()):
+        ax.imshow(c.numpy(), cmap="Blues")
+        for (i, j), v in np.ndenumerate(c.numpy()):
+            ax.text(j, i, f"{v:,}", ha="center", va="center", color="white" if v > c.max() / 2 else "black")
+        ax.set(xticks=range(k), yticks=range(k), xticklabels=names, yticklabels=names, xlabel="predicted",
+               ylabel="true class", title=f"{split}: accuracy {c.diag().sum() / c.sum():.1%} of {int(c.sum()):,}")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)

@@ -15,7 +15,8 @@ import os
 import numpy as np
 import torch
 
-from lib.download import cache_root, download
+from lib.download import download
+from lib.runtime import cache_root
 from lib.tf_checkpoint import read_tf_checkpoint
 from lib.tokenizer import BPE_FILES
 from model import GPT, GPTConfig

@@ -214,17 +214,33 @@ def unlock_out_dir():
         _lock = None
 
 
+def check_out_dir(out_dir: str, init_from: str, overwrite: bool, script: str):
+    """Consent before a new run replaces a model: when out_dir holds any checkpoint (of any script: a run, an
+    import, a quantized copy), a new run into it stops here, before anything is built, saying what is there and
+    offering the choices. init_from='resume' continues what is there; overwrite=True replaces it."""
+    if init_from == "resume" or overwrite or not os.path.isdir(out_dir):
+        return
+    held = sorted(f for f in os.listdir(out_dir) if f.endswith(".pt") and os.path.isfile(os.path.join(out_dir, f)))
+    if held:
+        raise ValueError(f"--out_dir={out_dir} already holds {', '.join(held)}, which a new {script} run would "
+                         f"overwrite. To continue that run: --init_from=resume --out_dir={out_dir}; to start from its "
+                         f"model in a new folder: --init_from={out_dir} --out_dir=NEW_DIR; to replace it: --overwrite=True")
+
+
 def start_log(out_dir: str, resume_iter: Optional[int]) -> str:
     """out_dir/log.jsonl for this run (rank 0 calls it). A resumed run keeps what was logged up to its checkpoint's
-    iteration (the rest is logged again); a new run moves an earlier run's log aside, saying so."""
+    iteration (the rest is logged again); a new run moves an earlier run's log aside (log.1.jsonl, log.2.jsonl, ...
+    never over another), saying so."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "log.jsonl")
     if resume_iter is not None:
         truncate_log(path, resume_iter)
     elif os.path.exists(path):
-        os.replace(path, os.path.join(out_dir, "log.prev.jsonl"))
-        print0(f"WARNING: {out_dir!r} holds an earlier run; this one overwrites its checkpoint at the first save (its "
-               f"log is now log.prev.jsonl). To continue that run instead: --init_from=resume --out_dir={out_dir}")
+        n = 1
+        while os.path.exists(os.path.join(out_dir, f"log.{n}.jsonl")):
+            n += 1
+        os.replace(path, os.path.join(out_dir, f"log.{n}.jsonl"))
+        print0(f"the earlier run's log in {out_dir!r} is now log.{n}.jsonl")
     return path
 
 

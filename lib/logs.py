@@ -9,9 +9,11 @@ import sys
 import time
 from typing import Optional
 
-import numpy as np
 
-from lib.runtime import print0
+def print0(*args, **kwargs):
+    """print on the master process only (rank 0 under torchrun)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs)
 
 
 def append_jsonl(path: str, record: dict):
@@ -121,24 +123,3 @@ def _netrc_has_wandb() -> bool:
             return "api.wandb.ai" in f.read()
     except OSError:
         return False
-
-
-def plot_confusion(path: str, confusions: dict, names: list, title: str):
-    """Confusion matrices {split: confusion} as PNG heatmaps side by side, counts written in, atomically."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-    k = len(names)
-    fig, axes = plt.subplots(1, len(confusions), figsize=((2 + 0.8 * k) * len(confusions), 1.5 + 0.8 * k),
-                             squeeze=False)
-    for ax, (split, c) in zip(axes[0], confusions.items()):
-        ax.imshow(c.numpy(), cmap="Blues")
-        for (i, j), v in np.ndenumerate(c.numpy()):
-            ax.text(j, i, f"{v:,}", ha="center", va="center", color="white" if v > c.max() / 2 else "black")
-        ax.set(xticks=range(k), yticks=range(k), xticklabels=names, yticklabels=names, xlabel="predicted",
-               ylabel="true class", title=f"{split}: accuracy {c.diag().sum() / c.sum():.1%} of {int(c.sum()):,}")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=100)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)

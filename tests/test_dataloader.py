@@ -12,7 +12,7 @@ import torch
 
 from lib.streaming import StreamingLoader, open_text_stream
 from lib.tokenizer import get_tokenizer
-from lib.tokens import BinLoader, write_tokens
+from lib.tokens import BinLoader, largest_id, write_tokens
 
 
 def roundtrip(state):
@@ -224,3 +224,19 @@ def test_streaming_errors(docs, tmp_path):
     one.write_text(json.dumps({"text": "a single document"}) + "\n")
     with pytest.raises(ValueError, match=r"one.jsonl' \(split 'train', rank 1 of 2\) yielded no documents"):
         StreamingLoader(str(one), block_size=8, rank=1, world_size=2).next_batch()
+
+
+def test_ids_beyond_the_vocabulary_are_refused_as_batches_are_read(tmp_path):
+    """A corpus with no meta.json to say what it holds: the loader checks every batch against the model's
+    vocabulary (else torch's IndexError from deep inside the embedding), naming the split, folder and id."""
+    ids = np.arange(200, dtype=np.uint16)
+    ids[150] = 60000
+    write_tokens(str(tmp_path / "train.bin"), ids)
+    assert largest_id([str(tmp_path / "train.bin")]) == 60000 and largest_id([str(tmp_path / "train.bin")], 10) is None
+    loader = BinLoader(str(tmp_path), "train", batch_size=1, block_size=199, mode="sequential", vocab_size=50304)
+    with pytest.raises(ValueError, match=r"'train' token files in .* hold id 60000, beyond the model's vocabulary of "
+                                         r"50,304 ids"):
+        loader.next_batch()
+    ok = BinLoader(str(tmp_path), "train", batch_size=1, block_size=100, mode="sequential", vocab_size=50304)
+    x, y = ok.next_batch()  # ids 0..100: within the vocabulary
+    assert x.shape == (1, 100)

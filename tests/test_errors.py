@@ -4,6 +4,7 @@ a user's bad input ends in one line "error: ..." and exit status 2 with nothing 
 the traceback back, Ctrl-C is "interrupted" and 130, internal errors keep their traceback; one run per out_dir.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -44,7 +45,39 @@ BAD_INPUTS = [
     (["quantize.py", "--device=cpu", "--mode=int3"], "got 'int3'"),
     (["load_openai.py", "--device=cpu", "--model=gpt3"], "'gpt3'"),
     (["data/shakespeare_char/prepare.py", "--input={tmp}/wide.txt"], "70,000 distinct characters"),
+    (["train.py", *CPU, "--n_head=0"], "n_head must be at least 1, got 0"),
+    (["train.py", *CPU, "--n_embd=100", "--n_head=3"], "n_embd must be a multiple of n_head=3, got 100"),
+    (["train.py", *CPU, "--dropout=1.5"], "dropout must be in [0, 1), got 1.5"),
+    (["train.py", *CPU, "--learning_rate=-0.1"], "learning_rate must be 0 or more, got -0.1"),
+    (["train.py", "--device=mps"], "device='mps' was requested but this torch has no usable Apple MPS backend"),
+    # data checked against the model before the first step (TINY: a model that would start in a second)
+    (["train.py", *CPU, "--data_dir={tmp}/chars_no_vocab", "{TINY}"], "holds character-level token files (its "
+                                                                      "meta.json says so) but no vocabulary"),
+    (["train.py", *CPU, "--data_dir={tmp}/chars_other_vocab", "{TINY}"], "the meta.pkl belongs to another corpus"),
+    (["train.py", *CPU, "--data_dir={tmp}/ids_recorded", "{TINY}"], "hold ids up to 60000 (their meta.json, or read "
+                                                                   "now), beyond the model's vocabulary of 50304 ids"),
+    (["train.py", *CPU, "--data_dir={tmp}/ids_unrecorded", "{TINY}"], "hold ids up to 60000 (their meta.json, or "
+                                                                     "read now), beyond the model's vocabulary"),
 ]
+TINY = ["--n_layer=1", "--n_head=1", "--n_embd=8", "--block_size=8", "--batch_size=2", "--max_iters=1",
+        "--eval_iters=1", "--warmup_iters=0", "--lr_decay_iters=1"]
+
+
+def bad_data(tmp_path):
+    """Token folders whose description does not fit their files or a model (the audit's silent cases)."""
+    text = "to be or not to be, that is the question\n" * 20
+    tok = CharTokenizer.from_text(text)
+    ids = np.array(tok.encode(text), dtype=np.uint16)
+    for name in ("chars_no_vocab", "chars_other_vocab", "ids_recorded", "ids_unrecorded"):
+        os.makedirs(tmp_path / name)
+        write_tokens(str(tmp_path / name / "train.bin"), ids if name.startswith("chars") else ids * 0 + 60000)
+        write_tokens(str(tmp_path / name / "val.bin"), ids if name.startswith("chars") else ids * 0 + 60000)
+    described = {"tokenizer": "char", "vocab_size": tok.n_vocab}
+    (tmp_path / "chars_no_vocab" / "meta.json").write_text(json.dumps(described))
+    (tmp_path / "chars_other_vocab" / "meta.json").write_text(json.dumps(
+        {**described, "itos": {str(i): c for i, c in enumerate(tok.chars)}}))
+    CharTokenizer.from_text("another corpus altogether").save(str(tmp_path / "chars_other_vocab" / "meta.pkl"))
+    (tmp_path / "ids_recorded" / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "max_id": 60000}))
 
 
 def test_bad_inputs_are_one_line_and_touch_nothing(tmp_path):
@@ -52,7 +85,9 @@ def test_bad_inputs_are_one_line_and_touch_nothing(tmp_path):
     --out_dir is as it was (not created, or unchanged where the script made it before reading its input)."""
     # 70,000 distinct characters (code points above the surrogates): more ids than uint16 holds
     (tmp_path / "wide.txt").write_text("".join(map(chr, range(0x10000, 0x10000 + 70_000))), encoding="utf-8")
+    bad_data(tmp_path)
     for argv, expected in BAD_INPUTS:
+        argv = [x for a in argv for x in (TINY if a == "{TINY}" else [a])]
         out = tmp_path / f"out_{argv[0].replace('/', '_')}_{len(listing(tmp_path))}"
         if argv[0].startswith("data/"):
             out.mkdir()  # a prepare script makes its folder first: it must stay empty
@@ -141,3 +176,33 @@ def test_out_dir_lock_names_its_holder_and_dies_with_it(tmp_path):
     lifecycle.unlock_out_dir()  # as a run's end does: a child may take it now
     r = run(tmp_path, "-c", HOLD.replace("time.sleep(120)", "None"), out)
     assert r.returncode == 0 and r.stdout == "locked\n", r.stderr[-3000:]
+
+
+def test_a_new_run_never_replaces_a_checkpoint_silently(tmp_path):
+    """A folder holding any checkpoint (here an import's, not a training run's): a new train.py run stops before
+    building anything, names what is there and the three choices; with --overwrite=True it runs, and the earlier
+    logs are kept under new names (log.1.jsonl, log.2.jsonl), never over each other."""
+    data = tmp_path / "chars"
+    text = "to be or not to be, that is the question\n" * 20
+    os.makedirs(data)
+    tok = CharTokenizer.from_text(text)
+    ids = np.array(tok.encode(text), dtype=np.uint16)
+    write_tokens(str(data / "train.bin"), ids)
+    write_tokens(str(data / "val.bin"), ids)
+    tok.save(str(data / "meta.pkl"))
+    out = tmp_path / "out"
+    os.makedirs(out)
+    (out / "ckpt.pt").write_bytes(b"an imported model")
+    (out / "log.jsonl").write_text('{"type": "train", "iter": 1, "loss": 1.0}\n')
+    args = ["train.py", *CPU, f"--data_dir={data}", f"--out_dir={out}", *TINY]
+    r = run(tmp_path, *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"--out_dir={out} already holds ckpt.pt, which a new train.py run would overwrite" in r.stderr
+    assert "--init_from=resume" in r.stderr and "--overwrite=True" in r.stderr and "NEW_DIR" in r.stderr
+    assert (out / "ckpt.pt").read_bytes() == b"an imported model" and listing(out) == ["ckpt.pt", "log.jsonl"]
+    for n in (1, 2):
+        r = run(tmp_path, *args, "--overwrite=True")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert f"the earlier run's log in {str(out)!r} is now log.{n}.jsonl" in r.stdout
+    assert (out / "log.1.jsonl").read_text() == '{"type": "train", "iter": 1, "loss": 1.0}\n'
+    assert sorted(listing(out)) == [".lock", "ckpt.pt", "log.1.jsonl", "log.2.jsonl", "log.jsonl", "loss.png"]

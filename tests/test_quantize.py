@@ -231,17 +231,26 @@ def test_bad_input_is_refused_clearly():
         quantized_model_from_checkpoint(bad)
 
 
-def test_perplexity_windows_of_a_text_file(tmp_path):
+def test_report_perplexity_is_eval_pys(tmp_path, monkeypatch):
+    """quantize.py's perplexity is eval.py's, one implementation (lib/perplexity.py): the text after <|endoftext|>,
+    sliding windows moving by half the window; the same model on the same text gives the same number, exactly."""
+    import eval as ev
+    from lib.perplexity import perplexity
+    from lib.runtime import Runtime
+    from lib.tokenizer import get_tokenizer
     path = tmp_path / "text.txt"
     path.write_text(TEXT)
-    tok = CharTokenizer.from_text(TEXT)
-    batches = Q.eval_batches(tok, "", str(path), batch_size=4, block_size=16, n_batches=2, seed=0)
-    ids = torch.tensor(tok.encode(TEXT))
-    assert [x.shape for x, _ in batches] == [(4, 16), (4, 16)]
-    assert torch.equal(batches[1][0][0], ids[64:80]) and torch.equal(batches[1][1][0], ids[65:81])
-    (tmp_path / "one.txt").write_text("F")
-    with pytest.raises(ValueError, match=r"encodes to 1 token\(s\); perplexity needs at least 2"):
-        Q.eval_batches(tok, "", str(tmp_path / "one.txt"), 4, 16, 2, 0)
+    tok, model = get_tokenizer("gpt2"), tiny(vocab_size=50304).eval()
+    texts = Q.heldout_tokens(tok, "", str(path), "", n_tokens=10 ** 6)
+    assert texts["text"][0][1][0] == tok.eot_token and len(texts["text"][0][1]) == 1 + len(tok.encode_ordinary(TEXT))
+    cpu = Runtime("cpu", "cpu", "float32")
+    ours = perplexity(model, tok, texts["text"], 32, 16, 8, tok.n_vocab, cpu, desc="")[1]["ppl"]
+    for key, value in dict(text_file=str(path), dataset="", stride=0, limit=0, batch_size=8, encoding="utf-8").items():
+        monkeypatch.setattr(ev, key, value, raising=False)
+    assert ev.eval_perplexity(model, tok, 32, tok.n_vocab, cpu)[1]["ppl"] == ours
+    (tmp_path / "one.txt").write_text("")
+    with pytest.raises(ValueError, match=r"holds fewer than 2 tokens; perplexity needs at least 2"):
+        Q.heldout_tokens(tok, "", str(tmp_path / "one.txt"), "", 100)
 
 
 def test_script_quantizes_reports_and_sample_loads_it(tmp_path):
@@ -262,14 +271,19 @@ def test_script_quantizes_reports_and_sample_loads_it(tmp_path):
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     table = r.stdout[r.stdout.index("\nmode"):]
-    for row in ("fp32", "int8", "int4 g32", "val loss", "decode tok/s", "int8 kernel, bf16", "int4 kernel, bf16"):
+    for row in ("fp32", "bf16", "int8", "int4 g32", "ppl (vs fp32, bf16)", "decode tok/s", "int8 kernel, bf16",
+                "int4 kernel, bf16"):
         assert row in table, table
     report = json.loads((tmp_path / "quant_report.json").read_text())
-    assert [row["mode"] for row in report["rows"]] == ["fp32", "int8", "int4 g32"]
+    assert [row["mode"] for row in report["rows"]] == ["fp32", "bf16", "int8", "int4 g32"]
     for row in report["rows"]:
-        assert row["loss"] > 0 and row["decode_tok_s"] > 0 and row["disk_bytes"] > 0 and row["memory_bytes"] > 0
-    assert report["rows"][1]["linear_ratio"] > 3.5 and report["rows"][2]["linear_ratio"] > 5
-    assert report["metric"] == "val loss" and abs(report["rows"][1]["change_pct"]) < 1.0
+        assert row["ppl"] > 1 and row["decode_tok_s"] > 0 and row["disk_bytes"] > 0 and row["memory_bytes"] > 0
+    fp32, bf16, int8, _ = report["rows"]
+    assert fp32["change_pct"] == 0 and bf16["change_vs_bf16_pct"] == 0 and bf16["disk_bytes"] < fp32["disk_bytes"]
+    assert int8["change_pct"] == pytest.approx(100 * (int8["ppl"] / fp32["ppl"] - 1))
+    assert int8["change_vs_bf16_pct"] == pytest.approx(100 * (int8["ppl"] / bf16["ppl"] - 1))
+    assert report["rows"][2]["linear_ratio"] > 3.5 and report["rows"][3]["linear_ratio"] > 5
+    assert report["metric"] == "ppl" and abs(int8["change_pct"]) < 1.0
     # sample.py loads the quantized checkpoint by name, like any other
     r = subprocess.run([sys.executable, "sample.py", "--init_from=resume", f"--out_dir={tmp_path}",
                         "--ckpt_name=ckpt_int4.pt", "--start=All:", "--num_samples=1", "--max_new_tokens=12",
