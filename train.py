@@ -27,7 +27,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
@@ -55,7 +54,7 @@ log_interval = 10  # iterations between log lines (each one waits for the device
 always_save_checkpoint = True  # True: save at every evaluation; False: ckpt_name holds the best only (a stop saves ckpt_last.pt)
 save_best = False  # also keep the model with the lowest val loss in out_dir/ckpt_best.pt
 init_from = "scratch"  # 'scratch', 'resume' (continue the run in out_dir), 'gpt2'..'gpt2-xl', or any checkpoint file/folder
-overwrite = False  # True: a new run may replace the checkpoints already in out_dir (else it stops, saying what is there)
+overwrite = False  # True: a new run may replace the checkpoints in out_dir (else it stops, naming them)
 ckpt_name = "ckpt.pt"  # checkpoint file in out_dir
 sample_interval = 0  # iterations between text samples from sample_prompt (0: off)
 sample_prompt = "\n"  # a fixed prompt, so that successive samples show what the model learned
@@ -87,6 +86,7 @@ bias = True  # biases in Linears and LayerNorms, as in GPT-2; False is a little 
 optimizer = "adamw"  # 'adamw', or 'muon': Muon for the 2-D weights inside the blocks, AdamW for the rest
 learning_rate = 6e-4  # peak learning rate (of AdamW)
 max_iters = 19073  # optimizer steps in total
+flops_budget = 0.0  # training FLOPs of the whole run; > 0 derives max_iters (and lr_decay_iters) from it, e.g. 1e15
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
@@ -103,6 +103,8 @@ muon_ns_dtype = "auto"  # their precision: 'auto' (bfloat16 where it is native, 
 device = "auto"  # 'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'
 dtype = "auto"  # 'auto' (bf16 on CUDA, fp16 + loss scaling on GPUs without bf16, fp32 elsewhere), 'float32', 'bfloat16', 'float16'
 compile = True  # torch.compile the model for training steps (the first steps are slow while it compiles)
+fsdp = False  # under torchrun: shard parameters, gradients and AdamW states over the ranks (FSDP2) instead of DDP's copies
+fsdp_cpu_offload = False  # with fsdp: keep them in CPU memory (a model too big for the GPUs' memory, slower)
 seed = 1337
 peak_flops = 0.0  # FLOP/s of one device for MFU; 0: a guess (GPU: its bf16 datasheet peak; CPU: rough, set it)
 _explicit = set()  # the keys that config files and --key=value set
@@ -110,7 +112,8 @@ config = configure(globals(), sys.argv[1:], explicit=_explicit); globals().updat
 ckpt = None
 if init_from == "resume":  # continue the run in out_dir: its saved config is the base, reporting keys may change
     config, ckpt = lifecycle.resume_run(config, _explicit, ("pretrain",), "train.py", (
-        "lr_decay_iters", "sample_interval", "sample_prompt", "sample_tokens", "save_best", "data_dir", "peak_flops"))
+        "lr_decay_iters", "sample_interval", "sample_prompt", "sample_tokens", "save_best", "data_dir", "peak_flops",
+        "fsdp", "fsdp_cpu_offload"))
     globals().update(config)
 # ----------------------------------------------------------------------------------------------
 # checks that need neither data nor model: a typo fails in a second, not after loading
@@ -124,11 +127,14 @@ for key, ok, accepted in [(k, config[k] >= 1, "at least 1") for k in ("batch_siz
                            "log_interval", "sample_tokens", "n_layer", "n_head", "n_embd", "muon_ns_steps")] + \
         [(k, config[k] >= 0, "0 or more") for k in ("max_iters", "eval_iters", "sample_interval", "warmup_iters",
                                                     "total_batch_size", "learning_rate", "min_lr", "weight_decay",
-                                                    "grad_clip", "muon_lr")] + \
+                                                    "grad_clip", "muon_lr", "flops_budget")] + \
         [(k, 0 <= config[k] < 1, "in [0, 1)") for k in ("dropout", "beta1", "beta2", "muon_momentum")] + \
         [("n_embd", n_embd % max(n_head, 1) == 0, f"a multiple of n_head={n_head}")]:
     if not ok:
         raise ValueError(f"{key} must be {accepted}, got {config[key]!r}")
+if fsdp and config["optimizer"] == "muon":
+    raise ValueError("optimizer='muon' is not offered with fsdp=True: Newton-Schulz needs each whole matrix, which FSDP "
+                     "shards over the ranks; use --optimizer=adamw with FSDP, or Muon with DDP (--fsdp=False)")
 lifecycle.check_out_dir(out_dir, init_from, overwrite, "train.py")
 if init_from not in ("scratch", "resume") + checkpoint.GPT2_NAMES and not os.path.exists(init_from):
     raise ValueError(f"init_from must be 'scratch', 'resume', one of {checkpoint.GPT2_NAMES} or an existing checkpoint "
@@ -226,18 +232,25 @@ for loader in (train_loader, *eval_loaders.values()):
 model.train()
 model_args = asdict(model.config)
 
+train_model = lifecycle.wrap(model, rt, compile, shard=fsdp, cpu_offload=fsdp_cpu_offload)  # runs the steps
 optimizer = optim.make_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type, optimizer,
                                  muon_lr=muon_lr, muon_momentum=muon_momentum, muon_ns_steps=muon_ns_steps,
                                  muon_ns_dtype=muon_ns_dtype)  # the name in config["optimizer"], the object here
 scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")  # fp16 needs loss scaling
 if init_from == "resume":
-    iter_num, best_val_loss = lifecycle.restore(ckpt["resume"], optimizer, scaler, rt, train_loader)
+    iter_num, best_val_loss = lifecycle.restore(ckpt["resume"], optimizer, scaler, rt, model, train_loader)
 ckpt = None  # free the memory
-train_model = lifecycle.wrap(model, rt, compile)  # runs the training steps; evaluation and sampling use model itself
 
 # MFU: achieved FLOP/s (6N + attention per token, PaLM appendix B; model.flops_per_token) over peak FLOP/s
 peak, peak_why = (peak_flops, "--peak_flops") if peak_flops else device_peak_flops(rt.device)
 flops_per_token = model.flops_per_token(block_size)
+if flops_budget:  # a compute budget: C = flops_per_token * tokens, so iterations = C / (flops_per_token * batch)
+    # an IsoFLOP sweep (Hoffmann et al. 2022, arXiv:2203.15556, section 3.2) is then one sweep config over sizes
+    max_iters = lr_decay_iters = config["max_iters"] = config["lr_decay_iters"] = \
+        max(1, round(flops_budget / (flops_per_token * total_batch_size)))
+    optim.check_schedule(learning_rate, warmup_iters, lr_decay_iters, max_iters, min_lr, decay_lr)
+    print0(f"compute: flops_budget {flops_budget:.3g} FLOPs / ({flops_per_token:,} FLOPs per token x "
+           f"{total_batch_size:,} tokens per iteration) -> max_iters = lr_decay_iters = {max_iters:,}")
 print0(f"model: {model.num_params() / 1e6:.2f}M parameters ({', '.join(f'{k}={v}' for k, v in model_args.items())})")
 print0(f"batch: {total_batch_size:,} tokens per iteration = {batch_size} sequences x {block_size} tokens x {W} "
        f"rank(s) x {grad_accum} accumulation step(s); {max_iters:,} iterations = {max_iters * total_batch_size:,} "
@@ -267,11 +280,11 @@ def evaluate() -> dict:
     for split, loader in eval_loaders.items():
         loader.load_state_dict(eval_start[split])
         total = torch.zeros(2, device=rt.device)  # (sum of losses, batches)
-        for _ in range(rt.ddp_rank, eval_iters, W):
+        for k in range(rt.ddp_rank, -(-eval_iters // W) * W, W):  # as many forwards on every rank (FSDP gathers)
             x, y = loader.next_batch()
             with rt.autocast():
                 _, loss = model(x, y)
-            total += torch.stack([loss.float(), torch.ones((), device=rt.device)])
+            total += torch.stack([loss.float(), torch.ones((), device=rt.device)]) * (k < eval_iters)
         if rt.ddp:
             dist.all_reduce(total)
         out[split] = (total[0] / total[1]).item()
@@ -279,7 +292,7 @@ def evaluate() -> dict:
     return out
 
 
-if sample_interval and master:
+if sample_interval and (master or fsdp):  # under FSDP every rank takes part in generating
     tok = load_tokenizer(tok_meta)
     prompt_ids = tok.encode(sample_prompt)  # fails now, not mid-run, on characters outside the vocabulary
 
@@ -372,7 +385,7 @@ while iter_num < max_iters:
     for micro in range(grad_accum):
         x, y = train_loader.next_batch()
         # DDP averages gradients over the ranks at the last micro-step only; before it they just accumulate
-        with train_model.no_sync() if rt.ddp and micro < grad_accum - 1 else nullcontext():
+        with lifecycle.accumulating(train_model, rt, last=micro == grad_accum - 1):
             with rt.autocast():
                 _, loss = train_model(x, y)
             scaler.scale(loss / grad_accum).backward()
@@ -390,7 +403,7 @@ while iter_num < max_iters:
     stopping = stop.agreed(rt)  # all ranks stop together: one that left alone would leave the others waiting
     last = iter_num == max_iters
     eval_due = iter_num % eval_interval == 0 or last
-    sample_due = sample_interval and master and (iter_num % sample_interval == 0 or last)
+    sample_due = sample_interval and (master or fsdp) and (iter_num % sample_interval == 0 or last)  # FSDP: all
     if iter_num % log_interval == 0 or eval_due or stopping:
         if rt.ddp:
             dist.all_reduce(loss_sum)
@@ -403,12 +416,12 @@ while iter_num < max_iters:
         tok_s = total_batch_size * iters_logged / dt
         mfu = flops_per_token * tok_s / (peak * W) if peak else None
         mem = torch.cuda.max_memory_allocated(rt.device) / 2 ** 30 if rt.device_type == "cuda" else None
-        print0(f"iter {iter_num}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | norm {norm.item():.4f} | "
+        print0(f"iter {iter_num}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | norm {lifecycle.grad_norm(norm):.4f} | "
                f"{dt * 1000 / iters_logged:.1f} ms/iter | {tok_s:,.0f} tok/s | MFU "
                + (f"{mfu * 100:.2f}%" if mfu is not None else "-") + (f" | mem {mem:.2f} GiB" if mem else ""),
                flush=True)
         if master:
-            log({"type": "train", "iter": iter_num, "loss": lossf, "lr": lr, "grad_norm": norm.item(),
+            log({"type": "train", "iter": iter_num, "loss": lossf, "lr": lr, "grad_norm": lifecycle.grad_norm(norm),
                     "ms_per_iter": dt * 1000 / iters_logged, "tok_per_s": tok_s, "mfu": mfu, "mem_gib": mem})
         loss_sum.zero_()
         iters_logged, t_log = 0, time.time()
@@ -425,7 +438,8 @@ while iter_num < max_iters:
         text = sample_text()
         print0(f"sample {iter_num}: {text!r}")
         samples.append([iter_num, text])
-        logs.append_jsonl(log_path, {"type": "sample", "iter": iter_num, "text": text})
+        if master:
+            logs.append_jsonl(log_path, {"type": "sample", "iter": iter_num, "text": text})
         if wandb_run is not None:
             import wandb
             wandb_run.log({"samples": wandb.Table(columns=["iter", "text"], data=samples)}, step=iter_num)
@@ -445,6 +459,9 @@ if master:
     print0(f"done: {iter_num:,} iterations in {total_time:.1f} s ({train_time:.1f} s of training steps), best val "
            f"loss {best}, peak memory {lifecycle.peak_memory(rt)}")
     log({"type": "summary", "iter": iter_num, "best_val_loss": best_val_loss if best != "-" else None,
-         "total_s": total_time, "train_s": train_time})
+         "total_s": total_time, "train_s": train_time, "tokens": iter_num * total_batch_size,
+         "flops": iter_num * total_batch_size * flops_per_token,  # training FLOPs as model.flops_per_token counts
+         "params": model.num_params(non_embedding=False), "params_non_embedding": model.num_params(
+             non_embedding=False) - model.transformer.wte.weight.numel() - model.transformer.wpe.weight.numel()})
     print0(f"written: {os.path.join(out_dir, ckpt_name)}, {log_path}, {png_path}")
 lifecycle.end_run(rt, wandb_run)

@@ -12,15 +12,18 @@ import random
 import resource
 import signal
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 
+from lib import fsdp
 from lib.checkpoint import load_checkpoint, make_checkpoint, resume_path, resume_state, save_checkpoint
 from lib.logs import read_jsonl
 from lib.runtime import Runtime, print0
+from model import Block
 
 
 def rng_state() -> dict:
@@ -258,10 +261,11 @@ def truncate_log(path: str, iter_num: int):
 # what every trainer does around its loop: restore a resumed run, wrap the model, save, stop on nan, end
 
 
-def restore(state: dict, optimizer, scaler, rt: Runtime, loader=None) -> tuple:
-    """Continue a run from its checkpoint's resume state -> (iter_num, best metric value): the optimizer, the
-    GradScaler, the data loader's position, then every rank's random numbers (last: building the model drew some)."""
-    optimizer.load_state_dict(state["optimizer"])
+def restore(state: dict, optimizer, scaler, rt: Runtime, root, loader=None) -> tuple:
+    """Continue a run from its checkpoint's resume state -> (iter_num, best metric value): the optimizer (of the
+    module root, sharded or not, from a sharded run or not), the GradScaler, the data loader's position, then every
+    rank's random numbers (last: building the model drew some)."""
+    fsdp.load_optimizer(root, optimizer, state["optimizer"])
     if state.get("scaler"):  # empty unless the run used float16
         scaler.load_state_dict(state["scaler"])
     if loader is not None and state.get("loader") is not None:
@@ -270,28 +274,61 @@ def restore(state: dict, optimizer, scaler, rt: Runtime, loader=None) -> tuple:
     return state["iter_num"], state["best"]["value"]
 
 
-def wrap(model, rt: Runtime, compile: bool, dynamic: bool = False):
-    """The module the training steps run: torch.compile'd (dynamic: batch lengths vary) and DDP-wrapped under
-    torchrun. Evaluation and sampling use the plain module, whose other shapes would make compile trace again."""
+def wrap(model, rt: Runtime, compile: bool, dynamic: bool = False, shard: bool = False, cpu_offload: bool = False):
+    """The module the training steps run, made before the optimizer: sharded in place by FSDP2 (shard=True: the
+    transformer blocks, then model as the root; lib/fsdp.py) or DDP-wrapped under torchrun, and torch.compile'd
+    (dynamic: batch lengths vary). Evaluation and sampling call model itself (the FSDP root under FSDP), whose other
+    shapes would make compile trace again."""
+    if shard:
+        fsdp.shard(model, [m for m in model.modules() if isinstance(m, Block)], rt, cpu_offload)
+        print0(fsdp.memory_line(model, rt, True))
+    elif rt.ddp:
+        print0(fsdp.memory_line(model, rt, False))
     if compile:
         print0("compiling the model with torch.compile (the first iterations are slow) ...")
         model = torch.compile(model, dynamic=dynamic or None)
-    if rt.ddp:
+    if rt.ddp and not fsdp.is_sharded(model):
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[rt.ddp_local_rank] if rt.device_type == "cuda" else None)
     return model
 
 
+def accumulating(train_model, rt: Runtime, last: bool):
+    """The context of one micro-step's forward and backward: gradients are averaged over the ranks at the last
+    micro-step of an optimizer step only; before it they accumulate locally (DDP's no_sync; FSDP: no reduce-scatter)."""
+    module = getattr(train_model, "_orig_mod", train_model)  # under torch.compile
+    if fsdp.is_sharded(module):
+        module.set_requires_gradient_sync(last)
+    elif rt.ddp and not last:
+        return train_model.no_sync()
+    return nullcontext()
+
+
+def grad_norm(norm) -> float:
+    """clip_grad_norm_'s result as a number (a DTensor under FSDP)."""
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+
+
 def save_run(path: str, kind: str, model, config: dict, tokenizer: dict, rt: Runtime, iter_num: int, best: tuple,
-             optimizer, scaler, loader=None, **extra):
+             optimizer, scaler, loader=None, root=None, **extra):
     """Write a trainer's checkpoint atomically with everything an exact resume needs: a collective under DDP (every
     rank's random state, and loader position when loader is a list of the ranks' states), written by rank 0.
-    best: (the metric's name, its best value). extra: what the kind adds (lib/checkpoint.make_checkpoint)."""
+    model: the GPT; root: the module the optimizer trains, when it is not the GPT itself (a head around it).
+    best: (the metric's name, its best value). extra: what the kind adds (lib/checkpoint.make_checkpoint); a module
+    among them (a classification head) is saved as its state dict. Under FSDP the full states are gathered first."""
+    root = root if root is not None else model
     rngs = gather_objects(rng_state(), rt)
+    if fsdp.is_sharded(root):
+        full, opt_state = fsdp.full_state(root, optimizer)  # collectives: rank 0 gets everything
+        names = {m: f"{n}." if n else "" for n, m in root.named_modules()}
+        part = lambda m: {k[len(names[m]):]: v for k, v in full.items() if k.startswith(names[m])}
+    else:
+        opt_state, part = optimizer.state_dict(), lambda m: m.state_dict()
     if rt.master_process:
-        resume = resume_state(iter_num, best[0], best[1], optimizer.state_dict(), scaler.state_dict(), rngs, loader)
-        save_checkpoint(make_checkpoint(kind, model.state_dict(), vars(model.config), config, tokenizer, resume,
-                                        **extra), path)
+        extra = {k: part(v) if isinstance(v, torch.nn.Module) else v for k, v in extra.items()}
+        resume = resume_state(iter_num, best[0], best[1], opt_state, scaler.state_dict(), rngs, loader)
+        save_checkpoint(make_checkpoint(kind, part(model), vars(model.config), config, tokenizer, resume, **extra),
+                        path)
         print0(f"saved {path} (iteration {iter_num:,})")
 
 
