@@ -22,7 +22,7 @@ venv-dev: $(VENV)/.dev
 
 demo: venv
 	$(PY) data/shakespeare_char/prepare.py
-	$(PY) train.py config/train_shakespeare_char.py
+	$(PY) train.py config/train_shakespeare_char.py --overwrite=True
 	$(PY) sample.py --init_from=resume --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=2 --max_new_tokens=300
 
 test: venv-dev

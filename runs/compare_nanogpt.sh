@@ -116,22 +116,22 @@ echo "machine: $(nproc 2>/dev/null || sysctl -n hw.ncpu) cores, $("$PY" -c 'impo
 for round in $(seq "$ROUNDS"); do
     if [ "$WHAT" != loss ]; then
         run "nanogpt_$round" "$SCRATCH/nanogpt" "$PY" train.py "${NG_ARGS[@]}" --out_dir="$SCRATCH/out"
-        run "ours_nanogpt_settings_$round" . "$PY" train.py "${OURS_NG_ARGS[@]}" --out_dir="$OUT/ours_ng"
+        run "ours_nanogpt_settings_$round" . "$PY" train.py "${OURS_NG_ARGS[@]}" --out_dir="$OUT/ours_ng" --overwrite=True
         # nanoGPT computes in float32 on a CPU; ours autocasts to bfloat16 where the CPU has it natively: the same
         # run in float32 separates that from the rest of the step
         run "ours_nanogpt_settings_fp32_$round" . "$PY" train.py "${OURS_NG_ARGS[@]}" --dtype=float32 \
-            --out_dir="$OUT/ours_ng_fp32"
-        run "ours_demo_$round" . "$PY" train.py "${DEMO_ARGS[@]}" --out_dir="$OUT/demo"
+            --out_dir="$OUT/ours_ng_fp32" --overwrite=True
+        run "ours_demo_$round" . "$PY" train.py "${DEMO_ARGS[@]}" --out_dir="$OUT/demo" --overwrite=True
     fi
     if [ "$WHAT" != time ]; then
         for model in ${MODELS//,/ }; do
             [ $model = char ] && ARGS=("${CHAR_ARGS[@]}") || ARGS=("${BPE_ARGS[@]}")
             for opt in adamw muon; do
-                run "${model}_${opt}_$round" . "$PY" train.py "${ARGS[@]}" --optimizer=$opt --out_dir="$OUT/${model}_$opt"
+                run "${model}_${opt}_$round" . "$PY" train.py "${ARGS[@]}" --optimizer=$opt --out_dir="$OUT/${model}_$opt" --overwrite=True
             done
             # Muon with a shorter schedule (warmup and decay fitted to SHORT steps): does it reach AdamW's loss?
             run "${model}_muon${SHORT}_$round" . "$PY" train.py "${ARGS[@]}" --optimizer=muon --max_iters=$SHORT \
-                --lr_decay_iters=$SHORT --out_dir="$OUT/${model}_muon$SHORT"
+                --lr_decay_iters=$SHORT --out_dir="$OUT/${model}_muon$SHORT" --overwrite=True
         done
     fi
 done
