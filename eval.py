@@ -29,13 +29,13 @@ import torch
 from configurator import configure
 from lib.checkpoint import GPT2_NAMES, checkpoint_path
 from lib.download import download
-from lib.runtime import cache_root
 from lib.errors import install
 from lib.logs import append_jsonl, progress
-from lib.perplexity import all_reduce_sums, perplexity, score_batch, sliding_windows, text_tokens  # quantize.py's too
 from lib.models import load_model
-from lib.records import load_records, read_text, report_bad
-from lib.runtime import print0, setup_runtime
+from lib.perplexity import all_reduce_sums, perplexity, score_batch, sliding_windows, text_tokens  # quantize.py's too
+from lib.records import load_records, report_bad
+from lib.runtime import cache_root, print0, setup_runtime
+from lib.textfiles import read_text
 from lib.tokens import read_tokens
 
 # The official files. The checksums come from public records, not from a download of ours: HellaSwag's from

@@ -34,8 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from configurator import configure
 from data.corpus import write_json
 from lib.errors import install
-from lib.records import read_text
 from lib.streaming import document_text, open_text_stream
+from lib.textfiles import read_text
 from lib.tokenizer import get_tokenizer
 from lib.tokens import read_tokens, write_tokens
 
