@@ -179,3 +179,24 @@ def test_local_rank_from_srun(monkeypatch):
     monkeypatch.delenv("SLURM_LOCALID")
     with pytest.raises(ValueError, match="LOCAL_RANK"):
         local_rank()
+
+
+def test_gpt2_names_are_checkpoint_files_converted_once(tmp_path, monkeypatch):
+    """--init_from=gpt2 reads CACHE/checkpoints/gpt2/ckpt.pt like any checkpoint (load_openai.py converts OpenAI's
+    release into it once); missing and offline, load_openai.py's own message is followed by the offline recipe."""
+    monkeypatch.setenv("LLM_E2E_CACHE", str(tmp_path / "cache"))
+    ckpt = tiny_ckpt("imported", resume=False)
+    save_checkpoint(ckpt, str(tmp_path / "cache" / "checkpoints" / "gpt2" / "ckpt.pt"))
+    model, loaded, tok = load_model("gpt2")
+    assert loaded["kind"] == "imported" and tok.name == "gpt2"
+    torch.testing.assert_close(model.state_dict()["lm_head.weight"], ckpt["model"]["lm_head.weight"])
+    # not converted yet, and no network: the converter runs (a process of its own), fails, and says what to do
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    code = ("from lib.models import load_model; load_model('gpt2-medium')")
+    env = {**os.environ, "LLM_E2E_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "converting OpenAI's weights once into" in r.stdout, r.stdout + r.stderr
+    assert "--init_from=gpt2-medium: load_openai.py could not provide OpenAI's weights" in r.stderr
+    assert "python load_openai.py --from_dir=DIR --out_dir=out-gpt2-medium" in r.stderr
+    assert not os.path.exists(tmp_path / "cache" / "checkpoints" / "gpt2-medium" / "ckpt.pt")
