@@ -9,6 +9,7 @@ no reward model, no sampling. loss_type='ipo' (Azar et al. 2023, arXiv:2310.1203
     python align.py config/align_hh.py --init_from=out-sft                       # Anthropic/hh-rlhf, from the Hub
     python align.py --init_from=out-sft --dataset=pairs.jsonl --val_split=val.jsonl --device=cpu --compile=False
     torchrun --standalone --nproc_per_node=8 align.py config/align_hh.py --init_from=out-sft
+    python align.py config/align_hh.py --init_from=out-sft --lora_rank=16 --lora_alpha=32   # LoRA adapters only
     python align.py --init_from=resume --out_dir=out-align-hh                    # continue a run exactly
 
 Records, in three layouts: {"chosen": conversation, "rejected": conversation} (hh-rlhf's, split at the last
@@ -152,6 +153,7 @@ def pair_logps(model, pairs: list, batch_size: int, rt, desc: str = "") -> torch
 out_dir = "out-align"
 init_from = "gpt2"  # 'resume' (continue the run in out_dir), a GPT-2 name, or any model checkpoint (e.g. 'out-sft')
 ckpt_name = "ckpt.pt"
+overwrite = False  # True: a new run may replace the checkpoints in out_dir (else it stops, naming them)
 eval_interval = 50  # iterations between held-out evaluations (and checkpoints)
 log_interval = 10  # iterations between training log lines
 always_save_checkpoint = True  # False: save only when the held-out loss improves (a stop goes to ckpt_last.pt)
@@ -190,6 +192,7 @@ lora_rank = 0  # 0 = off (every weight trains); r > 0: adapters of rank r
 lora_alpha = 16.0  # the update is scaled by lora_alpha / lora_rank (Hu et al. 2021, section 4.1)
 lora_dropout = 0.0  # dropout on the adapters' input
 lora_targets = "c_attn,c_proj,c_fc"  # which of each block's Linear layers: c_attn, c_proj (attn and mlp), c_fc
+lora_norms = False  # True: the LayerNorms train too (whole; the frozen LM head's logit scale is ln_f's gain)
 # optimization
 batch_size = 8  # preference pairs per micro-step per process (2 sequences each)
 total_batch_pairs = 64  # pairs per optimizer step, all processes; grad accumulation is derived from it
@@ -251,6 +254,7 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
         raise ValueError(f"--dataset={dataset!r} includes held-out pairs {leak}, which would be trained on; name the "
                          f"training and the held-out files apart, e.g. --dataset=DIR/train.jsonl.gz "
                          f"--val_split=DIR/test.jsonl.gz")
+    lifecycle.check_out_dir(out_dir, init_from, overwrite, "align.py")
     rt = setup_runtime(device, dtype, training=True)
     master, world = rt.master_process, rt.ddp_world_size
     if total_batch_pairs % (batch_size * world):
@@ -356,7 +360,7 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     if lora_rank:
         base, base_hash = ((ckpt["lora"]["base"], ckpt["lora"]["base_sha256"]) if resume else
                            (ref_from, weights_hash(model)))
-        n_wrapped = add_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)  # freezes the rest
+        n_wrapped = add_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets, lora_norms)  # freezes the rest
         if resume:
             load_adapters(model, ckpt["lora"]["adapters"])
         print0(f"LoRA: rank {lora_rank}, alpha {lora_alpha:g} on {n_wrapped} Linear layers ({lora_targets}): "
@@ -366,7 +370,7 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     iter_num, best_val_loss = 0, float("inf")
     if resume:
         state = ckpt["resume"]
-        iter_num, best_val_loss = lifecycle.restore(state, optimizer, scaler, rt)
+        iter_num, best_val_loss = lifecycle.restore(state, optimizer, scaler, rt, model)
         if ckpt.get("data_fingerprint") != data_hash:
             print0("WARNING: the training data differ from the checkpoint's run; resuming on the new data, so the "
                    "run does not continue exactly (restore the data files the run started with to continue it)")
@@ -424,7 +428,8 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
 
     def save(file: str):
         """Write out_dir/file atomically with everything an exact resume needs (a collective under DDP)."""
-        lora = dict(lora=lora_entry(model, base, base_hash, lora_rank, lora_alpha, lora_dropout, lora_targets)
+        lora = dict(lora=lora_entry(model, base, base_hash, lora_rank, lora_alpha, lora_dropout, lora_targets,
+                                     lora_norms)
                     ) if lora_rank else {}  # the merged weights for every script; adapters and base for a resume
         lifecycle.save_run(os.path.join(out_dir, file), "dpo", Merged(model) if lora_rank else model, config,
                            tok.meta(), rt, iter_num, ("dpo_val_loss", best_val_loss), optimizer, scaler,

@@ -17,6 +17,8 @@ Your own data, in .jsonl, .json, .csv, .tsv (any of them .gz/.bz2/.xz) or from t
     python finetune.py --task=classify --dataset=train.tsv --val_split=dev.tsv --text_field=sentence
     python finetune.py --task=classify --dataset=nyu-mll/glue --name=sst2 --val_split=validation
 Your own pre-trained model: --init_from=out-shakespeare (any checkpoint file or folder that holds a model).
+LoRA instead of every weight (lib/lora.py; the checkpoint holds the merged weights, read by every script):
+    python finetune.py config/finetune_alpaca.py --lora_rank=16 --lora_alpha=32 --learning_rate=2e-4
 
 The default prompt template is Alpaca's (below): "### Instruction:" (and "### Input:") then "### Response:",
 the response ended by <|endoftext|>. The loss is the mean over the response tokens of each optimizer step;
@@ -43,8 +45,9 @@ from lib.finetuning import (TEMPLATES, Finetuned, answer, class_metrics, class_r
                             freeze, pad_right, padded_fraction, plan_batches, plot_confusion, template_marker)
 from lib.lora import Merged, add_lora, check_settings, load_adapters, load_base, lora_entry, weights_hash
 from lib.models import load_model
-from lib.records import COMPRESSIONS, RECORD_FORMATS, load_records, report_bad
+from lib.records import load_records, report_bad
 from lib.runtime import print0, setup_runtime
+from lib.textfiles import COMPRESSIONS, RECORD_FORMATS
 from lib.tokenizer import get_tokenizer, tokenizer_for
 from model import GPT, GPTConfig
 
@@ -227,6 +230,7 @@ task = 'instruct'  # 'instruct' (loss on responses) or 'classify' (linear head o
 out_dir = 'out-finetune'
 init_from = 'gpt2'  # 'scratch', 'resume' (continue the run in out_dir), 'gpt2'..'gpt2-xl', or any checkpoint
 ckpt_name = 'ckpt.pt'
+overwrite = False  # True: a new run may replace the checkpoints in out_dir (else it stops, naming them)
 always_save_checkpoint = True  # False: ckpt_name holds the best val loss only (a stop saves ckpt_last.pt)
 predict = ''  # text: load init_from, print its response (instruct) or label + probabilities (classify), exit
 # data
@@ -263,6 +267,7 @@ lora_rank = 0  # 0 = off (full fine-tuning); r > 0: adapters of rank r (4..16 ar
 lora_alpha = 16.0  # the update is scaled by lora_alpha / lora_rank (Hu et al. 2021, section 4.1)
 lora_dropout = 0.0  # dropout on the adapters' input
 lora_targets = 'c_attn,c_proj,c_fc'  # which of each block's Linear layers: c_attn, c_proj (attn and mlp), c_fc
+lora_norms = False  # True: the LayerNorms train too (whole; the frozen LM head's logit scale is ln_f's gain)
 # optimization: AdamW, linear warmup then cosine decay to min_lr at max_iters
 batch_size = 8  # records per micro-batch (per GPU)
 gradient_accumulation_steps = 1  # micro-batches per optimizer step (per GPU)
@@ -314,11 +319,23 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
             raise ValueError(f"{key} must be >= 1, got {config[key]!r}")
     if not (0 < val_fraction < 1 or val_split):
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r} (or name a split: --val_split=...)")
+    for key, ok, accepted in [(k, config[k] >= 0, "0 or more") for k in ("max_records", "learning_rate", "min_lr",
+                              "warmup_iters", "max_iters", "weight_decay", "grad_clip")] + \
+            [("epochs", epochs > 0, "more than 0"), ("dropout", 0 <= dropout < 1, "in [0, 1)")]:
+        if not ok:
+            raise ValueError(f"{key} must be {accepted}, got {config[key]!r}")
+    own = [s for s in (val_split, test_split) if s and os.path.exists(s) and os.path.exists(dataset)
+           and os.path.samefile(s, dataset)]
+    if own:  # align.py refuses the same mistake: held-out records that are trained on measure nothing
+        raise ValueError(f"--val_split/--test_split={own[0]!r} is the training file itself (--dataset={dataset!r}); "
+                         f"name a held-out file, or leave --val_split='' to hold out val_fraction of the records")
     check_settings(lora_rank, lora_alpha, lora_dropout, lora_targets)
     if lora_rank and (init_from == "scratch" or n_trainable_layers != -1):
         raise ValueError(f"LoRA (lora_rank={lora_rank}) adapts a pre-trained model and trains nothing else: it takes "
                          f"neither init_from='scratch' nor n_trainable_layers (got init_from={init_from!r}, "
                          f"n_trainable_layers={n_trainable_layers}); e.g. --init_from=gpt2 --n_trainable_layers=-1")
+    if not predict:
+        lifecycle.check_out_dir(out_dir, init_from, overwrite, "finetune.py")
     rt = setup_runtime(device, dtype, training=True)
     master, world = rt.master_process, rt.ddp_world_size
     torch.manual_seed(seed + rt.ddp_rank)  # the head's init, and dropout (different on each rank)
@@ -430,7 +447,7 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     # what trains, the optimizer, resume
     model = Finetuned(gpt, len(names) if task == "classify" else 0)
     if lora_rank:
-        n_wrapped = add_lora(gpt, lora_rank, lora_alpha, lora_dropout, lora_targets)  # freezes the rest
+        n_wrapped = add_lora(gpt, lora_rank, lora_alpha, lora_dropout, lora_targets, lora_norms)  # freezes the rest
         if ckpt is not None:
             load_adapters(gpt, ckpt["lora"]["adapters"])
     else:
@@ -458,7 +475,7 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
                              f"--init_from={out_dir!r} --out_dir=NEW_DIR")
         if model.head is not None:
             model.head.load_state_dict(ckpt["head"])
-        iter_num, best_val_loss = lifecycle.restore(ckpt["resume"], optimizer, scaler, rt)
+        iter_num, best_val_loss = lifecycle.restore(ckpt["resume"], optimizer, scaler, rt, model)
     ckpt = None  # free the loaded weights
     train_model = lifecycle.wrap(model, rt, compile, dynamic=True)  # batch lengths vary
     shown = raw["val"][1][:num_samples] if task == "instruct" else []  # held-out instructions to answer
@@ -480,7 +497,8 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
         """out_dir/name with everything an exact resume needs (a collective under DDP: the RNG of every rank)."""
         extra = dict(head=model.head.state_dict(), labels=names) if model.head is not None else {}
         if lora_rank:  # the merged weights for every script; the adapters and the base's hash for a resume
-            extra["lora"] = lora_entry(gpt, base, base_hash, lora_rank, lora_alpha, lora_dropout, lora_targets)
+            extra["lora"] = lora_entry(gpt, base, base_hash, lora_rank, lora_alpha, lora_dropout, lora_targets,
+                                       lora_norms)
         lifecycle.save_run(os.path.join(out_dir, name), "classify" if task == "classify" else "sft",
                  Merged(gpt) if lora_rank else gpt, config, tok.meta(), rt,
                  iter_num, ("val_loss", best_val_loss), optimizer, scaler, **extra)

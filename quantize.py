@@ -141,7 +141,8 @@ if __name__ == "__main__":
     dataset = ""  # perplexity of data/<dataset>/val.bin (a name under data/, or a folder holding val.bin)
     text_file = ""  # or of a UTF-8 text file (after <|endoftext|>, as eval.py --task=perplexity reads it)
     task_file = ""  # and of each record of a JSONL file of {"text": ...} (e.g. held-out questions with answers)
-    eval_iters = 20  # how much of the text: eval_iters x batch_size x block_size tokens
+    eval_iters = 20  # how much of the text: eval_iters x batch_size x block_size tokens...
+    limit = 0  # ...or this many (eval.py's --limit: the same figure as eval.py's for the same limit); 0 = as above
     batch_size = 8  # windows per forward pass
     block_size = 0  # the perplexity's window (it moves by half of it, as eval.py's); 0 = the model's block_size
     prompt_len = 16  # decode benchmark: prompt tokens (from the eval data when given), then...
@@ -220,7 +221,7 @@ if __name__ == "__main__":
             rows.append({"mode": label, "kernel": kernel_name(m, torch.device(rt.device), qm, compile), "model": qm,
                          "disk_bytes": os.path.getsize(p), "linear_bytes": linear_bytes(c["model"], qm), "rt": rt})
         T = min(block_size or model.config.block_size, model.config.block_size)
-        texts = heldout_tokens(tok, data_dir, text_file, task_file, eval_iters * batch_size * T)
+        texts = heldout_tokens(tok, data_dir, text_file, task_file, limit or eval_iters * batch_size * T)
         for r in rows:
             r["model"].to(rt.device)
             r.setdefault("memory_bytes", memory_bytes(r["model"]))
@@ -233,8 +234,8 @@ if __name__ == "__main__":
         new = min(decode_tokens, model.config.block_size - prompt.size(1))  # stay within one window
         speeds = decode_speeds([r.pop("model") for r in rows], prompt.to(rt.device), new, decode_repeats,
                                [r["rt"] for r in rows], compile)
-        print0(f"\n{'mode':<9} {'kernel':<30} {'disk MB':>8} {'memory MB':>9} {'Linear MB':>15} {'ppl (vs fp32, bf16)':>30} "
-               f"{'task ppl (vs fp32, bf16)':>30} {'decode tok/s':>15}")
+        print0(f"\n{'mode':<9} {'kernel':<30} {'disk MB':>8} {'memory MB':>9} {'Linear MB':>15} "
+               f"{'ppl (vs fp32, bf16)':>30} {'task ppl (vs fp32, bf16)':>30} {'decode tok/s':>15}")
         fp32, bf16 = rows[0], rows[1]
         for r, speed in zip(rows, speeds):
             r.pop("rt")
@@ -248,7 +249,8 @@ if __name__ == "__main__":
                 # deltas against fp32 (weights and activations) and against bf16 (the weights' share alone)
                 r[f"{prefix}change_pct"] = 100 * (r[key] / fp32[key] - 1)
                 r[f"{prefix}change_vs_bf16_pct"] = 100 * (r[key] / bf16[key] - 1)
-                cells.append(f"{r[key]:.4f} ({r[f'{prefix}change_pct']:+.2f}%, {r[f'{prefix}change_vs_bf16_pct']:+.2f}%)")
+                cells.append(f"{r[key]:.4f} ({r[prefix + 'change_pct']:+.2f}%, "
+                             f"{r[prefix + 'change_vs_bf16_pct']:+.2f}%)")
             print0(f"{r['mode']:<9} {r['kernel']:<30} {r['disk_bytes'] / 1e6:>8.2f} {r['memory_bytes'] / 1e6:>9.2f} "
                    f"{r['linear_bytes'] / 1e6:>8.2f} ({r['linear_ratio']:.1f}x) {cells[0]:>30} {cells[1]:>30} "
                    f"{speed:>8.1f} ({r['decode_speedup']:.2f}x)")

@@ -28,4 +28,5 @@ muon_ns_steps = 5  # Keller Jordan's coefficients are tuned for 5 steps
 muon_ns_dtype = "auto"  # bfloat16 on GPUs, as there
 learning_rate = 0.0036  # AdamW for the embedding (= LM head), LayerNorms and biases: embed_learning_rate there
 min_lr = 0.00036  # learning_rate / 10, as config/train_fineweb.py
-weight_decay = 0.0  # zero for Muon and AdamW alike, as there
+weight_decay = 0.0  # zero for Muon and AdamW alike, as there (AdamW's)
+muon_weight_decay = 0.0  # (Muon's own key)

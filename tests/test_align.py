@@ -308,6 +308,8 @@ def main(monkeypatch, capsys):
     (["--label_smoothing=0.1"], ValueError, r"only applies to loss_type='cdpo'"),
     (["--beta=0"], ValueError, r"beta must be > 0"),
     (["--rpo_alpha=-1"], ValueError, r"rpo_alpha must be a number >= 0 \(0 = plain dpo\), got -1"),
+    (["--ipo_per_token=True"], ValueError, r"ipo_per_token=True only applies to loss_type='ipo' \(got "
+                                           r"loss_type='dpo'\); use --loss_type=ipo or --ipo_per_token=False"),
     (["--dataset=missing.jsonl"], FileNotFoundError, r"'missing.jsonl' does not exist"),
     (["--batch_size=3", "--total_batch_pairs=64", "--device=cpu"], ValueError,
      r"total_batch_pairs=64 must be a multiple of batch_size \* processes = 3 \* 1; e.g. --total_batch_pairs=24"),
@@ -319,7 +321,10 @@ def test_config_errors(args, error, match, main):
 
 def test_checkpoint_and_data_errors(workdir, main):
     start = str(workdir / "start")
-    for args, match in (([f"--init_from={start}", f"--out_dir={start}"], r"is this run's own checkpoint"),
+    for args, match in (([f"--init_from={start}", f"--out_dir={start}"], r"already holds ckpt.pt, which a new align.py "
+                          r"run would overwrite.*--overwrite=True"),
+                        ([f"--init_from={start}", f"--out_dir={start}", "--overwrite=True"],
+                         r"is this run's own checkpoint"),
                         ([f"--init_from=resume", f"--out_dir={start}"], r"kind 'imported' .*align.py "
                          r"--init_from=resume continues only its own runs \(dpo\)"),
                         ([f"--init_from={start}", "--block_size=64"], r"block_size=64 exceeds the model's context"),

@@ -59,7 +59,7 @@ BAD_INPUTS = [
     (["train.py", *CPU, "--data_dir={tmp}/ids_unrecorded", "{TINY}"], "hold ids up to 60000 (their meta.json, or "
                                                                      "read now), beyond the model's vocabulary"),
 ]
-TINY = ["--n_layer=1", "--n_head=1", "--n_embd=8", "--block_size=8", "--batch_size=2", "--max_iters=1",
+TINY = ["--n_layer=1", "--n_head=1", "--n_embd=8", "--block_size=8", "--batch_size=2", "--total_batch_size=0", "--max_iters=1",
         "--eval_iters=1", "--warmup_iters=0", "--lr_decay_iters=1"]
 
 

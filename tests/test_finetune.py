@@ -429,7 +429,9 @@ def test_templated_records_warn_and_prompt_template_none_uses_them_as_they_are(t
     path = tmp_path / "sft.jsonl"  # prompts formatted already: the common {"prompt", "response"} SFT layout
     path.write_text("".join(json.dumps({"prompt": format_prompt(q), "response": a}) + "\n" for q, a in FACTS * 2)
                     + '{"prompt": "a record without its response"}\n')
-    args = [f"--dataset={path}", f"--val_split={path}", "--init_from=scratch", *TINY, "--block_size=256",
+    val = tmp_path / "val.jsonl"  # the same records, as a file of their own (the training file itself is refused)
+    val.write_text(path.read_text())
+    args = [f"--dataset={path}", f"--val_split={val}", "--init_from=scratch", *TINY, "--block_size=256",
             "--max_iters=1", "--eval_iters=1", "--sample_interval=0", f"--out_dir={tmp_path / 'out'}"]
     with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:17: no field 'response' \(the record's fields are "
                                          r"\['prompt'\]\)"):  # before any training

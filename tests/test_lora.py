@@ -155,8 +155,9 @@ def test_training_changes_the_adapters_only():
 
 
 def test_finetune_lora_saves_merged_weights_and_a_stopped_run_resumes_bit_for_bit(tmp_path, monkeypatch, capsys):
-    """finetune.py --lora_rank=4 from a checkpoint: ckpt.pt holds plain merged weights (read as any sft model:
-    non-target weights are the base's), plus the adapters and the base's hash. A real process stopped by SIGINT
+    """finetune.py --lora_rank=4 --lora_norms=True from a checkpoint: ckpt.pt holds plain merged weights (read as
+    any sft model: the weights neither adapted nor a LayerNorm are the base's), plus what trained and the base's
+    hash. A real process stopped by SIGINT
     after its save at step 3 resumes with `--init_from=resume` alone to the same losses and the same saved
     weights, bit for bit, as a run never stopped (lora_dropout on: the RNG is restored too). A base that changed
     since is refused."""
@@ -165,20 +166,20 @@ def test_finetune_lora_saves_merged_weights_and_a_stopped_run_resumes_bit_for_bi
             *TINY, "--val_fraction=0.2", "--max_iters=10", "--learning_rate=3e-3", "--warmup_iters=2",
             "--eval_interval=3", "--eval_iters=2", "--sample_interval=0", "--log_interval=1", "--batch_size=2",
             "--gradient_accumulation_steps=2", "--lora_rank=4", "--lora_alpha=8", "--lora_dropout=0.1",
-            "--lora_targets=c_attn,c_fc"]
+            "--lora_targets=c_attn,c_fc", "--lora_norms=True"]
     run_here("finetune.py", args + [f"--out_dir={tmp_path / 'whole'}"], monkeypatch)
     out = capsys.readouterr().out
     assert "(LoRA: rank 4, alpha 8 on 4 Linear layers (c_attn,c_fc))" in out, out[-3000:]
     whole = load_checkpoint(str(tmp_path / "whole"))
     start = load_checkpoint(base)["model"]
     assert whole["kind"] == "sft" and set(whole["model"]) == set(start)
-    for k, v in start.items():  # only the targets' weights moved
-        assert torch.equal(whole["model"][k], v) == ("c_attn.weight" not in k and "c_fc.weight" not in k), k
+    for k, v in start.items():  # only the targets' weights and the LayerNorms moved
+        assert torch.equal(whole["model"][k], v) == all(s not in k for s in ("c_attn.weight", "c_fc.weight", "ln_")), k
     assert whole["lora"]["rank"] == 4 and whole["lora"]["base"] == base
     gpt = tiny_gpt()
     assert whole["lora"]["base_sha256"] == weights_hash(gpt)
-    # the merged weights are the base plus the saved adapters' update
-    add_lora(gpt, 4, 8.0, 0.0, "c_attn,c_fc")
+    # the merged weights are the base plus the saved adapters' update (and the trained LayerNorms)
+    add_lora(gpt, 4, 8.0, 0.0, "c_attn,c_fc", norms=True)
     load_adapters(gpt, whole["lora"]["adapters"])
     assert all(torch.equal(v, whole["model"][k]) for k, v in merged_state_dict(gpt).items())
 
@@ -240,3 +241,22 @@ def test_align_lora_trains_the_adapters_and_resumes_bit_for_bit(tmp_path, monkey
     assert all(torch.equal(legs["model"][k], v) for k, v in whole["model"].items())
     assert [r["dpo_loss"] for r in read_log(tmp_path / "legs", "train")] == \
         [r["dpo_loss"] for r in read_log(tmp_path / "whole", "train")]
+
+
+def test_finetune_lora_under_ddp_equals_one_process(tmp_path, monkeypatch):
+    """2 ranks x batch 4 (torchrun) see at each step the 8 records one process sees as one batch: with LoRA (frozen
+    base weights, which DDP leaves out of its gradient reduction) the logged losses and the saved adapters agree."""
+    base = base_checkpoint(tmp_path)
+    args = [f"--dataset={facts_json(tmp_path / 'facts.json')}", f"--init_from={base}", *TINY, "--batching=random",
+            "--max_iters=2", "--val_fraction=0.2", "--eval_interval=2", "--eval_iters=2", "--log_interval=1",
+            "--sample_interval=0", "--learning_rate=1e-3", "--warmup_iters=0", "--lora_rank=4", "--lora_alpha=8"]
+    run_here("finetune.py", args + [f"--out_dir={tmp_path / 'one'}", "--batch_size=8"], monkeypatch)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "finetune.py", *args, f"--out_dir={tmp_path / 'ddp'}", "--batch_size=4"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    a, b = read_log(tmp_path / "one", "train"), read_log(tmp_path / "ddp", "train")
+    assert len(a) == len(b) == 2 and max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)) < 1e-6, (a, b)
+    one, ddp = (load_checkpoint(str(tmp_path / d))["lora"]["adapters"] for d in ("one", "ddp"))
+    assert max((one[k] - ddp[k]).abs().max().item() for k in one) < 1e-6

@@ -284,6 +284,9 @@ def test_script_quantizes_reports_and_sample_loads_it(tmp_path):
     assert int8["change_vs_bf16_pct"] == pytest.approx(100 * (int8["ppl"] / bf16["ppl"] - 1))
     assert report["rows"][2]["linear_ratio"] > 3.5 and report["rows"][3]["linear_ratio"] > 5
     assert report["metric"] == "ppl" and abs(int8["change_pct"]) < 1.0
+    r = subprocess.run(run + ["--mode=int8", "--report=True", f"--dataset={data}", "--task_file=missing.jsonl"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--task_file='missing.jsonl' does not exist" in r.stderr, r.stderr[-2000:]
     # sample.py loads the quantized checkpoint by name, like any other
     r = subprocess.run([sys.executable, "sample.py", "--init_from=resume", f"--out_dir={tmp_path}",
                         "--ckpt_name=ckpt_int4.pt", "--start=All:", "--num_samples=1", "--max_new_tokens=12",
