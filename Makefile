@@ -1,11 +1,12 @@
 # On a fresh machine:  make demo  (train a small GPT on Shakespeare, then sample),  make test,
 # make journey  (pre-train -> fine-tune -> align -> attention -> quantize -> evaluate, a report card in out-journey/),
-# make gpu-check  (on a CUDA machine: the CUDA tests, then training and decoding speed against transformers)
+# make gpu-check  (on a CUDA machine: the CUDA tests, then training and decoding speed against transformers),
+# make test-llama-cpp  (GGUF exports run in llama.cpp itself: builds llama-cpp-python from source, ~10 CPU minutes)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test journey gpu-check venv venv-dev clean
+.PHONY: demo test test-llama-cpp journey gpu-check venv venv-dev clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +28,10 @@ demo: venv
 
 test: venv-dev
 	$(PY) -m pytest tests
+
+test-llama-cpp: venv-dev
+	$(PY) -m pip install -q llama-cpp-python==0.3.36
+	$(PY) -m pytest -m llama_cpp tests/test_gguf_llama_cpp.py
 
 journey: venv
 	PYTHON=$(PY) bash runs/journey.sh

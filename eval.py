@@ -9,6 +9,7 @@ accuracy and perplexity) and HellaSwag (4-way sentence completion).
     python eval.py --init_from=resume --out_dir=out-gpt2 --ckpt_name=ckpt_int8.pt --task=hellaswag --limit=500
     torchrun --standalone --nproc_per_node=8 eval.py --init_from=gpt2-xl --task=hellaswag  # items split by rank
     python eval.py --init_from=gpt2,out-sft,out-dpo,out-dpo/ckpt_int8.pt --task=lambada  # several, side by side
+    python eval.py --init_from=out-sft --task=harness --harness_tasks=hellaswag,arc_easy  # lm-evaluation-harness
 
 Results are printed as a table and appended to out_dir/eval.jsonl (with several models, to the eval.jsonl
 next to each checkpoint). Downloads are cached in $LLM_E2E_CACHE
@@ -52,7 +53,9 @@ DATASETS = {
 
 # -----------------------------------------------------------------------------
 # what to measure
-task = "hellaswag"  # 'hellaswag' | 'lambada' | 'perplexity'
+task = "hellaswag"  # 'hellaswag' | 'lambada' | 'perplexity' | 'harness' (lm-evaluation-harness: pip install lm-eval)
+harness_tasks = ""  # --task=harness: lm-eval's task names, comma-separated (e.g. hellaswag,lambada_openai)
+harness_include = ""  # --task=harness: a folder of your own lm-eval task YAMLs (local data files work offline)
 limit = 0  # evaluate the first N items (hellaswag, lambada) or N tokens (perplexity); 0 = all
 source = "url"  # hellaswag/lambada data: 'url' (official jsonl, checksummed, cached) or 'hf' (Hugging Face datasets)
 data_url = ""  # download from this mirror instead of the official URL (the checksum must still match)
@@ -322,8 +325,14 @@ def eval_perplexity(model, tokenizer, window: int, n_vocab: int, rt, text: Optio
 if __name__ == "__main__":
     install()  # a user's error is one line 'error: ...', Ctrl-C is 'interrupted' (lib/errors.py)
     config = configure(globals(), sys.argv[1:]); globals().update(config)
-    if task not in ("hellaswag", "lambada", "perplexity"):
-        raise ValueError(f"task must be 'hellaswag', 'lambada' or 'perplexity', got {task!r}; e.g. --task=hellaswag")
+    if task not in ("hellaswag", "lambada", "perplexity", "harness"):
+        raise ValueError(f"task must be 'hellaswag', 'lambada', 'perplexity' or 'harness', got {task!r}; "
+                         f"e.g. --task=hellaswag")
+    if (task == "harness") != bool(harness_tasks):
+        raise ValueError("--task=harness needs --harness_tasks=NAME[,NAME] (lm-eval's task names), and "
+                         "--harness_tasks goes with --task=harness")
+    if task == "harness":
+        from lib.harness import run_harness  # before the model loads: without lm-eval, say how to install it
     if limit < 0 or batch_size < 1 or block_size < 0:
         raise ValueError(f"limit and block_size must be >= 0 and batch_size >= 1, got limit={limit!r}, "
                          f"block_size={block_size!r}, batch_size={batch_size!r}")
@@ -334,6 +343,8 @@ if __name__ == "__main__":
         parsed = parse_rows(load_rows("hellaswag"), lambda w, row: hellaswag_item(w, row, hellaswag_prompt))
     elif task == "lambada":
         parsed = [(context, [word], None) for context, word in parse_rows(load_rows("lambada"), lambada_item)]
+    elif task == "harness":
+        pass  # lm-eval reads its own data
     elif data_file or source != "url":
         raise ValueError("--data_file and --source are for hellaswag and lambada; perplexity reads --text_file or "
                          "--dataset")
@@ -341,7 +352,7 @@ if __name__ == "__main__":
         raise FileNotFoundError(f"text file {text_file!r} does not exist")
     # perplexity's text, read now: a wrong encoding fails naming the line, before the model loads
     text = read_text(text_file, encoding) if task == "perplexity" and text_file else None
-    if task != "perplexity":
+    if task in ("hellaswag", "lambada"):
         print0(f"{task}: {len(parsed):,} items" + (f", evaluating the first {limit:,}" if limit else ""))
     rt = setup_runtime(device, dtype)
     models = [m.strip() for m in init_from.split(",")]
@@ -370,7 +381,11 @@ if __name__ == "__main__":
             model = torch.compile(model)
 
         t0 = time.time()
-        if task == "perplexity":
+        if task == "harness":  # {task: {metric: value}} -> 'task/metric' columns
+            scores = run_harness(model, tokenizer, rt, harness_tasks.split(","), limit, batch_size, harness_include)
+            n, metrics = len(scores), {f"{t}/{k}": v for t, m in scores.items() for k, v in m.items()}
+            extra = {"harness_tasks": harness_tasks}
+        elif task == "perplexity":
             n, metrics, extra = eval_perplexity(model, tokenizer, window, n_vocab, rt, text)
         else:
             n, metrics, extra = eval_choices(parsed, model, tokenizer, window, n_vocab, rt)
@@ -378,9 +393,9 @@ if __name__ == "__main__":
         if extra.get("skipped"):
             print0(f"WARNING: {extra['skipped']:,} items were left out: their text has characters outside the "
                    f"model's vocabulary, or a continuation longer than the {window}-token window")
-        unit = "tokens" if task == "perplexity" else "items"
-        print0(f"\n{task} | {name} | {n:,} {unit} | "
-               f"{seconds:.1f} s ({n / max(seconds, 1e-9):,.1f} {unit}/s)\n| metric | value |\n|---|---|")
+        unit = {"perplexity": "tokens", "harness": "tasks"}.get(task, "items")
+        rate = "" if task == "harness" else f" ({n / max(seconds, 1e-9):,.1f} {unit}/s)"
+        print0(f"\n{task} | {name} | {n:,} {unit} | {seconds:.1f} s{rate}\n| metric | value |\n|---|---|")
         for k, v in metrics.items():
             print0(f"| {k} | {v:.4f} |")
         results.append((name, metrics))

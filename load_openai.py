@@ -8,6 +8,7 @@ safetensors, no TensorFlow needed), and our GPT in Hugging Face's format.
     python load_openai.py --model=gpt2 --check                          # greedy completion of a fixed prompt
     python load_openai.py --init_from=out-shakespeare-char --export_hf=hf-char  # any checkpoint -> transformers
     python load_openai.py --init_from=gpt2 --export_hf=hf-gpt2          # (bias=False models too: zero biases)
+    python load_openai.py --init_from=out-sft --export_gguf=sft.gguf --gguf_type=q8_0  # llama.cpp (f32|f16|q8_0)
     python sample.py --init_from=gpt2                                    # the same download, through lib/models.py
 
 Downloads are kept in $LLM_E2E_CACHE (default ~/.cache/llm-e2e), under openai/124M/ or hf/gpt2/. A file
@@ -48,6 +49,8 @@ if __name__ == "__main__":
     init_from = ""  # for --export_hf: a checkpoint of any script (file, or folder with ckpt.pt) or a GPT-2 name
     out_dir = ""  # write OUT_DIR/ckpt.pt (an 'imported' checkpoint every script reads); '' = only fill the cache
     export_hf = ""  # write DIR/config.json + model.safetensors for transformers' GPT2LMHeadModel; '' = none
+    export_gguf = ""  # write FILE for llama.cpp (its gpt2 architecture; GPT-2-token models only); '' = none
+    gguf_type = "f16"  # --export_gguf's weights: 'f32' | 'f16' | 'q8_0'
     check = False  # after loading, print the greedy completion of a fixed prompt
     cache_dir = ""  # '' = $LLM_E2E_CACHE, else ~/.cache/llm-e2e
     openai_url = OPENAI_URL  # base URL of OpenAI's release (a mirror works)
@@ -57,13 +60,13 @@ if __name__ == "__main__":
     argv = [a + "=True" if a == "--check" else a for a in sys.argv[1:]]  # a bare --check means --check=True
     config = configure({k: v for k, v in globals().items() if k.islower()}, argv); globals().update(config)
 
-    if not (out_dir or check or export_hf) and (from_dir or init_from):
+    if not (out_dir or check or export_hf or export_gguf) and (from_dir or init_from):
         raise ValueError(f"--{'from_dir' if from_dir else 'init_from'}={from_dir or init_from!r} needs --out_dir=DIR "
-                         f"(write DIR/ckpt.pt), --export_hf=DIR and/or --check")
+                         f"(write DIR/ckpt.pt), --export_hf=DIR, --export_gguf=FILE and/or --check")
     if from_dir and init_from:
         raise ValueError(f"pass one of --from_dir={from_dir!r} (a folder of downloaded files) and "
                          f"--init_from={init_from!r} (a checkpoint or GPT-2 name)")
-    ckpt, tokenizer, tok_name = None, {"tokenizer": "gpt2"}, "gpt2"
+    ckpt, tokenizer, tok_name, tok = None, {"tokenizer": "gpt2"}, "gpt2", None
     t0 = time.time()
     if init_from in PRETRAINED:
         model = init_from
@@ -77,8 +80,8 @@ if __name__ == "__main__":
         gpt, ckpt, tok = load_model(init_from, device="cpu")
         if ckpt["kind"] == "quantized":
             src = (ckpt.get("quantization") or {}).get("source") or "the float checkpoint it was made from"
-            raise ValueError(f"{ckpt['path']!r} is quantized; GPT-2's Hugging Face format holds float weights: export "
-                             f"the float checkpoint, --init_from={src}")
+            raise ValueError(f"{ckpt['path']!r} is quantized; export the float checkpoint it was made from, "
+                             f"--init_from={src}" + (" (--gguf_type=q8_0 quantizes it)" if export_gguf else ""))
         tokenizer, tok_name = ckpt.get("tokenizer") or tok.meta(), tok.name
     else:
         pretrained_urls(model, source)  # validates both before any download
@@ -111,6 +114,12 @@ if __name__ == "__main__":
             print0(f"WARNING: the model's tokenizer is {tok_name!r} ({gpt.config.vocab_size} ids), "
                    f"not GPT-2's: transformers' GPT2Tokenizer does not fit it; encode text with this project's "
                    f"lib/tokenizer.py and pass the ids")
+    if export_gguf:  # a character-level model is refused there, saying why
+        from lib.gguf_export import export_gguf as write_gguf
+        from lib.tokenizer import get_tokenizer
+        write_gguf(gpt, export_gguf, tok or get_tokenizer("gpt2"), gguf_type)
+        print0(f"wrote {export_gguf} ({gguf_type}, {os.path.getsize(export_gguf) / 1e6:.1f} MB) for llama.cpp: "
+               f"llama-cli -m {export_gguf} -p TEXT --temp 0, or llama_cpp.Llama({export_gguf!r})")
     if check:
         from lib.tokenizer import get_tokenizer
         tok = get_tokenizer("gpt2")

@@ -5,6 +5,7 @@ Sample from a trained model or from OpenAI's GPT-2, streaming the text as it is 
         --max_new_tokens=300 --temperature=0.8 --top_k=200 --top_p=0.95 --seed=1337
     python sample.py --init_from=gpt2-xl --start=FILE:prompt.txt       # the prompt from a file
     python sample.py --init_from=out-sft --instruct="Name three primary colors."  # the response only
+    python sample.py --init_from=out-sft --chat=True --temperature=0   # talk: Ctrl-C stops a reply, Ctrl-D ends
     python sample.py --out_dir=out-gpt2 --ckpt_name=ckpt_int8.pt        # a quantized checkpoint
     python sample.py --init_from=nanogpt-out/ckpt.pt --meta=data/shakespeare_char/meta.pkl  # a nanoGPT char model
 
@@ -38,6 +39,7 @@ meta = ""  # a meta.pkl (character vocabulary) for a checkpoint that stores no t
 # prompt
 start = ""  # the prompt; 'FILE:prompt.txt' reads a file; '' = <|endoftext|> (GPT-2) or '\n' (characters)
 instruct = ""  # an instruction: wrapped in the fine-tuning prompt (with start as its input); prints the response
+chat = False  # a conversation, one message a line, in the checkpoint's prompt template (instruction-tuned models)
 # sampling
 num_samples = 3  # samples, one after another
 max_new_tokens = 500  # tokens generated per sample at most
@@ -121,6 +123,55 @@ if compile:
     print0("compiling the forward pass (the first tokens are slow)...")
     model.forward = torch.compile(model.forward, dynamic=True)
 generator = torch.Generator(device=rt.device).manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# chat: each line typed is a message, the reply streams in the checkpoint's prompt template; the conversation is
+# kept within the window, oldest turns dropped (leaving room for a reply); Ctrl-C stops a reply, Ctrl-D ends
+if chat:
+    from lib.finetuning import chat_prompt
+    template = ((ckpt or {}).get("config") or {}).get("prompt_template", "alpaca")
+    room = min(max_new_tokens, model.config.block_size // 2)  # tokens of the window kept for the reply
+    turns, dropped = [], False
+    print0(f"chat in the {template!r} template: type a message and Enter; Ctrl-C stops a reply, Ctrl-D ends")
+    while True:
+        try:
+            message = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print0()
+            break
+        try:
+            ids = tok.encode_ordinary(chat_prompt(turns + [(message, "")], template))
+        except ValueError as e:  # a character outside a character-level vocabulary
+            print0(f"error: {e}")
+            continue
+        turns.append((message, ""))
+        while len(ids) + room > model.config.block_size and len(turns) > 1:
+            turns.pop(0)
+            ids = tok.encode_ordinary(chat_prompt(turns, template))
+            if not dropped:
+                print0(f"(the conversation outgrew the model's {model.config.block_size}-token window: the oldest "
+                       f"turns are left out from now on)")
+                dropped = True
+        utf8, reply = codecs.getincrementaldecoder("utf-8")(errors="replace"), []
+        with rt.autocast():
+            stream = model.generate_stream(torch.tensor([ids], device=rt.device), max_new_tokens,
+                                           temperature=temperature, top_k=top_k or None,
+                                           top_p=top_p if top_p < 1 else None, stop_token=tok.eot_token,
+                                           generator=generator, use_cache=kv_cache, vocab_limit=min(tok.n_vocab, V))
+            try:
+                for nxt in stream:
+                    t = int(nxt[0])
+                    if t == tok.eot_token:
+                        break
+                    reply.append(t)
+                    print0(utf8.decode(tok.token_bytes([t])), end="", flush=True)
+            except KeyboardInterrupt:
+                print0(" [stopped]", end="")
+            stream.close()
+        print0(utf8.decode(b"", final=True))
+        turns[-1] = (message, tok.decode(reply).strip())
+    sys.exit(0)
 
 
 # -----------------------------------------------------------------------------

@@ -33,6 +33,19 @@ def format_prompt(instruction: str, input: str = "", template: str = "alpaca") -
     return PROMPT_NO_INPUT.format(instruction=instruction)
 
 
+def chat_prompt(turns: list, template: str = "alpaca") -> str:
+    """A conversation [(message, reply), ..., (message, '')] as one prompt in a template: each earlier turn as a
+    finished instruction and response, the last message's response to come. Alpaca's header is written once."""
+    if template not in TEMPLATES:
+        raise ValueError(f"prompt_template must be one of {TEMPLATES}, got {template!r}")
+    if template == "none":
+        return "".join(f"{m}\n\n{r}\n\n" for m, r in turns[:-1]) + turns[-1][0]
+    header = PROMPT_NO_INPUT[:PROMPT_NO_INPUT.index("### Instruction:")]
+    turn = PROMPT_NO_INPUT[len(header):]  # '### Instruction:\n{instruction}\n\n### Response:\n'
+    return header + "".join(turn.format(instruction=m) + f"{r}\n\n" for m, r in turns[:-1]) + \
+        turn.format(instruction=turns[-1][0])
+
+
 def template_marker(text: str) -> str:
     """The first turn marker of a known template in text ('' if none): a sign that it is formatted already."""
     return next((m for m in TEMPLATE_MARKERS if m in text), "")
