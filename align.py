@@ -133,11 +133,15 @@ def pair_logps(model, pairs: list, batch_size: int, rt, desc: str = "") -> torch
     model.eval()
     out = torch.zeros(len(pairs), 2)
     order = sorted(range(len(pairs)), key=lambda i: -max(len(pairs[i][0]), len(pairs[i][1])))
-    order = order[rt.ddp_rank::rt.ddp_world_size]
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for idx in logs.progress(batches, desc, unit="batches", disable=not desc, leave=False):
+    mine = order[rt.ddp_rank::rt.ddp_world_size]
+    batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    # as many forwards on every rank (FSDP gathers weights in each): a rank short of one repeats one, uncounted
+    n = -(-(-(-len(order) // rt.ddp_world_size)) // batch_size)
+    for k, idx in enumerate(logs.progress(batches + [order[:1]] * (n - len(batches)), desc, unit="batches",
+                                          disable=not desc, leave=False)):
         lp = sequence_logps(model, *collate(pairs, idx, rt.device), rt).cpu()  # (2B,)
-        out[idx] = torch.stack([lp[:len(idx)], lp[len(idx):]], dim=1)
+        if k < len(batches):
+            out[idx] = torch.stack([lp[:len(idx)], lp[len(idx):]], dim=1)
     if rt.ddp:  # every rank filled its own rows with the rest zero: a sum gathers them
         out = out.to(rt.device)
         torch.distributed.all_reduce(out)
@@ -210,6 +214,8 @@ dropout = 0.0  # dropout makes the policy's log-probs noisy at step 0; TRL disab
 device = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
 dtype = "auto"  # 'auto' | 'float32' | 'bfloat16' | 'float16'
 compile = False  # torch.compile the training forward (batches vary in length: expect a few recompiles)
+fsdp = False  # under torchrun: shard parameters, gradients and AdamW states over the ranks (FSDP2) instead of DDP's copies
+fsdp_cpu_offload = False  # with fsdp: keep them in CPU memory (a model too big for the GPUs' memory, slower)
 seed = 1337
 
 # ----------------------------------------------------------------------------------------------
@@ -220,7 +226,7 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     resume = config["init_from"] == "resume"
     ckpt = None
     if resume:  # the saved run's config is the base: --init_from=resume --out_dir=X alone continues X
-        config, ckpt = lifecycle.resume_run(config, explicit, ("dpo",), "align.py")
+        config, ckpt = lifecycle.resume_run(config, explicit, ("dpo",), "align.py", ("fsdp", "fsdp_cpu_offload"))
     globals().update(config)
     # checks that need neither data nor model: a typo fails in a second, not after loading
     for key, allowed in dict(loss_type=_LOSS_TYPES, prompt_template=("none", "alpaca"),
@@ -242,6 +248,9 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
         raise ValueError(f"label_smoothing={label_smoothing!r} only applies to loss_type='cdpo' (got "
                          f"loss_type={loss_type!r}); use --loss_type=cdpo or --label_smoothing=0")
     check_settings(lora_rank, lora_alpha, lora_dropout, lora_targets)
+    if fsdp and lora_rank:
+        raise ValueError(f"LoRA (lora_rank={lora_rank}) is not offered with fsdp=True: its adapters are small, and the "
+                         f"frozen model it adapts is what FSDP would shard; use LoRA with DDP (--fsdp=False)")
     for key in ("batch_size", "total_batch_pairs", "val_pairs", "eval_interval", "log_interval", "block_size"):
         if config[key] < 1:
             raise ValueError(f"{key} must be >= 1, got {config[key]!r}")
@@ -365,17 +374,18 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
             load_adapters(model, ckpt["lora"]["adapters"])
         print0(f"LoRA: rank {lora_rank}, alpha {lora_alpha:g} on {n_wrapped} Linear layers ({lora_targets}): "
                f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters")
+    policy = Finetuned(model)  # the same weights; logits at the response tokens only
+    train_model = lifecycle.wrap(policy, rt, compile, shard=fsdp, cpu_offload=fsdp_cpu_offload)  # FSDP: policy is the root
     optimizer = optim.make_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")  # fp16 only: loss scaling
     iter_num, best_val_loss = 0, float("inf")
     if resume:
         state = ckpt["resume"]
-        iter_num, best_val_loss = lifecycle.restore(state, optimizer, scaler, rt, model)
+        iter_num, best_val_loss = lifecycle.restore(state, optimizer, scaler, rt, policy)
         if ckpt.get("data_fingerprint") != data_hash:
             print0("WARNING: the training data differ from the checkpoint's run; resuming on the new data, so the "
                    "run does not continue exactly (restore the data files the run started with to continue it)")
     ckpt = state = None  # free the optimizer state and reference log-probs held twice
-    train_model = lifecycle.wrap(Finetuned(model), rt, compile)  # the same weights; logits at the response tokens only
     perms = {}  # epoch -> its shuffle of the training pairs (the current epoch only)
 
     def batch_indices(it, micro):
@@ -404,7 +414,7 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
 
     def evaluate() -> dict:
         """Held-out metrics (every rank calls this: pair_logps shares the pairs out), logged and plotted."""
-        pol = pair_logps(model, val, batch_size, rt, "eval" if sys.stderr.isatty() else "")  # no bar in a log
+        pol = pair_logps(policy, val, batch_size, rt, "eval" if sys.stderr.isatty() else "")  # no bar in a log
         ref = ref_logps["val"] if ref_logps is not None else pair_logps(ref_model, val, batch_size, rt)
         m = preference_metrics(pol, ref, val_tokens, loss_type, beta, label_smoothing, rpo_alpha, ipo_per_token)
         if not math.isfinite(m["loss"]):
@@ -433,7 +443,8 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
                     ) if lora_rank else {}  # the merged weights for every script; adapters and base for a resume
         lifecycle.save_run(os.path.join(out_dir, file), "dpo", Merged(model) if lora_rank else model, config,
                            tok.meta(), rt, iter_num, ("dpo_val_loss", best_val_loss), optimizer, scaler,
-                           ref_init_from=ref_from, ref_logps=ref_logps, data_fingerprint=data_hash, **lora)
+                           root=policy, ref_init_from=ref_from, ref_logps=ref_logps, data_fingerprint=data_hash,
+                           **lora)
 
     # ------------------------------------------------------------------------------------------
     # training loop: one optimizer step per iteration; evaluate (and save) every eval_interval steps
@@ -458,7 +469,7 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
             x, y = collate(train, idx, rt.device)
             tokens_seen += sum(len(train[i][0]) + len(train[i][1]) - 2 for i in idx)  # both sides, no padding
             if rt.ddp:  # all-reduce gradients on the last micro-step only
-                train_model.require_backward_grad_sync = micro == accum - 1
+                lifecycle.sync_gradients(train_model, micro == accum - 1)
             lp = sequence_logps(train_model, x, y, rt)  # (2B,) chosen rows first
             pc, pr = lp[:len(idx)], lp[len(idx):]
             if ref_logps is not None:
@@ -494,9 +505,9 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
             tok_s = tokens_seen * world / dt  # tokens fed to the policy (prompt + response, both sides)
             print0(f"iter {iter_num}: loss {t['loss']:.4f}, dpo loss {t['dpo_loss']:.4f}, nll {t['nll']:.4f}, reward "
                    f"acc {t['reward_acc']:.3f}, margin {t['reward_margin']:.4f}, lr {lr:.2e}, grad norm "
-                   f"{norm.item():.3f}, {dt * 1000 / (iter_num - last_log):.0f} ms/iter, {tok_s:,.0f} tok/s", flush=True)
+                   f"{lifecycle.grad_norm(norm):.3f}, {dt * 1000 / (iter_num - last_log):.0f} ms/iter, {tok_s:,.0f} tok/s", flush=True)
             if master:
-                log({"type": "train", "iter": iter_num, **t, "lr": lr, "grad_norm": norm.item(), "tok_per_s": tok_s})
+                log({"type": "train", "iter": iter_num, **t, "lr": lr, "grad_norm": lifecycle.grad_norm(norm), "tok_per_s": tok_s})
             sums.zero_()
             t0, tokens_seen, last_log = time.time(), 0, iter_num
         if eval_due:

@@ -31,7 +31,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from typing import Optional
 
 import numpy as np
@@ -202,10 +201,14 @@ def evaluate(model, examples: list, batches: list, pad_id: int, rt, num_classes:
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # (summed loss, correct, labels)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=rt.device)
     mine = batches[rt.ddp_rank::rt.ddp_world_size]
-    for idx in logs.progress(mine, desc=desc, disable=not desc or len(mine) < 100):
+    # as many forwards on every rank (FSDP gathers weights in each): the ranks short of one repeat a batch, uncounted
+    mine = mine + [batches[0]] * (-(-len(batches) // rt.ddp_world_size) - len(mine))
+    for k, idx in enumerate(logs.progress(mine, desc=desc, disable=not desc or len(mine) < 100)):
         x, y = (t.to(rt.device) for t in make_batch(examples, idx, pad_id))
         with rt.autocast():
             logits, loss = model(x, y, reduction="sum")
+        if k * rt.ddp_world_size + rt.ddp_rank >= len(batches):
+            continue  # the repeated batch
         target, pred = y[y != -1], logits.argmax(-1)
         sums += torch.stack([loss.double(), (pred == target).sum().double(), sums.new_tensor(len(target))])
         if num_classes:
@@ -297,6 +300,8 @@ wandb_mode = 'online'  # 'online', 'offline' or 'disabled'
 device = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
 dtype = 'auto'  # 'auto', 'float32', 'bfloat16' or 'float16'
 compile = False  # torch.compile the training forward (dynamic shapes: batch lengths vary)
+fsdp = False  # under torchrun: shard parameters, gradients and AdamW states over the ranks (FSDP2) instead of DDP's copies
+fsdp_cpu_offload = False  # with fsdp: keep them in CPU memory (a model too big for the GPUs' memory, slower)
 seed = 1337
 
 # ----------------------------------------------------------------------------------------------
@@ -307,7 +312,8 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     ckpt = None
     if config["init_from"] == "resume" and not config["predict"]:  # the saved config is the base
         config, ckpt = lifecycle.resume_run(config, explicit, ("sft", "classify"), "finetune.py",
-                                  ("epochs", "sample_interval", "num_samples", "max_new_tokens", "final_eval"))
+                                  ("epochs", "sample_interval", "num_samples", "max_new_tokens", "final_eval", "fsdp",
+                                   "fsdp_cpu_offload"))
     globals().update(config)
     for key, valid in (("task", ("instruct", "classify")), ("truncate", ("left", "right", "drop")),
                        ("batching", ("sorted", "random")), ("prompt_template", TEMPLATES)):
@@ -330,6 +336,9 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
         raise ValueError(f"--val_split/--test_split={own[0]!r} is the training file itself (--dataset={dataset!r}); "
                          f"name a held-out file, or leave --val_split='' to hold out val_fraction of the records")
     check_settings(lora_rank, lora_alpha, lora_dropout, lora_targets)
+    if fsdp and lora_rank:
+        raise ValueError(f"LoRA (lora_rank={lora_rank}) is not offered with fsdp=True: its adapters are small, and the "
+                         f"frozen model it adapts is what FSDP would shard; use LoRA with DDP (--fsdp=False)")
     if lora_rank and (init_from == "scratch" or n_trainable_layers != -1):
         raise ValueError(f"LoRA (lora_rank={lora_rank}) adapts a pre-trained model and trains nothing else: it takes "
                          f"neither init_from='scratch' nor n_trainable_layers (got init_from={init_from!r}, "
@@ -446,6 +455,13 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     # ------------------------------------------------------------------------------------------
     # what trains, the optimizer, resume
     model = Finetuned(gpt, len(names) if task == "classify" else 0)
+    if ckpt is not None:
+        if ckpt.get("labels") != (names if task == "classify" else None):
+            raise ValueError(f"{ckpt['path']!r} was trained on the classes {ckpt.get('labels')}, but the data now "
+                             f"holds {names}; resume with the data it was trained on, or start a new run from it: "
+                             f"--init_from={out_dir!r} --out_dir=NEW_DIR")
+        if model.head is not None:
+            model.head.load_state_dict(ckpt["head"])
     if lora_rank:
         n_wrapped = add_lora(gpt, lora_rank, lora_alpha, lora_dropout, lora_targets, lora_norms)  # freezes the rest
         if ckpt is not None:
@@ -453,6 +469,7 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     else:
         freeze(gpt, n_trainable_layers)
     model.to(rt.device)
+    train_model = lifecycle.wrap(model, rt, compile, dynamic=True, shard=fsdp, cpu_offload=fsdp_cpu_offload)
     optimizer = optim.make_optimizer(gpt, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
     if model.head is not None:
         optimizer.add_param_group({"params": [model.head.weight], "weight_decay": weight_decay})
@@ -469,16 +486,11 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")  # fp16 only: loss scaling
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
-        if ckpt.get("labels") != (names if task == "classify" else None):
-            raise ValueError(f"{ckpt['path']!r} was trained on the classes {ckpt.get('labels')}, but the data now "
-                             f"holds {names}; resume with the data it was trained on, or start a new run from it: "
-                             f"--init_from={out_dir!r} --out_dir=NEW_DIR")
-        if model.head is not None:
-            model.head.load_state_dict(ckpt["head"])
         iter_num, best_val_loss = lifecycle.restore(ckpt["resume"], optimizer, scaler, rt, model)
     ckpt = None  # free the loaded weights
-    train_model = lifecycle.wrap(model, rt, compile, dynamic=True)  # batch lengths vary
-    shown = raw["val"][1][:num_samples] if task == "instruct" else []  # held-out instructions to answer
+    shown = raw["val"][1][:num_samples] if task == "instruct" and not fsdp else []  # held-out instructions to answer
+    if fsdp and task == "instruct" and sample_interval:
+        print0("note: no sample answers under FSDP (generation runs on rank 0 alone); the evaluations go on")
 
     # ------------------------------------------------------------------------------------------
     # what the loop calls: checkpoints, evaluation, logs
@@ -495,13 +507,13 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
 
     def save(name: str):
         """out_dir/name with everything an exact resume needs (a collective under DDP: the RNG of every rank)."""
-        extra = dict(head=model.head.state_dict(), labels=names) if model.head is not None else {}
+        extra = dict(head=model.head, labels=names) if model.head is not None else {}  # a module: gathered
         if lora_rank:  # the merged weights for every script; the adapters and the base's hash for a resume
             extra["lora"] = lora_entry(gpt, base, base_hash, lora_rank, lora_alpha, lora_dropout, lora_targets,
                                        lora_norms)
         lifecycle.save_run(os.path.join(out_dir, name), "classify" if task == "classify" else "sft",
                  Merged(gpt) if lora_rank else gpt, config, tok.meta(), rt,
-                 iter_num, ("val_loss", best_val_loss), optimizer, scaler, **extra)
+                 iter_num, ("val_loss", best_val_loss), optimizer, scaler, root=model, **extra)
 
     def run_eval():
         rec = {"type": "eval", "iter": iter_num}
@@ -543,7 +555,7 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
             idx = step[micro * world + rt.ddp_rank]
             x, y = (t.to(rt.device) for t in make_batch(train_examples, idx, pad_id))
             # DDP averages gradients over the ranks at the last micro-step only; before it they just accumulate
-            with train_model.no_sync() if rt.ddp and micro < G - 1 else nullcontext():
+            with lifecycle.accumulating(train_model, rt, last=micro == G - 1):
                 with rt.autocast():
                     logits, loss = train_model(x, y, reduction="sum")
                 scaler.scale(loss * (world / total)).backward()
@@ -566,7 +578,7 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
                 lifecycle.stop_non_finite("training loss", loss_sum / count, iter_num, rt, out_dir)
             dt = time.time() - t_log
             rec = {"type": "train", "iter": iter_num, "loss": loss_sum / count, "acc": correct / count, "lr": lr,
-                   "grad_norm": norm.item(), "tok_per_s": real / dt}
+                   "grad_norm": lifecycle.grad_norm(norm), "tok_per_s": real / dt}
             print0(f"iter {iter_num}: loss {rec['loss']:.4f}, acc {rec['acc']:.3f}, lr {lr:.2e}, norm "
                    f"{rec['grad_norm']:.2f}, {dt * 1000 / window:.1f}ms/iter, {rec['tok_per_s']:,.0f} tok/s, padding "
                    f"{1 - real / padded:.1%}")

@@ -304,6 +304,16 @@ def accumulating(train_model, rt: Runtime, last: bool):
     return nullcontext()
 
 
+def sync_gradients(train_model, on: bool):
+    """Whether the next backward averages gradients over the ranks (DDP or FSDP), as a switch for loops that do
+    not fit a context manager."""
+    module = getattr(train_model, "_orig_mod", train_model)
+    if fsdp.is_sharded(module):
+        module.set_requires_gradient_sync(on)
+    else:
+        train_model.require_backward_grad_sync = on
+
+
 def grad_norm(norm) -> float:
     """clip_grad_norm_'s result as a number (a DTensor under FSDP)."""
     return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()

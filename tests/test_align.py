@@ -532,16 +532,18 @@ def test_second_ctrl_c_during_the_stop_save_aborts_after_the_file_is_complete(wo
     assert load_checkpoint(str(out / "ckpt_last.pt"))["resume"]["iter_num"] == 6, output
 
 
-def test_ddp_follows_one_process_and_sigterm_stops_every_rank_together(workdir, tmp_path, main):
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_ddp_follows_one_process_and_sigterm_stops_every_rank_together(workdir, tmp_path, main, fsdp):
     """2 ranks (torchrun, gloo) x 8 pairs take the same pairs per step as 1 process x 2 micro-steps of 8, so the
     losses agree to float rounding (dropout 0: the ranks draw their own masks). SIGTERM to torchrun (as a scheduler
     sends it) is forwarded to both ranks; they agree on the step to stop at, save one checkpoint holding both
-    ranks' RNG states, and print the torchrun command that resumes."""
+    ranks' RNG states, and print the torchrun command that resumes. The same under FSDP (the policy sharded, its
+    full state gathered on save)."""
     args = [str(workdir / "align_synthetic.py"), f"--init_from={workdir / 'start'}", "--dropout=0.0",
             f"--dataset={workdir / 'train.jsonl'}", f"--val_split={workdir / 'val.jsonl'}", "--batch_size=8",
             "--log_interval=1", "--eval_interval=1000", "--device=cpu"]
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "align.py", *args, "--max_iters=1000", f"--out_dir={tmp_path / 'ddp'}"], cwd=REPO,
+                          "align.py", *args, "--max_iters=1000", f"--out_dir={tmp_path / 'ddp'}", f"--fsdp={fsdp}"], cwd=REPO,
                          env=env(workdir / "hf"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in p.stdout:
@@ -554,6 +556,7 @@ def test_ddp_follows_one_process_and_sigterm_stops_every_rank_together(workdir, 
     ckpt = load_checkpoint(str(tmp_path / "ddp"))
     stopped = ckpt["resume"]["iter_num"]
     assert "DDP world size 2" in output and "8 per micro-step x 1 grad accum x 2 processes" in output, output
+    assert ("(FSDP over 2 rank(s)" if fsdp else "(DDP over 2 rank(s)") in output, output
     assert 4 <= stopped < 20 and len(ckpt["resume"]["rng"]) == 2, output
     assert "stopped by SIGTERM. Resume with:\n  torchrun --nproc_per_node=2 (and your other torchrun flags) align.py " \
            f"--init_from=resume --out_dir={tmp_path / 'ddp'}" in output

@@ -375,6 +375,12 @@ def uneven_sft(path, n=30):
     return str(path)
 
 
+def labelled(path, n=40):
+    """Sentiment records in JSONL: {"text", "label"}."""
+    path.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in sentiment_rows(n, seed=1)))
+    return str(path)
+
+
 def test_accumulation_4_x_batch_2_equals_batch_8(tmp_path, monkeypatch, capsys):
     """batching='random' cuts one shuffled order into consecutive batches, and micro-batch m of step k is batch
     k * 4 + m: both runs see the same 8 records per step. The loss is the mean over all response tokens of the
@@ -406,17 +412,24 @@ def test_accumulation_4_x_batch_2_equals_batch_8(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
 
 
-def test_ddp_two_ranks_equal_one_process_with_the_whole_batch(tmp_path, monkeypatch):
+@pytest.mark.parametrize("task,fsdp", [("instruct", False), ("instruct", True), ("classify", True)])
+def test_ddp_two_ranks_equal_one_process_with_the_whole_batch(tmp_path, monkeypatch, task, fsdp):
     """2 ranks x batch 4 see, at each step, the 8 records that one process sees as one batch (micro-batch r of
-    the step goes to rank r); the loss over all the step's tokens and the logged, all-reduced metrics agree."""
-    data = uneven_sft(tmp_path / "sft.jsonl")
+    the step goes to rank r); the loss over all the step's tokens and the logged, all-reduced metrics agree. The
+    same with FSDP (fsdp=True: parameters, gradients and optimizer states sharded; the classification head too)."""
+    data = uneven_sft(tmp_path / "sft.jsonl") if task == "instruct" else labelled(tmp_path / "cls.jsonl")
     args = [f"--dataset={data}", "--init_from=scratch", *TINY, "--batching=random", "--max_iters=2",
-            "--val_fraction=0.2", "--eval_interval=2", "--eval_iters=2", "--log_interval=1", "--sample_interval=0",
-            "--learning_rate=1e-3", "--warmup_iters=0", "--dtype=float32"]  # batch shapes differ: no bf16 rounding
+            "--val_fraction=0.2", "--eval_interval=2", "--eval_iters=3", "--log_interval=1", "--sample_interval=0",
+            "--learning_rate=1e-3", "--warmup_iters=0", "--dtype=float32",  # batch shapes differ: no bf16 rounding
+            f"--task={task}", "--final_eval=False"]
     run_here(args + [f"--out_dir={tmp_path / 'one'}", "--batch_size=8"], monkeypatch)
-    out = run(args + [f"--out_dir={tmp_path / 'ddp'}", "--batch_size=4"], tmp_path,
+    out = run(args + [f"--out_dir={tmp_path / 'ddp'}", "--batch_size=4", f"--fsdp={fsdp}"], tmp_path,
               launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
     assert "DDP world size 2" in out and out.count("iter 2: loss") == 1  # rank 0 prints
+    assert ("(FSDP over 2 rank(s)" if fsdp else "(DDP over 2 rank(s)") in out
+    if task == "classify":
+        a, b = load_checkpoint(str(tmp_path / "one")), load_checkpoint(str(tmp_path / "ddp"))
+        assert a["labels"] == b["labels"] and max((a["head"][k] - b["head"][k]).abs().max() for k in a["head"]) < 1e-6
     for kind in ("train", "eval"):
         a, b = read_log(tmp_path / "one", kind), read_log(tmp_path / "ddp", kind)
         for key in ("loss", "acc", "val_loss", "val_acc"):
