@@ -55,6 +55,11 @@ def test_fsdp_equals_one_process_and_its_checkpoint_goes_anywhere(tmp_path, monk
                         "--num_samples=1", "--max_new_tokens=8", "--start=Shall"], cwd=ROOT, env=env(tmp_path),
                        capture_output=True, text=True, timeout=120)
     assert s.returncode == 0 and "Shall" in s.stdout, s.stderr[-2000:]
+    (tmp_path / "text.txt").write_text("Shall I compare thee to a summer's day?\n" * 4)
+    e = subprocess.run([sys.executable, "eval.py", f"--init_from={tmp_path / 'fsdp'}", "--device=cpu",
+                        "--task=perplexity", f"--text_file={tmp_path / 'text.txt'}"], cwd=ROOT, env=env(tmp_path),
+                       capture_output=True, text=True, timeout=120)
+    assert e.returncode == 0 and "perplexity" in e.stdout, e.stdout[-2000:] + e.stderr[-2000:]
     # an FSDP checkpoint resumed by one process, and a one-process checkpoint resumed under FSDP, with another
     # number of ranks: both end where the uninterrupted runs end
     for first, then, name in ((TORCHRUN, None, "fsdp_then_one"), (None, TORCHRUN, "one_then_fsdp")):
