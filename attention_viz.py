@@ -31,6 +31,8 @@ import torch
 from configurator import configure
 from lib.checkpoint import GPT2_NAMES
 from lib.errors import install
+from lib.heads import (attention_maps, data_token_ids, flag_heads, head_stats,
+                       induction_score, repeated_random_tokens)
 from lib.models import load_model
 from lib.runtime import print0, setup_runtime
 
@@ -54,6 +56,7 @@ html = False  # write attention.html (all layers and heads of the prompt)
 # statistics (--summary)
 induction_len = 64  # length L of the random sequence that is repeated (capped by block_size and the vocabulary)
 induction_batch = 8  # random sequences averaged
+induction_data = ""  # token files whose ids the random sequences are drawn from; '' = the model's training data
 flag_threshold = 0.4  # listed as a previous-token / induction head from this score (uniform attention: 1/(t+1))
 # looks
 gamma = 0.5  # colour ~ weight**gamma: 1 = linear, 0.5 keeps small weights visible next to an attention sink
@@ -126,59 +129,6 @@ def find_query(q, texts: list) -> int:
     ends = torch.tensor([len(t) for t in texts]).cumsum(0)  # (T,) end offset of each token in joined
     return int((ends > at + len(q) - 1).nonzero()[0])
 
-
-@torch.no_grad()
-def attention_maps(model, idx: torch.Tensor) -> torch.Tensor:
-    """The model's own attention probabilities for token ids idx (B, T): (n_layer, B, nh, T, T) float32 on the
-    CPU. Run it under the autocast context of the chosen dtype, if any."""
-    _, _, attns = model(idx.to(next(model.parameters()).device), return_attn=True)
-    return torch.stack([a.float().cpu() for a in attns])
-
-# ----------------------------------------------------------------------------------------------
-# per-head statistics
-
-
-def head_stats(att: torch.Tensor) -> dict:
-    """att (..., T, T) -> {entropy, sink, prev}, each (...), averaged over the query positions 1..T-1
-    (position 0 can only attend to itself). entropy in nats: uniform attention at position t gives log(t+1)."""
-    p = att[..., 1:, :]  # (..., T-1, T)
-    entropy = -torch.special.xlogy(p, p).sum(-1).mean(-1)  # xlogy: 0 log 0 = 0
-    # attention to the first token, an "attention sink" (Xiao et al. 2023, arXiv:2309.17453, section 3.1)
-    sink = p[..., 0].mean(-1)
-    prev = torch.diagonal(att, offset=-1, dim1=-2, dim2=-1).mean(-1)  # weight of token t on token t-1
-    return {"entropy": entropy, "sink": sink, "prev": prev}
-
-
-def induction_score(att: torch.Tensor, start: int, L: int) -> torch.Tensor:
-    """att (..., T, T) on `start` prefix tokens, then L random tokens r, then r again -> (...): the mean
-    attention from each token of the second copy to the token that followed its first occurrence, the
-    "prefix matching" score of induction heads (Olsson et al. 2022, arXiv:2209.11895, section 2)."""
-    q = torch.arange(start + L, start + 2 * L)  # second-copy positions
-    return att[..., q, q - L + 1].mean(-1)  # the first occurrence is at q - L; its successor at q - L + 1
-
-
-def repeated_random_tokens(n_vocab: int, eot, block_size: int, L: int, batch: int, seed: int):
-    """(batch, start + 2L) ids: [<|endoftext|> where the vocabulary has one] + r + r, r drawn without
-    replacement so that every token of r occurs once in it. Returns (ids, start, L) with L capped to fit."""
-    start = 0 if eot is None else 1
-    n = n_vocab - start  # <|endoftext|> is never drawn into r
-    L = min(L, (block_size - start) // 2, n)
-    if L < 2:
-        raise ValueError(f"the induction sequence needs L >= 2 tokens, got L={L} (block_size={block_size}, "
-                         f"vocabulary {n_vocab}); raise --induction_len")
-    g = torch.Generator().manual_seed(seed)
-    r = torch.stack([torch.randperm(n, generator=g)[:L] for _ in range(batch)])  # (batch, L)
-    if eot is not None:
-        r += (r >= eot).long()  # skip over the <|endoftext|> id
-    prefix = torch.full((batch, start), eot if eot is not None else 0, dtype=torch.long)
-    return torch.cat([prefix, r, r], dim=1), start, L
-
-
-def flag_heads(scores: torch.Tensor, threshold: float) -> list:
-    """scores (n_layer, nh) -> [(layer, head, score)] at or above threshold, highest first."""
-    hits = [(l, h, float(scores[l, h])) for l in range(scores.size(0)) for h in range(scores.size(1))
-            if scores[l, h] >= threshold]
-    return sorted(hits, key=lambda x: -x[2])
 
 # ----------------------------------------------------------------------------------------------
 # pictures (matplotlib, imported here only)
@@ -522,9 +472,22 @@ if __name__ == "__main__":
     # ---- per-head statistics: entropy, sink and previous-token on the prompt, induction on random repeats
     if summary:
         s = head_stats(att)  # each (n_layer, nh)
+        # draw ids the model met in training: an unseen token's embedding is untrained and no head can match it
+        run_cfg = (ckpt or {}).get("config") or {}
+        source = induction_data or run_cfg.get("data_dir") or (os.path.join(
+            os.path.dirname(os.path.abspath(__file__)), "data", run_cfg["dataset"]) if run_cfg.get("dataset") else "")
+        try:
+            pool = data_token_ids(source) if source else None
+        except FileNotFoundError as e:
+            if induction_data:
+                raise
+            print0(f"WARNING: the training data of this model is not here ({e}); the induction probe draws from the "
+                   f"whole vocabulary instead (--induction_data=DIR names token files to draw from)")
+            pool = None
         rand, start, n_rep = repeated_random_tokens(tok.n_vocab, tok.eot_token, cfg.block_size, induction_len,
-                                                    induction_batch, seed)
-        print0(f"induction: {induction_batch} random sequences of {n_rep} tokens, each repeated once")
+                                                    induction_batch, seed, pool)
+        print0(f"induction: {induction_batch} random sequences of {n_rep} tokens, each repeated once, drawn from "
+               + (f"the {len(pool):,} ids that occur in {source}" if pool else f"all {tok.n_vocab:,} ids"))
         with rt.autocast():
             ratt = attention_maps(model, rand)  # (n_layer, B, nh, 2L(+1), 2L(+1))
         ind = induction_score(ratt, start, n_rep).mean(1)  # (n_layer, nh), averaged over the sequences

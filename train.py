@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from configurator import configure
-from lib import checkpoint, lifecycle, logs, optim
+from lib import checkpoint, heads, lifecycle, logs, optim
 from lib.errors import install
 from lib.runtime import peak_flops as device_peak_flops  # peak_flops is a config key
 from lib.runtime import print0, setup_runtime
@@ -59,6 +59,7 @@ ckpt_name = "ckpt.pt"  # checkpoint file in out_dir
 sample_interval = 0  # iterations between text samples from sample_prompt (0: off)
 sample_prompt = "\n"  # a fixed prompt, so that successive samples show what the model learned
 sample_tokens = 200  # tokens per sample
+track_heads = False  # each evaluation logs every layer's best previous-token and induction score (+ heads.png)
 # Weights & Biases
 wandb_log = False  # log config, metrics and samples to Weights & Biases
 wandb_project = "llm-e2e"
@@ -99,6 +100,9 @@ muon_lr = 0.02  # Muon's peak learning rate; the schedule scales it alike (its m
 muon_momentum = 0.95  # Muon's Nesterov momentum
 muon_ns_steps = 5  # Newton-Schulz iterations that orthogonalize each Muon update
 muon_ns_dtype = "auto"  # their precision: 'auto' (bfloat16 where it is native, else float32), 'bfloat16', 'float32'
+muon_weight_decay = 0.1  # Muon's own decay, apart from weight_decay (AdamW's): each step shrinks its matrices by
+# lr x this at Muon's lr (torch.optim.Muon's convention). The char demo cut to 1,000 steps, val loss: 0.1 1.7424;
+# 0.025 (AdamW's decay per step: 0.1 x learning_rate / muon_lr) 1.7512; 0 1.7574
 # system
 device = "auto"  # 'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'
 dtype = "auto"  # 'auto' (bf16 on CUDA, fp16 + loss scaling on GPUs without bf16, fp32 elsewhere), 'float32', 'bfloat16', 'float16'
@@ -127,7 +131,7 @@ for key, ok, accepted in [(k, config[k] >= 1, "at least 1") for k in ("batch_siz
                            "log_interval", "sample_tokens", "n_layer", "n_head", "n_embd", "muon_ns_steps")] + \
         [(k, config[k] >= 0, "0 or more") for k in ("max_iters", "eval_iters", "sample_interval", "warmup_iters",
                                                     "total_batch_size", "learning_rate", "min_lr", "weight_decay",
-                                                    "grad_clip", "muon_lr", "flops_budget")] + \
+                                                    "grad_clip", "muon_lr", "flops_budget", "muon_weight_decay")] + \
         [(k, 0 <= config[k] < 1, "in [0, 1)") for k in ("dropout", "beta1", "beta2", "muon_momentum")] + \
         [("n_embd", n_embd % max(n_head, 1) == 0, f"a multiple of n_head={n_head}")]:
     if not ok:
@@ -235,7 +239,7 @@ model_args = asdict(model.config)
 train_model = lifecycle.wrap(model, rt, compile, shard=fsdp, cpu_offload=fsdp_cpu_offload)  # runs the steps
 optimizer = optim.make_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type, optimizer,
                                  muon_lr=muon_lr, muon_momentum=muon_momentum, muon_ns_steps=muon_ns_steps,
-                                 muon_ns_dtype=muon_ns_dtype)  # the name in config["optimizer"], the object here
+                                 muon_ns_dtype=muon_ns_dtype, muon_weight_decay=muon_weight_decay)  # name -> object
 scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")  # fp16 needs loss scaling
 if init_from == "resume":
     iter_num, best_val_loss = lifecycle.restore(ckpt["resume"], optimizer, scaler, rt, model, train_loader)
@@ -264,7 +268,8 @@ if config["optimizer"] == "muon":
     print0(f"optimizer: Muon for the {len(hidden)} matrices inside the blocks ({sum(p.numel() for p in hidden):,} "
            f"parameters; lr {muon_lr:g}, momentum {muon_momentum:g}, Nesterov, {muon_ns_steps} Newton-Schulz steps in "
            f"{str(ns_dtype)[6:]}: {ns_why}), AdamW for the embeddings, LayerNorms and biases ({rest:,} parameters; "
-           f"lr {learning_rate:g}, betas {beta1:g}/{beta2:g}); weight decay {weight_decay:g}")
+           f"lr {learning_rate:g}, betas {beta1:g}/{beta2:g}); weight decay {muon_weight_decay:g} (Muon, at its lr), "
+           f"{weight_decay:g} (AdamW)")
 else:
     print0(f"optimizer: AdamW (lr {learning_rate:g}, betas {beta1:g}/{beta2:g}, weight decay {weight_decay:g})")
 
@@ -295,6 +300,13 @@ def evaluate() -> dict:
 if sample_interval and (master or fsdp):  # under FSDP every rank takes part in generating
     tok = load_tokenizer(tok_meta)
     prompt_ids = tok.encode(sample_prompt)  # fails now, not mid-run, on characters outside the vocabulary
+if track_heads and (master or fsdp):  # watching heads form: the same text and probe at every evaluation
+    if data_source != "bin":
+        raise ValueError("track_heads=True draws its probe from the prepared token files: use data_source='bin'")
+    heads_text = bin_loader("val", seed + 2).next_batch()[0][:8]  # (8, block_size) real text: previous-token score
+    # induction: 8 random sequences of ids that occur in the training data, each repeated (lib/heads.py)
+    heads_probe = heads.repeated_random_tokens(vocab, load_tokenizer(tok_meta).eot_token, block_size, block_size // 2,
+                                               8, seed, heads.data_token_ids(data_dir))
 
 
 @torch.no_grad()
@@ -341,6 +353,8 @@ def log(rec: dict):
                          [r[key] for r in recs if r.get(key) is not None])
                   for name, key in (("train (log lines)", "loss"), ("train", "train_loss"), ("val", "val_loss"))}
         logs.plot_curves(png_path, curves, title=f"{out_dir}: loss")
+        if track_heads:
+            heads.plot_heads(os.path.join(out_dir, "heads.png"), recs, f"{out_dir}: loss and heads")
         plotted_at = rec["iter"]
 
 
@@ -350,6 +364,13 @@ def run_eval() -> dict:
     for split, value in losses.items():
         if not math.isfinite(value):
             lifecycle.stop_non_finite(f"evaluation's {split} loss", value, iter_num, rt, out_dir)
+    if track_heads and (master or fsdp):  # under FSDP every rank takes part in the forward passes
+        with rt.autocast():
+            scores = heads.layer_scores(model, heads_text, heads_probe)
+        print0(f"heads {iter_num}: best previous-token score per layer " + " ".join(f"{v:.2f}" for v in
+               scores["prev_token"]) + ", induction " + " ".join(f"{v:.2f}" for v in scores["induction"]))
+        if master:
+            log({"type": "heads", "iter": iter_num, **scores})
     if master and losses:
         best = min(best_val_loss, losses.get("val", float("inf")))
         print0(f"eval {iter_num}: " + ", ".join(f"{s} loss {v:.4f}" for s, v in losses.items())

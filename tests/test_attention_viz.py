@@ -113,58 +113,7 @@ def test_weights_equal_independent_recomputation():
     assert (att.triu(1) == 0).all(), "a token must not attend to later tokens"
     assert att.max() > 0.5, "the test model's attention is nearly uniform: the comparison would be weak"
 
-# ----------------------------------------------------------------------------------------------
-# statistics on hand-built patterns
-
-
-def causal_uniform(T: int) -> torch.Tensor:
-    return torch.ones(T, T).tril() / torch.arange(1, T + 1)[:, None]
-
-
-def prev_pattern(T: int) -> torch.Tensor:
-    """Every token attends to the one before it (the first to itself)."""
-    p = torch.zeros(T, T)
-    p[0, 0] = 1
-    p[torch.arange(1, T), torch.arange(T - 1)] = 1
-    return p
-
-
-def test_statistics_on_hand_built_patterns():
-    T = 12
-    prev = prev_pattern(T)
-    sink = torch.zeros(T, T)
-    sink[:, 0] = 1
-    att = torch.stack([prev, sink, causal_uniform(T)])[None]  # (B=1, nh=3, T, T)
-    s = av.head_stats(att)
-    assert s["prev"][0, 0] == pytest.approx(1.0) and s["entropy"][0, 0] == pytest.approx(0.0)
-    assert s["sink"][0, 1] == pytest.approx(1.0) and s["entropy"][0, 1] == pytest.approx(0.0)
-    # uniform over the t+1 visible tokens: entropy log(t+1), 1/(t+1) on the first and the previous token
-    t = torch.arange(1, T, dtype=torch.float64)
-    assert s["entropy"][0, 2] == pytest.approx(torch.log(t + 1).mean().item(), abs=1e-6)
-    assert s["sink"][0, 2] == pytest.approx((1 / (t + 1)).mean().item(), abs=1e-6)
-    assert s["prev"][0, 2] == pytest.approx((1 / (t + 1)).mean().item(), abs=1e-6)
-
-    # exact induction: [eot] + r + r, each second-copy token attends to the successor of its first occurrence
-    ids, start, L = av.repeated_random_tokens(n_vocab=50, eot=49, block_size=32, L=64, batch=3, seed=0)
-    assert (start, L) == (1, 15) and ids.shape == (3, 31), "L is capped to fit the block: 1 + 2 * 15 <= 32"
-    assert (ids[:, 0] == 49).all() and (ids[:, 1:16] == ids[:, 16:]).all()
-    assert all(len(set(row[1:16].tolist())) == 15 for row in ids), "r has no repeated token"
-    assert (ids[:, 1:] != 49).all(), "<|endoftext|> is never drawn into r"
-    ids0, _, L0 = av.repeated_random_tokens(n_vocab=20, eot=0, block_size=64, L=64, batch=2, seed=1)
-    assert L0 == 19 and (ids0[:, 1:] != 0).all() and ids0.max() < 20, "L capped by the 19 ids besides eot"
-    T = ids.size(1)
-    ind = causal_uniform(T).clone()
-    for q in range(start + L, start + 2 * L):
-        ind[q] = 0
-        ind[q, q - L + 1] = 1
-        assert ids[0, q] == ids[0, q - L] and ind[q, q - L + 1] == 1  # target = successor of first occurrence
-    att = torch.stack([ind, causal_uniform(T), prev_pattern(T)])[None]
-    score = av.induction_score(att, start, L)[0]
-    assert score[0] == pytest.approx(1.0)
-    assert score[1] < 0.1 and score[2] == 0, f"uniform and previous-token heads are not induction heads: {score}"
-
-    flagged = av.flag_heads(torch.tensor([[0.1, 0.9], [0.5, 0.39]]), 0.4)
-    assert flagged == [(0, 1, pytest.approx(0.9)), (1, 0, pytest.approx(0.5))]
+# (the statistics themselves, on hand-built patterns: tests/test_heads.py)
 
 # ----------------------------------------------------------------------------------------------
 # tokens, labels and bad input
