@@ -22,7 +22,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from finetune import encode_records, evaluate, make_batch, plot_confusion, read_split
+from finetune import evaluate, make_batch, plot_confusion
 from torch.nn import functional as F
 
 from lib.checkpoint import load_checkpoint, make_checkpoint, resume_state, save_checkpoint
@@ -31,6 +31,7 @@ from lib.finetuning import (Finetuned, answer, class_metrics, class_report, enco
 from lib.models import load_model
 from lib.optim import make_optimizer
 from lib.runtime import Runtime
+from lib.sft_data import encode_records, read_split
 from lib.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
 
