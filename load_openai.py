@@ -48,6 +48,7 @@ if __name__ == "__main__":
     from_dir = ""  # convert a folder already on disk (either layout, any shape) instead of downloading
     init_from = ""  # for --export_hf: a checkpoint of any script (file, or folder with ckpt.pt) or a GPT-2 name
     out_dir = ""  # write OUT_DIR/ckpt.pt (an 'imported' checkpoint every script reads); '' = only fill the cache
+    overwrite = False  # True: replace an OUT_DIR/ckpt.pt that is there already (else load_openai.py stops, naming it)
     export_hf = ""  # write DIR/config.json + model.safetensors for transformers' GPT2LMHeadModel; '' = none
     export_gguf = ""  # write FILE for llama.cpp (its gpt2 architecture; GPT-2-token models only); '' = none
     gguf_type = "f16"  # --export_gguf's weights: 'f32' | 'f16' | 'q8_0'
@@ -60,6 +61,9 @@ if __name__ == "__main__":
     argv = [a + "=True" if a == "--check" else a for a in sys.argv[1:]]  # a bare --check means --check=True
     config = configure({k: v for k, v in globals().items() if k.islower()}, argv); globals().update(config)
 
+    if out_dir and os.path.exists(os.path.join(out_dir, "ckpt.pt")) and not overwrite:
+        raise ValueError(f"--out_dir={out_dir} already holds ckpt.pt, which this import would overwrite; use it as it "
+                         f"is (--init_from={out_dir}), choose another --out_dir, or replace it: --overwrite=True")
     if not (out_dir or check or export_hf or export_gguf) and (from_dir or init_from):
         raise ValueError(f"--{'from_dir' if from_dir else 'init_from'}={from_dir or init_from!r} needs --out_dir=DIR "
                          f"(write DIR/ckpt.pt), --export_hf=DIR, --export_gguf=FILE and/or --check")

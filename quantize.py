@@ -130,6 +130,7 @@ if __name__ == "__main__":
     # I/O
     init_from = "resume"  # 'resume' (out_dir/ckpt_name), a GPT-2 name ('gpt2', ...), or a checkpoint file/folder
     out_dir = "out"  # where ckpt_<mode>.pt and quant_report.json are written
+    overwrite = False  # True: replace an existing out_dir/ckpt_<mode>.pt (else quantize.py stops, naming it)
     ckpt_name = "ckpt.pt"  # the float checkpoint to quantize (with init_from='resume')
     # quantization
     mode = "int8"  # 'int8' (per output channel, symmetric) or 'int4' (groups of input columns, affine)
@@ -171,6 +172,10 @@ if __name__ == "__main__":
     elif report and not text_file:
         print0("WARNING: --report without --dataset or --text_file measures no loss; add "
                "--dataset=shakespeare_char (data/<name>/val.bin) or --text_file=FILE")
+    path = os.path.join(out_dir, f"ckpt_{mode}.pt")
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"{path} exists already (an earlier {mode} quantization); --overwrite=True replaces it, or "
+                         f"write elsewhere with --out_dir=DIR --init_from=FLOAT_CHECKPOINT")
     torch.manual_seed(seed)
     # ------------------------------------------------------------------------------------------
     # load the float model, quantize, save
@@ -179,7 +184,6 @@ if __name__ == "__main__":
     source = ckpt["path"] if ckpt is not None else init_from  # the float file (or GPT-2 name) it came from
     t0 = time.time()
     qckpt = quantized_checkpoint(model, ckpt, tok, quantizer, source)
-    path = os.path.join(out_dir, f"ckpt_{mode}.pt")
     save_checkpoint(qckpt, path)
     fp32_linear, q_linear = linear_bytes(model.state_dict(), model), linear_bytes(qckpt["model"], model)
     print0(f"quantized {len(quantizer.targets(model))} Linear layers to {mode}"

@@ -108,8 +108,8 @@ if [ "$(state attention)" = done ]; then skip attention "${ATTENTION[@]}"; else 
 if [ "$(state quantize)" = done ]; then
     skip quantize "$PY" quantize.py --init_from="$OUT/dpo" --out_dir="$OUT/quantize"
 else
-    run quantize run "$PY" quantize.py --init_from="$OUT/dpo" --out_dir="$OUT/quantize" --mode=int8 "${QUANT_ARGS[@]}"
-    run quantize run "$PY" quantize.py --init_from="$OUT/dpo" --out_dir="$OUT/quantize" --mode=int4 --report=True \
+    run quantize run "$PY" quantize.py --init_from="$OUT/dpo" --out_dir="$OUT/quantize" --mode=int8 --overwrite=True "${QUANT_ARGS[@]}"
+    run quantize run "$PY" quantize.py --init_from="$OUT/dpo" --out_dir="$OUT/quantize" --mode=int4 --overwrite=True --report=True \
         --text_file="$TASKS/heldout.txt" "${QUANT_ARGS[@]}"
 fi
 

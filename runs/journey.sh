@@ -116,8 +116,8 @@ fi
 if [ "$(state quantize)" = done ]; then
     skip quantize "$PY" quantize.py --init_from="$OUT/dpo" --out_dir="$OUT/quantize"
 else
-    run quantize run "$PY" quantize.py --init_from="$OUT/dpo" --out_dir="$OUT/quantize" --mode=int8 "${QUANT_ARGS[@]}"
-    run quantize run "$PY" quantize.py --init_from="$OUT/dpo" --out_dir="$OUT/quantize" --mode=int4 --report=True \
+    run quantize run "$PY" quantize.py --init_from="$OUT/dpo" --out_dir="$OUT/quantize" --mode=int8 --overwrite=True "${QUANT_ARGS[@]}"
+    run quantize run "$PY" quantize.py --init_from="$OUT/dpo" --out_dir="$OUT/quantize" --mode=int4 --overwrite=True --report=True \
         --text_file="$TASKS/heldout.txt" --limit=$PPL_TOKENS --task_file="$TASKS/task_val.jsonl" "${QUANT_ARGS[@]}"
 fi
 

@@ -206,3 +206,19 @@ def test_a_new_run_never_replaces_a_checkpoint_silently(tmp_path):
         assert f"the earlier run's log in {str(out)!r} is now log.{n}.jsonl" in r.stdout
     assert (out / "log.1.jsonl").read_text() == '{"type": "train", "iter": 1, "loss": 1.0}\n'
     assert sorted(listing(out)) == [".lock", "ckpt.pt", "log.1.jsonl", "log.2.jsonl", "log.jsonl", "loss.png"]
+
+
+def test_imports_and_quantized_copies_are_not_replaced_silently(tmp_path):
+    """load_openai.py --out_dir and quantize.py's ckpt_<mode>.pt: a file already there stops the script before it
+    loads or downloads anything, naming the file and --overwrite=True."""
+    out = tmp_path / "out"
+    os.makedirs(out)
+    (out / "ckpt.pt").write_bytes(b"an earlier import")
+    (out / "ckpt_int8.pt").write_bytes(b"an earlier quantization")
+    for argv, expected in ((["load_openai.py", "--model=gpt2", f"--out_dir={out}"],
+                            f"--out_dir={out} already holds ckpt.pt, which this import would overwrite"),
+                           (["quantize.py", "--device=cpu", "--mode=int8", f"--out_dir={out}"],
+                            f"{out / 'ckpt_int8.pt'} exists already (an earlier int8 quantization); --overwrite=True")):
+        r = run(tmp_path, *argv)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and expected in r.stderr, r.stderr[-2000:]
+    assert (out / "ckpt.pt").read_bytes() == b"an earlier import" and listing(out) == ["ckpt.pt", "ckpt_int8.pt"]

@@ -206,8 +206,7 @@ def test_cli_refuses_what_it_cannot_do(tmp_path, monkeypatch):
     save_checkpoint(Q.quantized_checkpoint(model, ckpt, None, WeightOnlyQuantizer("int8"), str(tmp_path / "ckpt.pt")),
                     str(tmp_path / "q.pt"))
     cases = [([f"--init_from={tmp_path / 'q.pt'}", f"--export_hf={tmp_path / 'hf'}"],
-              r"q.pt' is quantized; GPT-2's Hugging Face format holds float weights: export the float checkpoint, "
-              r"--init_from=.*ckpt.pt"),
+              r"q.pt' is quantized; export the float checkpoint it was made from, --init_from=.*ckpt.pt"),
              ([f"--init_from={tmp_path / 'ckpt.pt'}", f"--out_dir={tmp_path / 'o'}"],
               r"--init_from='.*ckpt.pt' is already a checkpoint: use it as it is, or --export_hf=DIR"),
              ([f"--init_from={tmp_path / 'ckpt.pt'}"], r"--init_from='.*ckpt.pt' needs --out_dir=DIR .*--export_hf=DIR"),
