@@ -33,12 +33,11 @@ import torch
 import torch.distributed as dist
 
 from configurator import configure
-from lib import checkpoint, heads, lifecycle, logs, optim
+from lib import checkpoint, heads, lifecycle, logs, optim, tokens
 from lib.errors import install
 from lib.runtime import peak_flops as device_peak_flops  # peak_flops is a config key
 from lib.runtime import print0, setup_runtime
 from lib.tokenizer import load_tokenizer
-from lib.tokens import BinLoader, data_tokenizer, largest_id
 from model import GPT, GPTConfig
 
 install()  # a user's error is one line 'error: ...', Ctrl-C is 'interrupted' (lib/errors.py)
@@ -137,8 +136,8 @@ for key, ok, accepted in [(k, config[k] >= 1, "at least 1") for k in ("batch_siz
     if not ok:
         raise ValueError(f"{key} must be {accepted}, got {config[key]!r}")
 if fsdp and config["optimizer"] == "muon":
-    raise ValueError("optimizer='muon' is not offered with fsdp=True: Newton-Schulz needs each whole matrix, which FSDP "
-                     "shards over the ranks; use --optimizer=adamw with FSDP, or Muon with DDP (--fsdp=False)")
+    raise ValueError("optimizer='muon' is not offered with fsdp=True: Newton-Schulz needs each whole matrix, which "
+                     "FSDP shards over the ranks; use --optimizer=adamw with FSDP, or Muon with DDP (--fsdp=False)")
 lifecycle.check_out_dir(out_dir, init_from, overwrite, "train.py")
 if init_from not in ("scratch", "resume") + checkpoint.GPT2_NAMES and not os.path.exists(init_from):
     raise ValueError(f"init_from must be 'scratch', 'resume', one of {checkpoint.GPT2_NAMES} or an existing checkpoint "
@@ -163,12 +162,13 @@ torch.manual_seed(seed + rt.ddp_rank)  # dropout differs per rank; DDP copies ra
 
 data_dir = data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
 # what the token files hold, from the meta.json (and meta.pkl) their prepare script wrote; checked against the model
-tok_meta, data_ids, max_id = data_tokenizer(data_dir) if data_source == "bin" else ({"tokenizer": "gpt2"}, 50257, None)
+tok_meta, data_ids, max_id = ({"tokenizer": "gpt2"}, 50257, None) if data_source == "stream" else \
+    tokens.data_tokenizer(data_dir)
 data_vocab = 50304 if tok_meta["tokenizer"] == "gpt2" else data_ids  # GPT-2's 50257 ids padded to a multiple of 64
 
 
-def bin_loader(split: str, seed_: int) -> BinLoader:
-    return BinLoader(data_dir, split, batch_size, block_size, rt.ddp_rank, W, seed_, data_order, rt.device)
+def bin_loader(split: str, seed_: int) -> tokens.BinLoader:
+    return tokens.BinLoader(data_dir, split, batch_size, block_size, rt.ddp_rank, W, seed_, data_order, rt.device)
 
 
 if data_source == "bin":
@@ -227,7 +227,7 @@ if saved_tok != tok_meta or (vocab < 50257 if tok_meta["tokenizer"] == "gpt2" el
                      f"{saved_tok['tokenizer']} ({vocab} ids), the data's {tok_meta['tokenizer']} ({data_vocab} ids, "
                      f"{data_dir!r}); use data prepared with the model's tokenizer")
 if max_id is None and data_source == "bin":  # no meta.json to say: small files are read through now
-    max_id = largest_id([f for loader in (train_loader, *eval_loaders.values()) for f in loader.files])
+    max_id = tokens.largest_id([f for loader in (train_loader, *eval_loaders.values()) for f in loader.files])
 if max_id is not None and max_id >= vocab:
     raise ValueError(f"the token files in {data_dir!r} hold ids up to {max_id} (their meta.json, or read now), "
                      f"beyond the model's vocabulary of {vocab} ids; prepare the data with the model's tokenizer")
