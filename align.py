@@ -247,10 +247,7 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     if loss_type != "cdpo" and label_smoothing != 0:
         raise ValueError(f"label_smoothing={label_smoothing!r} only applies to loss_type='cdpo' (got "
                          f"loss_type={loss_type!r}); use --loss_type=cdpo or --label_smoothing=0")
-    check_settings(lora_rank, lora_alpha, lora_dropout, lora_targets)
-    if fsdp and lora_rank:
-        raise ValueError(f"LoRA (lora_rank={lora_rank}) is not offered with fsdp=True: its adapters are small, and the "
-                         f"frozen model it adapts is what FSDP would shard; use LoRA with DDP (--fsdp=False)")
+    check_settings(lora_rank, lora_alpha, lora_dropout, lora_targets, fsdp)
     for key in ("batch_size", "total_batch_pairs", "val_pairs", "eval_interval", "log_interval", "block_size"):
         if config[key] < 1:
             raise ValueError(f"{key} must be >= 1, got {config[key]!r}")

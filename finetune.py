@@ -220,10 +220,7 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     if own:  # align.py refuses the same mistake: held-out records that are trained on measure nothing
         raise ValueError(f"--val_split/--test_split={own[0]!r} is the training file itself (--dataset={dataset!r}); "
                          f"name a held-out file, or leave --val_split='' to hold out val_fraction of the records")
-    check_settings(lora_rank, lora_alpha, lora_dropout, lora_targets)
-    if fsdp and lora_rank:
-        raise ValueError(f"LoRA (lora_rank={lora_rank}) is not offered with fsdp=True: its adapters are small, and the "
-                         f"frozen model it adapts is what FSDP would shard; use LoRA with DDP (--fsdp=False)")
+    check_settings(lora_rank, lora_alpha, lora_dropout, lora_targets, fsdp)
     if lora_rank and (init_from == "scratch" or n_trainable_layers != -1):
         raise ValueError(f"LoRA (lora_rank={lora_rank}) adapts a pre-trained model and trains nothing else: it takes "
                          f"neither init_from='scratch' nor n_trainable_layers (got init_from={init_from!r}, "

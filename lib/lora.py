@@ -52,7 +52,7 @@ def parse_targets(targets: str) -> list:
     return names
 
 
-def check_settings(rank: int, alpha: float, dropout: float, targets: str):
+def check_settings(rank: int, alpha: float, dropout: float, targets: str, fsdp: bool = False):
     """Refuse bad LoRA keys before any model is built (rank 0 = LoRA off: nothing else is checked)."""
     if not isinstance(rank, int) or rank < 0:
         raise ValueError(f"lora_rank must be an int >= 0 (0 = full fine-tuning), got {rank!r}; e.g. --lora_rank=8")
@@ -63,6 +63,9 @@ def check_settings(rank: int, alpha: float, dropout: float, targets: str):
         if not 0 <= dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {dropout!r}; e.g. --lora_dropout=0.05")
         parse_targets(targets)
+        if fsdp:
+            raise ValueError(f"LoRA (lora_rank={rank}) is not offered with fsdp=True: its adapters are small, and the "
+                             f"frozen model it adapts is what FSDP would shard; use LoRA with DDP (--fsdp=False)")
 
 
 def add_lora(gpt, rank: int, alpha: float, dropout: float, targets: str, norms: bool = False) -> int:
