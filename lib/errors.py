@@ -10,6 +10,7 @@ An error from inside torch, numpy or Python itself, or any other exception, is a
 """
 
 import os
+import signal
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
@@ -52,6 +53,9 @@ def install():
     """Make an uncaught exception end the script like this: Ctrl-C prints `interrupted` and exits 130; a
     ValueError, FileNotFoundError, TypeError, PermissionError or ImportError raised in this project's own files
     prints `error: <message>` and exits 2; anything else keeps Python's traceback and exit status 1. Under torchrun
-    only rank 0 prints the one line. Set LLM_E2E_TRACEBACK=1 to see the full traceback of every error."""
+    only rank 0 prints the one line. Set LLM_E2E_TRACEBACK=1 to see the full traceback of every error.
+    Ctrl-C raises KeyboardInterrupt also in a process that started with SIGINT ignored (a non-interactive runner's
+    child), where Python would otherwise leave it ignored; the trainers then install their own stop handler."""
     sys.excepthook = _hook
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 

@@ -7,6 +7,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -67,8 +68,11 @@ def test_replies_continue_the_conversation_and_old_turns_are_dropped_once(sft):
 
 
 def read_until(proc, seen, text, timeout=120.0):
-    """Read proc's stdout into seen[0] (bytes) until text appears after position seen[1]; move seen[1] past it."""
+    """Read proc's stdout into seen[0] (bytes) until text appears after position seen[1], within timeout seconds;
+    move seen[1] past it."""
+    deadline = time.time() + timeout
     while text.encode() not in seen[0][seen[1]:]:
+        assert time.time() < deadline, f"no {text!r} within {timeout} s; read {seen[0][-2000:]!r}"
         ready, _, _ = select.select([proc.stdout], [], [], timeout)
         assert ready, f"no {text!r} after {timeout} s; read {seen[0]!r}"
         chunk = os.read(proc.stdout.fileno(), 4096)
