@@ -484,7 +484,7 @@ def test_malformed_lambada_rows_and_bad_options(tmp_path, setup, monkeypatch):
         ev.eval_perplexity(model, tok, WINDOW, 50257, CPU)
 
 @pytest.mark.parametrize("args,error,match", [
-    (["--task=mmlu"], ValueError, "task must be 'hellaswag', 'lambada' or 'perplexity', got 'mmlu'"),
+    (["--task=mmlu"], ValueError, "task must be 'hellaswag', 'lambada', 'perplexity' or 'harness', got 'mmlu'"),
     (["--limit=-1"], ValueError, "limit and block_size must be >= 0 and batch_size >= 1, got limit=-1"),
     (["--hellaswag_prompt=mc"], ValueError, "hellaswag_prompt must be 'ctx' or 'harness', got 'mc'"),
     (["--task=perplexity", "--data_file=x.jsonl"], ValueError, "--data_file and --source are for hellaswag and"),
