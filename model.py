@@ -53,8 +53,9 @@ class KVCache:
         when each new token sees every cached one and the new ones causally (no prefix, or one new token), else
         (T, pos + T) bool, True where a query may look."""
         if self.k is None:
-            self.k = torch.zeros(self.shape, device=k.device, dtype=k.dtype)
-            self.v = torch.zeros(self.shape, device=v.device, dtype=v.dtype)
+            # empty, not zeros: only filled positions are ever read, and zeroing 2 x 38 MB (GPT-2 small) costs ~80 ms
+            self.k = torch.empty(self.shape, device=k.device, dtype=k.dtype)
+            self.v = torch.empty(self.shape, device=v.device, dtype=v.dtype)
         T, past = k.size(2), self.pos
         self.k[layer, :, :, past:past + T] = k
         self.v[layer, :, :, past:past + T] = v
@@ -234,11 +235,34 @@ class GPT(nn.Module):
         elif targets is not None:
             logits = self.lm_head(x)  # (B, T, vocab)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        elif last_only:
+            logits = self._next_token_logits(x[:, [-1], :])  # (B, 1, vocab)
         else:
-            logits = self.lm_head(x[:, [-1], :] if last_only else x)  # (B, 1 or T, vocab)
+            logits = self.lm_head(x)  # (B, T, vocab)
         if return_attn:
             return logits, loss, attns
         return logits, loss
+
+    def _next_token_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """lm_head for one position per row. On a CPU without autograd it multiplies by a contiguous (C, vocab)
+        copy of the weight: MKL's vector-matrix product reads that layout ~1.5-2x faster than nn.Linear's
+        (vocab, C), and at GPT-2 small the head is a third of a decoded token's time (docs/quantization.md#benchpy).
+        The copy (+vocab * C floats) is rebuilt whenever the weight changes (version counter or storage)."""
+        head = self.lm_head
+        if (x.device.type != "cpu" or torch.is_grad_enabled() or type(head) is not nn.Linear
+                or torch.is_autocast_enabled("cpu") or x.dtype != head.weight.dtype):
+            return head(x)
+        w = head.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.shape)
+        if getattr(self, "_head_t_key", None) != key:
+            # the source is kept alive with the copy, so its address cannot be reused by another tensor
+            self._head_t, self._head_t_src, self._head_t_key = None, None, None
+            self._head_t, self._head_t_src, self._head_t_key = w.detach().t().contiguous(), w.detach(), key
+        return x @ self._head_t
+
+    def train(self, mode: bool = True):
+        self._head_t, self._head_t_src, self._head_t_key = None, None, None  # the copy is rebuilt when needed
+        return super().train(mode)
 
     def crop_block_size(self, block_size: int):
         """Shrink the context (e.g. load GPT-2's 1024 and train on 256) by cutting the position table."""

@@ -11,14 +11,16 @@ Sample from a trained model or from OpenAI's GPT-2, streaming the text as it is 
 
 Any checkpoint that holds a model works (pre-trained, fine-tuned, aligned, imported, quantized). The tokenizer is
 the one stored in the checkpoint, else --meta=PATH, else a meta.pkl next to the checkpoint (nanoGPT's layout), else
-its dataset's, else GPT-2's; the first line says which. Generation uses the KV cache; on CUDA the forward runs under
-bf16 autocast (--dtype). The last line gives the decoding speed in tokens/s.
+its dataset's, else GPT-2's; the first line says which. Generation uses the KV cache; with --dtype=bfloat16 (the
+default on CUDA) the weights are cast to bf16 for decoding (fast on CPUs with AVX512-BF16 or AMX; bench.py prints
+its speed and logit error). The last line gives the decoding speed in tokens/s.
 """
 
 import codecs
 import os
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -93,6 +95,11 @@ best = state.get("best") or {}
 if isinstance(best.get("value"), float) and best["value"] < float("inf"):
     about += f", {best['name'].replace('_', ' ')} {best['value']:.4f}"
 quant = (ckpt or {}).get("quantization")
+autocast = rt.autocast
+if rt.dtype != "float32" and not quant:
+    # decode with bf16/fp16 weights: under autocast every fp32 weight would be re-cast at every token
+    model.to(rt.ptdtype)
+    autocast = nullcontext
 size = f"{quant['mode']}-quantized weights" if quant else f"{model.num_params() / 1e6:.2f}M parameters"
 print0(f"loaded {where}: {size}, {tok.name} tokenizer ({tok.n_vocab:,} tokens){about}")
 V = model.config.vocab_size
@@ -154,7 +161,7 @@ if chat:
                        f"turns are left out from now on)")
                 dropped = True
         utf8, reply = codecs.getincrementaldecoder("utf-8")(errors="replace"), []
-        with rt.autocast():
+        with autocast():
             stream = model.generate_stream(torch.tensor([ids], device=rt.device), max_new_tokens,
                                            temperature=temperature, top_k=top_k or None,
                                            top_p=top_p if top_p < 1 else None, stop_token=tok.eot_token,
@@ -182,7 +189,7 @@ for _ in range(num_samples):
         print0(text, end="", flush=True)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds a split character until complete
     t0 = time.perf_counter()
-    with rt.autocast():
+    with autocast():
         stream = model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k or None,
                                        top_p=top_p if top_p < 1 else None, stop_token=stop,
                                        generator=generator, use_cache=kv_cache, vocab_limit=min(tok.n_vocab, V))

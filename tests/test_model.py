@@ -227,6 +227,34 @@ def test_hidden_states_give_the_logits_through_the_head():
     assert torch.allclose(model.lm_head(hidden[:, 5]), logits[:, 5], atol=1e-6)
 
 
+def test_next_token_logits_from_the_transposed_head_copy_follow_the_weights():
+    # generation's one-position logits on a CPU use a (C, vocab) copy of the tied weight: equal to lm_head within
+    # 1e-5 at GPT-2's width and vocabulary, rebuilt after any change of the weight, never used under autograd
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=12, n_embd=768, vocab_size=50257, block_size=32)).eval()
+    idx = torch.randint(0, 50257, (2, 7))
+    with torch.no_grad():
+        hidden = model(idx, return_hidden=True)[0][:, [-1]]
+        fast = model(idx, last_only=True)[0]
+        assert fast.shape == (2, 1, 50257)
+        assert (fast - model.lm_head(hidden)).abs().max() <= 1e-5
+        before = model(idx, last_only=True)[0]
+        model.lm_head.weight.mul_(2)  # in place, like an optimizer step (tied: the embeddings change too)
+        hidden = model(idx, return_hidden=True)[0][:, [-1]]
+        after = model(idx, last_only=True)[0]
+        assert (after - model.lm_head(hidden)).abs().max() <= 2e-5 and (after - before).abs().max() > 0.1
+        model.load_state_dict(GPT(model.config).state_dict())  # new weights through the usual loader
+        hidden = model(idx, return_hidden=True)[0][:, [-1]]
+        assert (model(idx, last_only=True)[0] - model.lm_head(hidden)).abs().max() <= 1e-5
+        model.double()  # new storage in another dtype
+        assert model(idx, last_only=True)[0].dtype == torch.float64
+    logits = model(idx, last_only=True)[0]  # autograd on: the Linear itself, so gradients reach the weight
+    logits.sum().backward()
+    assert model.lm_head.weight.grad is not None
+    model.train()
+    assert model._head_t is None
+
+
 def test_loss_ignores_minus_one_and_overfits_one_batch():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=30, n_layer=2, n_head=2, n_embd=32))
