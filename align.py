@@ -35,6 +35,7 @@ from lib.errors import install
 from lib.finetuning import Finetuned
 from lib.lora import Merged, add_lora, check_settings, load_adapters, load_base, lora_entry, weights_hash
 from lib.preferences import collate, encode_triples, fingerprint, preference_triples, response_tokens
+from lib.progress import progress
 from lib.records import load_records, local_paths
 from lib.runtime import print0, setup_runtime
 from lib.tokenizer import tokenizer_for
@@ -137,8 +138,8 @@ def pair_logps(model, pairs: list, batch_size: int, rt, desc: str = "") -> torch
     batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
     # as many forwards on every rank (FSDP gathers weights in each): a rank short of one repeats one, uncounted
     n = -(-(-(-len(order) // rt.ddp_world_size)) // batch_size)
-    for k, idx in enumerate(logs.progress(batches + [order[:1]] * (n - len(batches)), desc, unit="batches",
-                                          disable=not desc, leave=False)):
+    for k, idx in enumerate(progress(batches + [order[:1]] * (n - len(batches)), desc, unit="batches",
+                                     disable=not desc, leave=False)):
         lp = sequence_logps(model, *collate(pairs, idx, rt.device), rt).cpu()  # (2B,)
         if k < len(batches):
             out[idx] = torch.stack([lp[:len(idx)], lp[len(idx):]], dim=1)

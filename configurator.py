@@ -44,10 +44,9 @@ def _unknown(key: str, known, source: str) -> ValueError:
 
 
 def configure(defaults: dict, argv: list, verbose: Optional[bool] = None, explicit: Optional[set] = None) -> dict:
-    """Resolve a script's config. defaults: the script's globals() (only public int/float/bool/str/tuple/list/
-    None values count as config keys). argv: config file paths and --key=value strings. Returns the full
-    resolved config {key: value}. Prints each override with its source on rank 0 unless verbose=False.
-    explicit: a set that receives the keys that config files or --key=value set (what a resumed run may change)."""
+    """Resolve a script's config -> {key: value}. defaults: the script's globals() (public values of simple type).
+    argv: config file paths and --key=value strings. Prints each override with its source on rank 0 unless
+    verbose=False. explicit: a set that receives the keys that config files or --key=value set."""
     explicit = set() if explicit is None else explicit
     if verbose is None:
         verbose = int(os.environ.get("RANK", "0")) == 0  # torchrun's rank: print once per job

@@ -31,9 +31,10 @@ from configurator import configure
 from lib.checkpoint import GPT2_NAMES, checkpoint_path
 from lib.download import download
 from lib.errors import install
-from lib.logs import append_jsonl, progress
+from lib.logs import append_jsonl
 from lib.models import load_model
 from lib.perplexity import all_reduce_sums, perplexity, score_batch, sliding_windows, text_tokens  # quantize.py's too
+from lib.progress import progress
 from lib.records import load_records, report_bad
 from lib.runtime import cache_root, print0, setup_runtime
 from lib.textfiles import read_text

@@ -22,7 +22,9 @@ LoRA instead of every weight (lib/lora.py; the checkpoint holds the merged weigh
 
 The default prompt template is Alpaca's (below): "### Instruction:" (and "### Input:") then "### Response:",
 the response ended by <|endoftext|>. The loss is the mean over the response tokens of each optimizer step;
-prompts and padding are masked (-1). Records are right-padded: with causal attention, padding after a token
+prompts and padding are masked (-1). With replay_batch_size > 0, windows of pre-training text (replay_dir) join every
+micro-batch and their mean loss is added (x replay_weight), so the model keeps its language model while it learns
+the task (config/journey_sft.py). Records are right-padded: with causal attention, padding after a token
 never changes that token's output.
 """
 
@@ -37,12 +39,13 @@ import torch
 from torch.nn import functional as F
 
 from configurator import configure
-from lib import checkpoint, lifecycle, logs, optim
+from lib import checkpoint, lifecycle, logs, optim, tokens
 from lib.errors import install
 from lib.finetuning import (TEMPLATES, Finetuned, answer, class_metrics, class_report, freeze, pad_right,
                             padded_fraction, plan_batches, plot_confusion, template_marker)
 from lib.lora import Merged, add_lora, check_settings, load_adapters, load_base, lora_entry, weights_hash
 from lib.models import load_model
+from lib.progress import progress
 from lib.runtime import print0, setup_runtime
 from lib.sft_data import encode_records, read_split
 from lib.tokenizer import get_tokenizer, tokenizer_for
@@ -88,7 +91,7 @@ def evaluate(model, examples: list, batches: list, pad_id: int, rt, num_classes:
     mine = batches[rt.ddp_rank::rt.ddp_world_size]
     # as many forwards on every rank (FSDP gathers weights in each): the ranks short of one repeat a batch, uncounted
     mine = mine + [batches[0]] * (-(-len(batches) // rt.ddp_world_size) - len(mine))
-    for k, idx in enumerate(logs.progress(mine, desc=desc, disable=not desc or len(mine) < 100)):
+    for k, idx in enumerate(progress(mine, desc=desc, disable=not desc or len(mine) < 100)):
         x, y = (t.to(rt.device) for t in make_batch(examples, idx, pad_id))
         with rt.autocast():
             logits, loss = model(x, y, reduction="sum")
@@ -142,6 +145,10 @@ label_field = 'label'  # integer class ids or class-name strings
 label_names = []  # class names in id order; [] = the dataset's ClassLabel names, the sorted strings, or '0'..
 truncate = 'left'  # over block_size: 'left' cuts the start (instruct: prompt tokens only), 'right' the end, 'drop'
 batching = 'sorted'  # 'sorted': batches of records of similar length (little padding); 'random'
+# replay (instruct): pre-training text in every step, so the model keeps the language it was trained on
+replay_dir = ''  # a folder of prepared token files (its train split), e.g. 'data/shakespeare'; '' = none
+replay_batch_size = 0  # windows of block_size tokens from it per micro-batch (per GPU); 0 = no replay
+replay_weight = 1.0  # the loss = the responses' mean + replay_weight x the replayed tokens' mean
 # model (init_from='scratch' only: checkpoints bring their own shape)
 n_layer = 12
 n_head = 12
@@ -211,7 +218,8 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     if not (0 < val_fraction < 1 or val_split):
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r} (or name a split: --val_split=...)")
     for key, ok, accepted in [(k, config[k] >= 0, "0 or more") for k in ("max_records", "learning_rate", "min_lr",
-                              "warmup_iters", "max_iters", "weight_decay", "grad_clip")] + \
+                              "warmup_iters", "max_iters", "weight_decay", "grad_clip", "replay_batch_size",
+                              "replay_weight")] + \
             [("epochs", epochs > 0, "more than 0"), ("dropout", 0 <= dropout < 1, "in [0, 1)")]:
         if not ok:
             raise ValueError(f"{key} must be {accepted}, got {config[key]!r}")
@@ -220,6 +228,11 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     if own:  # align.py refuses the same mistake: held-out records that are trained on measure nothing
         raise ValueError(f"--val_split/--test_split={own[0]!r} is the training file itself (--dataset={dataset!r}); "
                          f"name a held-out file, or leave --val_split='' to hold out val_fraction of the records")
+    if replay_batch_size and (task != "instruct" or not replay_dir):
+        raise ValueError(f"replay (replay_batch_size={replay_batch_size}) mixes pre-training text into instruction "
+                         f"tuning: it needs task='instruct' and a folder of token files, got task={task!r}, "
+                         f"replay_dir={replay_dir!r}; e.g. --replay_dir=data/shakespeare (python "
+                         f"data/shakespeare/prepare.py writes it)")
     check_settings(lora_rank, lora_alpha, lora_dropout, lora_targets, fsdp)
     if lora_rank and (init_from == "scratch" or n_trainable_layers != -1):
         raise ValueError(f"LoRA (lora_rank={lora_rank}) adapts a pre-trained model and trains nothing else: it takes "
@@ -318,6 +331,11 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
             print0(f"WARNING: {split}: skipped {n['dropped']:,} records too long for {T} tokens (truncate={truncate!r};"
                    f" --truncate=left keeps what fits)")
     train_examples, train_lengths = data["train"]
+    replay = None  # windows of pre-training text: batch g of the loader is a pure function of (seed, g), so a resume
+    if replay_batch_size:  # needs only the step count
+        replay = tokens.BinLoader(replay_dir, "train", replay_batch_size, T, rt.ddp_rank, world, seed,
+                                  vocab_size=gpt.config.vocab_size)
+        print0(f"replay: {replay_batch_size} x {T} tokens of {replay_dir} per micro-batch, weight {replay_weight:g}")
     n_labels = np.array([1 if isinstance(y, int) else len(y) - y.count(-1) for _, y in train_examples])
     plan = functools.lru_cache(maxsize=2)(lambda epoch: plan_batches(train_lengths, batch_size, seed, epoch, batching))
     nb = len(plan(0))
@@ -420,8 +438,8 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
     G, start_iter, t_start = gradient_accumulation_steps, iter_num, time.time()
     if iter_num == 0:
         run_eval()  # the starting model's loss, a baseline
-    sums = torch.zeros(2, dtype=torch.float64, device=rt.device)  # since the last log line: summed loss, correct
-    counts = np.zeros(3)  # and on the host: labels, real tokens, all tokens (real + padding)
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # since the last log line: summed loss, correct,
+    counts = np.zeros(4)  # replayed tokens' summed loss; on the host: labels, real tokens, all tokens, replayed labels
     t_log, window, saved_at = time.time(), 0, iter_num
     while iter_num < max_iters:
         lr = optim.lr_at(iter_num, learning_rate, warmup_iters, decay_iters, min_lr, decay_lr)
@@ -433,16 +451,26 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
         # communication; the factor world undoes DDP's averaging of the gradients over the ranks.
         step = [batch_of((iter_num * G + m) * world + r) for m in range(G) for r in range(world)]
         total = float(sum(n_labels[idx].sum() for idx in step))
+        replayed = replay_batch_size * T * G * world  # the replayed labels of the step: every position of a window
         for micro in range(G):
             idx = step[micro * world + rt.ddp_rank]
-            x, y = (t.to(rt.device) for t in make_batch(train_examples, idx, pad_id))
-            # DDP averages gradients over the ranks at the last micro-step only; before it they just accumulate
-            with lifecycle.accumulating(train_model, rt, last=micro == G - 1):
-                with rt.autocast():
-                    logits, loss = train_model(x, y, reduction="sum")
-                scaler.scale(loss * (world / total)).backward()
-            sums += torch.stack([loss.detach(), (logits.detach().argmax(-1) == y[y != -1]).sum().double()])
-            counts += [n_labels[idx].sum(), sum(train_lengths[i] for i in idx), x.numel()]
+            x, y = make_batch(train_examples, idx, pad_id)
+            if replay is not None:  # the replayed windows as more rows, the records padded to their length T
+                replay.step = iter_num * G + micro  # this rank's batch (iter_num * G + micro) * world + rank
+                xr, yr = replay.next_batch()
+                x = torch.cat([F.pad(x, (0, T - x.size(1)), value=pad_id), xr.cpu()])  # (B + R, T)
+                y = torch.cat([F.pad(y, (0, T - y.size(1)), value=-1), yr.cpu()])  # (B + R, T)
+            x, y = x.to(rt.device), y.to(rt.device)
+            k = int(n_labels[idx].sum())  # labels of the records: the first k of the row-major labelled positions
+            lifecycle.sync_gradients(train_model, micro == G - 1)  # averaged over the ranks at the last only
+            with rt.autocast():
+                logits, nll = train_model(x, y, reduction="none")  # (K,) per label, float32
+            loss, replay_loss = nll[:k].sum(dtype=torch.float64), nll[k:].sum(dtype=torch.float64)
+            replay_term = replay_weight * replay_loss * (world / max(replayed, 1))  # 0 without replay
+            scaler.scale(loss * (world / total) + replay_term).backward()
+            sums += torch.stack([loss.detach(), (logits[:k].detach().argmax(-1) == y[y != -1][:k]).sum().double(),
+                                 replay_loss.detach()])
+            counts += [k, sum(train_lengths[i] for i in idx) + nll.numel() - k, x.numel(), nll.numel() - k]
         scaler.unscale_(optimizer)  # clip and log the true gradient norm (a no-op unless fp16)
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
         scaler.step(optimizer)
@@ -455,15 +483,17 @@ if __name__ == "__main__":  # tests import the helpers above; the run is below
             totals = torch.cat([sums, torch.tensor(counts, device=rt.device)])
             if rt.ddp:
                 torch.distributed.all_reduce(totals)
-            loss_sum, correct, count, real, padded = totals.tolist()
-            if not math.isfinite(loss_sum):
-                lifecycle.stop_non_finite("training loss", loss_sum / count, iter_num, rt, out_dir)
+            loss_sum, correct, replay_sum, count, real, padded, replay_count = totals.tolist()
+            if not math.isfinite(loss_sum + replay_sum):
+                lifecycle.stop_non_finite("training loss", (loss_sum + replay_sum) / count, iter_num, rt, out_dir)
             dt = time.time() - t_log
             rec = {"type": "train", "iter": iter_num, "loss": loss_sum / count, "acc": correct / count, "lr": lr,
                    "grad_norm": lifecycle.grad_norm(norm), "tok_per_s": real / dt}
+            if replay is not None:
+                rec["replay_loss"] = replay_sum / replay_count
             print0(f"iter {iter_num}: loss {rec['loss']:.4f}, acc {rec['acc']:.3f}, lr {lr:.2e}, norm "
                    f"{rec['grad_norm']:.2f}, {dt * 1000 / window:.1f}ms/iter, {rec['tok_per_s']:,.0f} tok/s, padding "
-                   f"{1 - real / padded:.1%}")
+                   f"{1 - real / padded:.1%}" + (f", replay loss {rec['replay_loss']:.4f}" if replay else ""))
             if master:
                 log(rec)
             sums.zero_()

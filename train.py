@@ -99,9 +99,7 @@ muon_lr = 0.02  # Muon's peak learning rate; the schedule scales it alike (its m
 muon_momentum = 0.95  # Muon's Nesterov momentum
 muon_ns_steps = 5  # Newton-Schulz iterations that orthogonalize each Muon update
 muon_ns_dtype = "auto"  # their precision: 'auto' (bfloat16 where it is native, else float32), 'bfloat16', 'float32'
-muon_weight_decay = 0.1  # Muon's own decay, apart from weight_decay (AdamW's): each step shrinks its matrices by
-# lr x this at Muon's lr (torch.optim.Muon's convention). The char demo cut to 1,000 steps, val loss: 0.1 1.7424;
-# 0.025 (AdamW's decay per step: 0.1 x learning_rate / muon_lr) 1.7512; 0 1.7574
+muon_weight_decay = 0.1  # Muon's own decay, apart from AdamW's weight_decay: a step shrinks by lr x this at Muon's lr
 # system
 device = "auto"  # 'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'
 dtype = "auto"  # 'auto' (bf16 on CUDA, fp16 + loss scaling on GPUs without bf16, fp32 elsewhere), 'float32', 'bfloat16', 'float16'
@@ -303,7 +301,8 @@ if sample_interval and (master or fsdp):  # under FSDP every rank takes part in 
 if track_heads and (master or fsdp):  # watching heads form: the same text and probe at every evaluation
     if data_source != "bin":
         raise ValueError("track_heads=True draws its probe from the prepared token files: use data_source='bin'")
-    heads_text = bin_loader("val", seed + 2).next_batch()[0][:8]  # (8, block_size) real text: previous-token score
+    text_loader = bin_loader("val", seed + 2)  # real text: the in-context loss on 64 windows, previous-token on 8
+    heads_text = torch.cat([text_loader.next_batch()[0] for _ in range(-(-64 // batch_size))])[:64]  # (64, T)
     # induction: 8 random sequences of ids that occur in the training data, each repeated (lib/heads.py)
     heads_probe = heads.repeated_random_tokens(vocab, load_tokenizer(tok_meta).eot_token, block_size, block_size // 2,
                                                8, seed, heads.data_token_ids(data_dir))
@@ -368,7 +367,8 @@ def run_eval() -> dict:
         with rt.autocast():
             scores = heads.layer_scores(model, heads_text, heads_probe)
         print0(f"heads {iter_num}: best previous-token score per layer " + " ".join(f"{v:.2f}" for v in
-               scores["prev_token"]) + ", induction " + " ".join(f"{v:.2f}" for v in scores["induction"]))
+               scores["prev_token"]) + ", induction " + " ".join(f"{v:.2f}" for v in scores["induction"])
+               + f", in-context loss {scores['in_context_loss']:.3f}")
         if master:
             log({"type": "heads", "iter": iter_num, **scores})
     if master and losses:
@@ -405,11 +405,10 @@ while iter_num < max_iters:
     step_loss = torch.zeros((), device=rt.device)
     for micro in range(grad_accum):
         x, y = train_loader.next_batch()
-        # DDP averages gradients over the ranks at the last micro-step only; before it they just accumulate
-        with lifecycle.accumulating(train_model, rt, last=micro == grad_accum - 1):
-            with rt.autocast():
-                _, loss = train_model(x, y)
-            scaler.scale(loss / grad_accum).backward()
+        lifecycle.sync_gradients(train_model, micro == grad_accum - 1)  # averaged over the ranks at the last only
+        with rt.autocast():
+            _, loss = train_model(x, y)
+        scaler.scale(loss / grad_accum).backward()
         step_loss += loss.detach()
     scaler.unscale_(optimizer)  # clip and log the true gradient norm (a no-op unless fp16)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))

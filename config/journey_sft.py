@@ -14,12 +14,19 @@ block_size = 128
 truncate = "left"  # the few longest questions lose the start of the template, never the excerpt or answer
 
 batch_size = 16
-max_iters = 1000  # 16,000 records: 4.4 passes over the 3,600 questions (at 300 steps it still answers the most
-# frequent name to every question; the names of whoever is answered start to count after ~500)
-learning_rate = 2e-3  # measured: 1e-3 learns the same in about twice the steps
+max_iters = 300  # 4,800 records: 1.3 passes over the 3,600 questions
+learning_rate = 1e-3  # with replay below, measured from the model after 200 of its 1,000 pre-training steps:
+# held-out task accuracy 0% -> 66.8%, perplexity of the held-out plays 235.9 -> 210.8 (x0.89: the replay goes on
+# pre-training); make journey, from the finished model: 73.0% at x1.15. Without replay, at 2e-3 for 1,000 steps,
+# the perplexity went x180 (tiny journey)
 warmup_iters = 50
 min_lr = 2e-4
-weight_decay = 0.1
+weight_decay = 0.0  # decay pulls every weight towards 0, not towards the pre-trained model
+# replay: 2 windows of 128 tokens of the plays next to each batch of 16 questions, their loss added at weight 1 (the
+# language model is trained on as the task is learnt; the 20 names asked about are the only thing the answers teach)
+replay_dir = "out-journey/data/shakespeare"
+replay_batch_size = 2
+replay_weight = 1.0
 
 eval_interval = 250
 eval_iters = 5  # 80 held-out questions per eval; eval.py scores all 400 at the end

@@ -23,7 +23,7 @@ import numpy as np
 
 from configurator import configure
 from lib.errors import install
-from lib.logs import progress
+from lib.progress import progress
 from lib.tokenizer import CharTokenizer, get_tokenizer
 from lib.tokens import read_tokens, token_files
 

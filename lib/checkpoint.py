@@ -42,8 +42,8 @@ def make_checkpoint(kind: str, model_state: dict, model_args: dict, config: dict
 
 def resume_state(iter_num: int, best_name: str, best_value: float, optimizer=None, scaler=None,
                  rng: Optional[list] = None, loader=None, **extra) -> dict:
-    """What continuing a run needs: the optimizer (a state dict, or a list of them), the GradScaler, one RNG
-    state per rank, the data loader's position, the iteration, and the best metric with its name."""
+    """What continuing a run needs: optimizer and GradScaler states, one RNG state per rank, the loader's position,
+    the iteration, and the best metric with its name."""
     return {"iter_num": iter_num, "best": {"name": best_name, "value": best_value}, "optimizer": optimizer,
             "scaler": scaler, "rng": rng, "loader": loader, **extra}
 
@@ -64,8 +64,8 @@ def _stale_tmp(path: str) -> list:
 
 
 def save_checkpoint(obj: dict, path: str):
-    """torch.save to a temporary file in the same folder, fsync, then rename: a crash never leaves a torn file.
-    SIGINT/SIGTERM wait until the file is complete, so a second Ctrl-C cannot tear or orphan it."""
+    """torch.save to a temporary file, fsync, then rename: a crash never leaves a torn file. SIGINT/SIGTERM wait
+    until the file is complete, so a second Ctrl-C cannot tear or orphan it."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     for tmp in _stale_tmp(path):
@@ -124,8 +124,7 @@ def _upgrade(ckpt: dict) -> dict:
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint safely (weights_only: no code in the file runs), validated and in the contract's
-    layout whatever wrote it, with errors that say what to do."""
+    """Load a checkpoint safely (weights_only: no code in the file runs), validated and in the contract's layout."""
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
     if not os.path.exists(path):
@@ -166,10 +165,8 @@ def resume_path(out_dir: str, ckpt_name: str = "ckpt.pt") -> str:
 
 
 def pretrained_path(name: str) -> str:
-    """OpenAI's GPT-2 `name` as a checkpoint file, like any other: load_openai.py downloads and converts it once
-    into the cache (CACHE/checkpoints/NAME/ckpt.pt), and every script reads that file. Scripts hand each other files:
-    the weight readers stay with load_openai.py. DDP ranks (or nodes sharing the cache) take turns on a lock file, so
-    one converts and the others read."""
+    """OpenAI's GPT-2 `name` as a checkpoint file: load_openai.py converts it once into CACHE/checkpoints/NAME/ckpt.pt.
+    Ranks (or nodes sharing the cache) take turns on a lock file, so one converts and the others read."""
     folder = os.path.join(cache_root(), "checkpoints", name)
     path = os.path.join(folder, "ckpt.pt")
     if os.path.exists(path):
@@ -190,8 +187,7 @@ def pretrained_path(name: str) -> str:
 
 
 def checkpoint_path(init_from: str, out_dir: str = "", ckpt_name: str = "ckpt.pt") -> str:
-    """The file that init_from names: 'resume' (resume_path), a GPT-2 name (pretrained_path), a checkpoint
-    folder, or a file."""
+    """The file that init_from names: 'resume', a GPT-2 name, a checkpoint folder, or a file."""
     if init_from == "resume":
         return resume_path(out_dir, ckpt_name)
     if init_from in GPT2_NAMES:
@@ -205,8 +201,7 @@ def checkpoint_path(init_from: str, out_dir: str = "", ckpt_name: str = "ckpt.pt
 
 
 def float_model(ckpt: dict, dropout: Optional[float] = None) -> GPT:
-    """The GPT a float checkpoint describes, with its weights. A quantized one is refused naming its float source:
-    integer weights take no gradients (lib/models.py loads them for inference)."""
+    """The GPT a float checkpoint describes, with its weights. A quantized one is refused, naming its float source."""
     if ckpt["kind"] == "quantized":
         q = ckpt.get("quantization") or {}
         source = q.get("source") or "the float checkpoint it was made from"
@@ -225,6 +220,6 @@ def float_model(ckpt: dict, dropout: Optional[float] = None) -> GPT:
 def load_float_model(init_from: str, out_dir: str = "", device: str = "cpu", dropout: Optional[float] = None,
                      ckpt_name: str = "ckpt.pt"):
     """What the trainers start from -> (model on device, its checkpoint, its tokenizer): a GPT-2 name or any float
-    checkpoint (lib/models.load_model, which every other script uses, also takes quantized ones)."""
+    checkpoint (lib/models.load_model also takes quantized ones)."""
     ckpt = load_checkpoint(checkpoint_path(init_from, out_dir, ckpt_name), map_location="cpu")
     return float_model(ckpt, dropout).to(device), ckpt, tokenizer_for(ckpt)

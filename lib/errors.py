@@ -50,12 +50,10 @@ def _hook(kind, exc, tb):
 
 
 def install():
-    """Make an uncaught exception end the script like this: Ctrl-C prints `interrupted` and exits 130; a
-    ValueError, FileNotFoundError, TypeError, PermissionError or ImportError raised in this project's own files
-    prints `error: <message>` and exits 2; anything else keeps Python's traceback and exit status 1. Under torchrun
-    only rank 0 prints the one line. Set LLM_E2E_TRACEBACK=1 to see the full traceback of every error.
-    Ctrl-C raises KeyboardInterrupt also in a process that started with SIGINT ignored (a non-interactive runner's
-    child), where Python would otherwise leave it ignored; the trainers then install their own stop handler."""
+    """Ctrl-C prints `interrupted` and exits 130; a USER_ERRORS exception raised in this project's own files prints
+    `error: <message>` (rank 0 only) and exits 2; anything else keeps Python's traceback and exit status 1.
+    LLM_E2E_TRACEBACK=1 shows every traceback. Ctrl-C raises KeyboardInterrupt also where SIGINT started ignored
+    (a non-interactive runner's child); the trainers then install their own stop handler."""
     sys.excepthook = _hook
     signal.signal(signal.SIGINT, signal.default_int_handler)
 

@@ -1,25 +1,19 @@
 """
 Sharded data parallelism for models that DDP cannot hold: FSDP2 (torch.distributed.fsdp.fully_shard). Each rank
-keeps 1/world of the parameters, gradients and optimizer states; a block's full weights exist only while it computes
-(all-gathered before, freed after). DDP keeps a full copy of all three on every rank.
+keeps 1/world of the parameters, gradients and optimizer states; a block's full weights exist only while it computes.
 
-Checkpoints stay the one contract: on save the full model and optimizer state are gathered to rank 0 (CPU) with
-torch.distributed.checkpoint.state_dict, so an FSDP run's checkpoint is read by every script and resumes under FSDP,
-DDP or one process, with any number of ranks. Optimizer states are then keyed by parameter name (FSDP's "full" form);
-load_optimizer reads that form and the position-keyed one of torch's optimizer.state_dict() alike.
+Checkpoints stay the one contract: on save the full states are gathered to rank 0, so an FSDP run's checkpoint is
+read by every script and resumes under FSDP, DDP or one process, with any number of ranks.
 """
 
 import torch
 import torch.nn as nn
 
 
-
 def shard(root: nn.Module, blocks: nn.ModuleList, rt, cpu_offload: bool = False):
-    """fully_shard every transformer block (its own all-gather unit), then the root: the embeddings (which the LM
-    head shares: the tied weight stays one parameter of the root's unit), ln_f and any head. On GPUs under bf16/fp16
-    autocast the parameters are gathered in that dtype and gradients reduced in fp32 (MixedPrecisionPolicy).
-    cpu_offload: parameters, gradients and optimizer states live in CPU memory (a model bigger than one GPU's
-    memory, at the price of copies each step). Call it before creating the optimizer: it replaces the parameters."""
+    """fully_shard every transformer block (its own all-gather unit), then the root (embeddings, tied LM head, ln_f,
+    any head). Under bf16/fp16 autocast on GPUs, parameters are gathered in that dtype, gradients reduced in fp32.
+    cpu_offload: the states live in CPU memory. Call it before creating the optimizer: it replaces the parameters."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
     if not rt.ddp:
         raise ValueError("fsdp=True shards the model over the ranks of a torchrun launch; run it under torchrun "

@@ -2,7 +2,7 @@
 What attention heads do, as scores: previous-token and induction scores (Olsson et al. 2022, "In-context Learning
 and Induction Heads", arXiv:2209.11895), entropy and first-token sink, and the repeated-random-tokens probe that
 finds induction heads. attention_viz.py shows them for a checkpoint; train.py --track_heads=True logs the best
-of each layer at every evaluation, to watch the heads form.
+of each layer at every evaluation, with the in-context loss, to watch the heads form.
 """
 
 import os
@@ -10,6 +10,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from lib.tokens import read_tokens, token_files
 
@@ -80,23 +81,47 @@ def flag_heads(scores: torch.Tensor, threshold: float) -> list:
     return sorted(hits, key=lambda x: -x[2])
 
 
+@torch.no_grad()
+def token_losses(model, text: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """text (B, T) -> (B, T) float32 on the CPU: column k is the loss of token k given tokens 0..k-1 (column 0, with
+    no context, is NaN). Forwarded `chunk` windows at a time: a GPT-2's logits for 8 x 1024 tokens are 1.6 GB."""
+    out = []
+    for x in text.split(chunk):
+        logits, _ = model(x[:, :-1].to(next(model.parameters()).device))  # (b, T-1, vocab): predicts tokens 1..T-1
+        loss = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:].to(logits.device), reduction="none")
+        out.append(torch.cat([torch.full_like(loss[:, :1], float("nan")), loss], 1).cpu())  # (b, T)
+    return torch.cat(out)
+
+
+def in_context_loss(losses: torch.Tensor) -> float:
+    """token_losses' (B, T) -> the mean loss of the last eighth of the positions, T*7/8..T-1, minus that of the
+    positions T/16..T/8-1 (224..255 minus 16..31 for T = 256): Olsson et al.'s "in-context learning score", the
+    500th token's loss minus the 50th's (arXiv:2209.11895, section 2), scaled to a short context. Negative: later
+    tokens are predicted better, from what came earlier in the window."""
+    T = losses.size(1)
+    return float(losses[:, T * 7 // 8:].mean() - losses[:, T // 16:T // 8].mean())
+
+
 def layer_scores(model, text: torch.Tensor, probe: tuple) -> dict:
-    """The best head of each layer: {"prev_token": [n_layer], "induction": [n_layer]}. text (B, T): ids of real
-    text for the previous-token score; probe: repeated_random_tokens' (ids, start, L) for the induction score.
-    Run it under autocast like a forward pass; the model is put in eval mode and back."""
+    """The best head of each layer: {"prev_token": [n_layer], "induction": [n_layer], "in_context_loss"}. text (B, T):
+    ids of real text (from the validation split) for the in-context loss and, on its first 8 windows, the
+    previous-token score; probe: repeated_random_tokens' (ids, start, L) for the induction score. Run it under
+    autocast like a forward pass; the model is put in eval mode and back."""
     was_training = model.training
     model.eval()
-    prev = head_stats(attention_maps(model, text))["prev"].mean(1)  # (n_layer, nh), mean over the batch
+    prev = head_stats(attention_maps(model, text[:8]))["prev"].mean(1)  # (n_layer, nh), mean over the batch
     ids, start, L = probe
     ind = induction_score(attention_maps(model, ids), start, L).mean(1)  # (n_layer, nh)
+    icl = in_context_loss(token_losses(model, text))
     model.train(was_training)
     return {"prev_token": [round(float(v), 4) for v in prev.max(1).values],
-            "induction": [round(float(v), 4) for v in ind.max(1).values]}
+            "induction": [round(float(v), 4) for v in ind.max(1).values], "in_context_loss": round(icl, 4)}
 
 
 def plot_heads(path: str, records: list, title: str = ""):
     """Two panels from a log's records: the loss (train log lines and evaluations) and, per layer, the best
-    previous-token and induction scores of the "heads" records, against the iteration. Written atomically."""
+    previous-token and induction scores of the "heads" records with their in-context loss, against the iteration.
+    Written atomically."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
@@ -110,13 +135,19 @@ def plot_heads(path: str, records: list, title: str = ""):
         for layer in range(len(heads[0][key]) if heads else 0):
             ax2.plot([r["iter"] for r in heads], [r[key][layer] for r in heads], style, marker="o", markersize=3,
                      color=f"C{layer}", label=f"layer {layer} {key.replace('_', '-')}")  # a colour per layer
+    icl = [(r["iter"], r["in_context_loss"]) for r in heads if r.get("in_context_loss") is not None]
+    if icl:  # on its own axis, right of the scores: a phase change shows as a jump there and a drop here
+        ax3 = ax2.twinx()
+        ax3.plot(*zip(*icl), ":", color="k", label="in-context loss (right axis)")
+        ax3.set_ylabel("in-context loss (nats)")
+        ax3.legend(fontsize=8, loc="upper right")
     ax1.set_ylabel("loss")
     ax2.set_ylabel("best head's score")
     ax2.set_ylim(0, 1)
     for ax in (ax1, ax2):
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="center left" if ax is ax2 else "best")
     fig.suptitle(title)
     fig.tight_layout()
     tmp = path + ".tmp.png"

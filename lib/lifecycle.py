@@ -12,7 +12,6 @@ import random
 import resource
 import signal
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -36,15 +35,6 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy(), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def gather_objects(obj, rt: Runtime) -> list:
     """Every rank's obj, in rank order (a collective: all ranks call it at the same point)."""
     if not rt.ddp:
@@ -61,12 +51,18 @@ def gather_objects(obj, rt: Runtime) -> list:
 def restore_rng(states: Optional[list], rt: Runtime):
     """Continue every rank's random numbers from a checkpoint's per-rank list (or warn that they cannot be)."""
     states = states or []
-    if len(states) == rt.ddp_world_size:
-        set_rng_state(states[rt.ddp_rank])
-    else:
+    if len(states) != rt.ddp_world_size:
         print0(f"WARNING: the checkpoint holds random states for {len(states)} rank(s), this run has "
                f"{rt.ddp_world_size}: dropout and sampling continue with fresh random numbers, so the resumed run "
                f"is not bit-identical to an uninterrupted one")
+        return
+    state = states[rt.ddp_rank]
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # keys that may change between the legs of one run, in every trainer: where and how it runs, how often it reports,
@@ -77,10 +73,9 @@ MAY_CHANGE = ("init_from", "out_dir", "ckpt_name", "max_iters", "learning_rate",
 
 
 def resume_run(config: dict, explicit: set, kinds: tuple, script: str, may_change: tuple = ()):
-    """Continue the run in config['out_dir'] -> (its config, its checkpoint). The saved config is the base; of
-    the keys set by config files or --key=value (explicit), those in MAY_CHANGE + may_change (the script's own)
-    replace the saved values (each difference printed); any other that differs is an error: it would make another
-    run."""
+    """Continue the run in config['out_dir'] -> (its config, its checkpoint). The saved config is the base; keys set
+    by config files or --key=value (explicit) replace it if they are in MAY_CHANGE + may_change; any other that
+    differs is an error: it would make another run."""
     may_change = MAY_CHANGE + tuple(may_change)
     path = resume_path(config["out_dir"], config.get("ckpt_name", "ckpt.pt"))
     ckpt = load_checkpoint(path)
@@ -112,7 +107,7 @@ def resume_run(config: dict, explicit: set, kinds: tuple, script: str, may_chang
 
 
 def resume_command(script_argv: list, rt: Runtime, out_dir: str) -> str:
-    """The command that continues this run (printed when it stops): the saved config does the rest."""
+    """The command that continues this run: the saved config does the rest."""
     launcher = (f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', rt.ddp_world_size)} (and your "
                 f"other torchrun flags)" if rt.ddp else "python")
     return f"{launcher} {script_argv[0]} --init_from=resume --out_dir={out_dir}"
@@ -120,17 +115,16 @@ def resume_command(script_argv: list, rt: Runtime, out_dir: str) -> str:
 
 @dataclass
 class StopRequest:
-    """Set by SIGINT/SIGTERM. A trainer reads agreed() once per step and stops (after saving) when it is set."""
+    """Set by SIGINT/SIGTERM; a trainer reads agreed() once per step and stops (after saving) when it is set."""
     signal: int = 0  # the first stop signal received, 0 while none
     _work: object = None  # the all-reduce in flight (DDP)
     _flag: Optional[torch.Tensor] = None
     _done: object = None  # CUDA event after the reduced flag's copy to the host
 
     def agreed(self, rt: Runtime) -> int:
-        """The stop decision every rank shares. Under DDP it is the maximum over ranks of the flags raised one
-        call earlier: the reduction runs in the background on the training's own process group (NCCL on GPUs,
-        no side group whose network interface could differ) and is read a step later, so the host never waits
-        for the step in flight. All ranks call this at the same points."""
+        """The stop decision every rank shares (all call this at the same points). Under DDP: the maximum over ranks
+        of the flags raised one call earlier, reduced in the background on the training's own process group (no side
+        group whose network interface could differ) and read a step later: the host never waits for the step."""
         if not rt.ddp:
             return self.signal
         agreed = 0
@@ -156,10 +150,9 @@ _stop = StopRequest()
 
 
 def catch_signals() -> StopRequest:
-    """Install the stop handlers: the first SIGINT or SIGTERM asks the run to finish its step, save and exit.
-    A repeated SIGTERM is the same request again (SLURM signals a job step twice, torchrun forwards what the
-    terminal already sent), so it is ignored; so is any repeat under torchrun, whose agent kills the workers
-    30 s after forwarding. A second Ctrl-C of a plain run aborts without saving, but never inside a save."""
+    """The first SIGINT or SIGTERM asks the run to finish its step, save and exit. Repeats are ignored (SLURM
+    signals a job step twice, torchrun forwards what the terminal already sent), except a second Ctrl-C of a plain
+    run, which aborts without saving (never inside a save)."""
     def handler(signum, frame):
         if not _stop.signal:
             _stop.signal = signum
@@ -186,9 +179,8 @@ _lock = None  # the open out_dir/.lock of this process: the lock lasts as long a
 
 
 def lock_out_dir(out_dir: str):
-    """Make out_dir this process's alone (rank 0 calls it): two runs writing one folder would overwrite each
-    other's checkpoints and logs. An advisory flock on out_dir/.lock, which holds the holder's PID and command;
-    the kernel releases it when the process ends, however it ends, so a crashed run's lock is simply taken."""
+    """Make out_dir this process's alone (rank 0 calls it), so that two runs never overwrite each other's files: a
+    flock on out_dir/.lock, which names the holder. The kernel releases it however the process ends."""
     global _lock
     unlock_out_dir()  # an earlier run in this process (tests run scripts in-process): flock is per open file
     os.makedirs(out_dir, exist_ok=True)
@@ -210,7 +202,7 @@ def lock_out_dir(out_dir: str):
 
 
 def unlock_out_dir():
-    """Let the next run have out_dir (as the run ends: tests run scripts in-process, whose process lives on)."""
+    """Let the next run have out_dir (a process may live on after its run: tests run scripts in-process)."""
     global _lock
     if _lock is not None:
         _lock.close()
@@ -218,9 +210,8 @@ def unlock_out_dir():
 
 
 def check_out_dir(out_dir: str, init_from: str, overwrite: bool, script: str):
-    """Consent before a new run replaces a model: when out_dir holds any checkpoint (of any script: a run, an
-    import, a quantized copy), a new run into it stops here, before anything is built, saying what is there and
-    offering the choices. init_from='resume' continues what is there; overwrite=True replaces it."""
+    """Consent before a new run replaces a model: a new run into an out_dir that holds any checkpoint stops here,
+    before anything is built, offering the choices (init_from='resume', overwrite=True, another folder)."""
     if init_from == "resume" or overwrite or not os.path.isdir(out_dir):
         return
     held = sorted(f for f in os.listdir(out_dir) if f.endswith(".pt") and os.path.isfile(os.path.join(out_dir, f)))
@@ -232,8 +223,7 @@ def check_out_dir(out_dir: str, init_from: str, overwrite: bool, script: str):
 
 def start_log(out_dir: str, resume_iter: Optional[int]) -> str:
     """out_dir/log.jsonl for this run (rank 0 calls it). A resumed run keeps what was logged up to its checkpoint's
-    iteration (the rest is logged again); a new run moves an earlier run's log aside (log.1.jsonl, log.2.jsonl, ...
-    never over another), saying so."""
+    iteration; a new run moves an earlier run's log aside (log.1.jsonl, log.2.jsonl, ...), saying so."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "log.jsonl")
     if resume_iter is not None:
@@ -258,13 +248,12 @@ def truncate_log(path: str, iter_num: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# what every trainer does around its loop: restore a resumed run, wrap the model, save, stop on nan, end
+# around every trainer's loop: restore a resumed run, wrap the model, save, stop on nan, end
 
 
 def restore(state: dict, optimizer, scaler, rt: Runtime, root, loader=None) -> tuple:
     """Continue a run from its checkpoint's resume state -> (iter_num, best metric value): the optimizer (of the
-    module root, sharded or not, from a sharded run or not), the GradScaler, the data loader's position, then every
-    rank's random numbers (last: building the model drew some)."""
+    module root), the GradScaler, the loader's position, then the random numbers (last: making the model drew some)."""
     fsdp.load_optimizer(root, optimizer, state["optimizer"])
     if state.get("scaler"):  # empty unless the run used float16
         scaler.load_state_dict(state["scaler"])
@@ -275,10 +264,9 @@ def restore(state: dict, optimizer, scaler, rt: Runtime, root, loader=None) -> t
 
 
 def wrap(model, rt: Runtime, compile: bool, dynamic: bool = False, shard: bool = False, cpu_offload: bool = False):
-    """The module the training steps run, made before the optimizer: sharded in place by FSDP2 (shard=True: the
-    transformer blocks, then model as the root; lib/fsdp.py) or DDP-wrapped under torchrun, and torch.compile'd
-    (dynamic: batch lengths vary). Evaluation and sampling call model itself (the FSDP root under FSDP), whose other
-    shapes would make compile trace again."""
+    """The module the training steps run, made before the optimizer: sharded in place by FSDP2 (shard=True) or
+    DDP-wrapped under torchrun, and torch.compile'd (dynamic: batch lengths vary). Evaluation and sampling call model
+    itself, whose other shapes would make compile trace again."""
     if shard:
         fsdp.shard(model, [m for m in model.modules() if isinstance(m, Block)], rt, cpu_offload)
         print0(fsdp.memory_line(model, rt, True))
@@ -293,24 +281,13 @@ def wrap(model, rt: Runtime, compile: bool, dynamic: bool = False, shard: bool =
     return model
 
 
-def accumulating(train_model, rt: Runtime, last: bool):
-    """The context of one micro-step's forward and backward: gradients are averaged over the ranks at the last
-    micro-step of an optimizer step only; before it they accumulate locally (DDP's no_sync; FSDP: no reduce-scatter)."""
+def sync_gradients(train_model, on: bool):
+    """Whether the next forward and backward average gradients over the ranks: only at the last micro-step of an
+    optimizer step; before it they accumulate locally (DDP's no_sync, FSDP without its reduce-scatter)."""
     module = getattr(train_model, "_orig_mod", train_model)  # under torch.compile
     if fsdp.is_sharded(module):
-        module.set_requires_gradient_sync(last)
-    elif rt.ddp and not last:
-        return train_model.no_sync()
-    return nullcontext()
-
-
-def sync_gradients(train_model, on: bool):
-    """Whether the next backward averages gradients over the ranks (DDP or FSDP), as a switch for loops that do
-    not fit a context manager."""
-    module = getattr(train_model, "_orig_mod", train_model)
-    if fsdp.is_sharded(module):
         module.set_requires_gradient_sync(on)
-    else:
+    elif hasattr(train_model, "require_backward_grad_sync"):  # DDP
         train_model.require_backward_grad_sync = on
 
 
@@ -321,11 +298,10 @@ def grad_norm(norm) -> float:
 
 def save_run(path: str, kind: str, model, config: dict, tokenizer: dict, rt: Runtime, iter_num: int, best: tuple,
              optimizer, scaler, loader=None, root=None, **extra):
-    """Write a trainer's checkpoint atomically with everything an exact resume needs: a collective under DDP (every
-    rank's random state, and loader position when loader is a list of the ranks' states), written by rank 0.
-    model: the GPT; root: the module the optimizer trains, when it is not the GPT itself (a head around it).
-    best: (the metric's name, its best value). extra: what the kind adds (lib/checkpoint.make_checkpoint); a module
-    among them (a classification head) is saved as its state dict. Under FSDP the full states are gathered first."""
+    """Write a trainer's checkpoint with everything an exact resume needs (a collective under DDP; rank 0 writes).
+    model: the GPT; root: the module the optimizer trains, when it is not the GPT itself (a head around it). best:
+    (the metric's name, its best value). extra: what the kind adds (make_checkpoint); a module is saved as its state
+    dict."""
     root = root if root is not None else model
     rngs = gather_objects(rng_state(), rt)
     if fsdp.is_sharded(root):
@@ -352,7 +328,6 @@ def stop_non_finite(what: str, value: float, iter_num: int, rt: Runtime, out_dir
 
 
 def peak_memory(rt: Runtime) -> str:
-    """The run's peak memory, for the summary line."""
     if rt.device_type == "cuda":
         return f"{torch.cuda.max_memory_allocated(rt.device) / 2 ** 30:.2f} GiB on the GPU"
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB of RAM (max resident set)"

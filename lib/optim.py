@@ -13,10 +13,9 @@ from lib.runtime import native_bf16, print0
 
 def newton_schulz(G: torch.Tensor, coefficients: tuple, steps: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
     """G (n, rows, cols), a stack of n matrices -> each about U V^T of its SVD U S V^T, by `steps` quintic
-    Newton-Schulz iterations in `dtype`: torch.optim.Muon's orthogonalization (torch/optim/_muon.py, after Keller
-    Jordan's muon.py), which takes one matrix at a time and always works in bfloat16. Its coefficients trade
-    accuracy for speed: singular values end between about 0.68 and 1.13, not at 1, which does not hurt training
-    (https://kellerjordan.github.io/posts/muon/, github.com/KellerJordan/modded-nanogpt README)."""
+    Newton-Schulz iterations in `dtype`: torch.optim.Muon's orthogonalization (torch/optim/_muon.py), batched. Its
+    coefficients trade accuracy for speed: singular values end between about 0.68 and 1.13, which does not hurt
+    training (https://kellerjordan.github.io/posts/muon/)."""
     a, b, c = coefficients
     X = G.to(dtype)
     tall = G.size(-2) > G.size(-1)
@@ -32,10 +31,8 @@ def newton_schulz(G: torch.Tensor, coefficients: tuple, steps: int, eps: float, 
 
 @torch.no_grad()
 def muon_step(muon: torch.optim.Optimizer, dtype: torch.dtype):
-    """torch.optim.Muon's step (_single_tensor_muon, default learning-rate adjustment) on that optimizer's own
-    groups and momentum buffers, with two changes of speed, not of result: the matrices of one shape are
-    orthogonalized together, in one batched Newton-Schulz (on a 2-core CPU, 8.9 ms instead of 14.8 for the demo's
-    16 matrices), and in `dtype`. In bfloat16 it is bit-identical to muon.step() (tests/test_muon.py)."""
+    """torch.optim.Muon's step on that optimizer's own groups and momentum buffers, faster with the same result: the
+    matrices of one shape are orthogonalized together, in `dtype` (in bfloat16 bit-identical to muon.step())."""
     for group in muon.param_groups:
         lr, momentum = group["lr"], group["momentum"]
         by_shape = {}  # shape -> [(parameter, its update before orthogonalization)]
@@ -58,10 +55,8 @@ def muon_step(muon: torch.optim.Optimizer, dtype: torch.dtype):
 
 
 class MuonAdamW:
-    """Muon for the hidden matrices and AdamW for the rest, used like one torch optimizer: what training loops,
-    torch.amp.GradScaler (param_groups, step) and clip_grad_norm_ touch. Its state_dict holds both states.
-    torch.optim.Muon holds the matrices, their settings and momentum buffers; muon_step updates them (faster than
-    its own step, same result) with Newton-Schulz in ns_dtype."""
+    """Muon for the hidden matrices and AdamW for the rest, used like one torch optimizer (what training loops,
+    GradScaler and clip_grad_norm_ touch); its state_dict holds both states."""
 
     def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer, ns_dtype: torch.dtype):
         self.muon, self.adamw, self.ns_dtype = muon, adamw, ns_dtype
@@ -115,13 +110,10 @@ def make_optimizer(model, weight_decay: float, learning_rate: float, betas: tupl
                    optimizer: str = "adamw", muon_lr: float = 0.02, muon_momentum: float = 0.95,
                    muon_ns_steps: int = 5, muon_ns_dtype: str = "auto", muon_weight_decay: float = 0.1):
     """optimizer='adamw': AdamW; weight decay on matrices and embeddings (>= 2-D), none on biases and LayerNorm
-    gains. optimizer='muon': Muon at muon_lr for the 2-D weights inside the blocks, AdamW as above at
-    learning_rate for the rest (the embeddings, which are also the LM head, LayerNorms and biases). Muon's decay is
-    its own, muon_weight_decay, decoupled from AdamW's weight_decay: torch.optim.Muon shrinks its matrices by
-    lr x decay at its own lr, so AdamW's value there would decay them muon_lr / learning_rate times faster than
-    AdamW's weights (33x at train.py's defaults, 0.2% a step). Every group's "lr_scale" is its learning rate over learning_rate: a training loop
-    sets group["lr"] = lr * group.get("lr_scale", 1.0), so one schedule drives both optimizers.
-    muon_ns_steps and muon_ns_dtype: Newton-Schulz iterations and their precision (see pick_ns_dtype)."""
+    gains. optimizer='muon': Muon at muon_lr for the 2-D weights inside the blocks, AdamW as above for the rest.
+    Muon's decay is its own: torch.optim.Muon shrinks by lr x decay at its own lr, so AdamW's value would decay its
+    matrices muon_lr / learning_rate times faster (33x at train.py's defaults). A group's "lr_scale" is its learning
+    rate over learning_rate: loops set group["lr"] = lr * group.get("lr_scale", 1.0), one schedule for both."""
     if optimizer not in ("adamw", "muon"):
         raise ValueError(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}; e.g. --optimizer=muon")
     params = [p for p in model.parameters() if p.requires_grad]

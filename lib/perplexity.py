@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from lib.finetuning import pad_right
-from lib.logs import progress
+from lib.progress import progress
 
 
 @torch.no_grad()

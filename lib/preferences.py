@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from lib.finetuning import encode_pair, format_prompt, pad_right
-from lib.logs import progress
+from lib.progress import progress
 from lib.records import report_bad
 
 _ASSISTANT = "\n\nAssistant:"  # hh-rlhf's turn marker

@@ -48,10 +48,8 @@ def local_rank() -> int:
 
 
 def native_bf16(device_type: str) -> str:
-    """'' when bfloat16 matmuls run in hardware on `device_type`, else why not. CUDA: tensor cores (Ampere and
-    newer; torch's is_bf16_supported() also counts the emulated kind of V100 and T4). x86 CPUs: AVX512-BF16 or AMX,
-    where a bfloat16 matmul runs 2.3x faster than float32 (2-core AVX512-BF16 machine: 378 against 165 GFLOP/s);
-    elsewhere it is emulated, 2.5x (AVX-512) to 12x (AVX2) slower than float32."""
+    """'' when bfloat16 matmuls run in hardware on `device_type`, else why not. CUDA: tensor cores (Ampere and newer;
+    torch's is_bf16_supported() also counts emulation). CPUs: AVX512-BF16 or AMX; elsewhere slower than float32."""
     if device_type == "cuda":
         ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
         return "" if ok else "this GPU emulates bfloat16"
@@ -64,11 +62,10 @@ def native_bf16(device_type: str) -> str:
 
 def setup_runtime(device: str = "auto", dtype: str = "auto", training: bool = False) -> Runtime:
     """Pick the device and dtype (saying which and why) and join the DDP group when run under torchrun.
-    training=True (train.py, finetune.py, align.py): dtype='auto' autocasts to bfloat16 on CPUs with native bfloat16
-    matmuls too; the scripts that measure or generate keep float32 on every CPU, so that their figures are exact."""
-    # Linux: torch backs its CPU tensors of 2 MB and more with transparent huge pages (PyTorch's THP_MEM_ALLOC_ENABLE,
-    # read at the first large allocation). Without them every step maps its largest tensors afresh in 4 KB pages:
-    # on a 2-core CPU a step of the Shakespeare BPE model took 470 ms instead of 211. THP_MEM_ALLOC_ENABLE=0 turns it off.
+    training=True (the trainers): dtype='auto' autocasts to bfloat16 on CPUs with native bfloat16 matmuls too; the
+    scripts that measure or generate keep float32 on every CPU, so that their figures are exact."""
+    # Linux: transparent huge pages for torch's CPU tensors of 2 MB and more (read at the first large allocation);
+    # without them every step maps its largest tensors afresh in 4 KB pages, twice as slow. =0 turns it off.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     valid_dtypes = ("auto", "float32", "bfloat16", "float16")
     if dtype not in valid_dtypes:
@@ -104,9 +101,8 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", training: bool = Fa
         torch.cuda.set_device(device)
     if ddp and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    # dtype: bf16 autocast where bf16 matmuls are native: GPUs with bf16 tensor cores, and for training CPUs with
-    # AVX512-BF16 or AMX (the AdamW char demo on 2 such cores: 49 s instead of 89 s, val loss 1.7271 against 1.7293);
-    # fp16 with a GradScaler on older GPUs; fp32 on other CPUs, where bf16 is emulated and slower than fp32.
+    # dtype: bf16 autocast where bf16 matmuls are native (GPUs; CPUs for training); fp16 with a GradScaler on older
+    # GPUs; fp32 on other CPUs, where bf16 is emulated and slower than fp32
     why_not = native_bf16(device_type) if device_type in ("cuda", "cpu") else "no bfloat16 autocast on this device"
     if dtype != "auto":
         why_dtype = "requested"

@@ -7,7 +7,8 @@ import os
 from typing import Optional
 
 from lib.finetuning import encode_pair, format_prompt
-from lib.logs import print0, progress
+from lib.logs import print0
+from lib.progress import progress
 from lib.records import load_records, report_bad
 from lib.textfiles import COMPRESSIONS, RECORD_FORMATS
 

@@ -29,13 +29,9 @@ def _builder_of(path: str) -> Optional[str]:
 
 
 def open_text_stream(dataset: str, name: Optional[str] = None, split: str = "train", data_files=None):
-    """A streaming `datasets` IterableDataset (nothing downloaded up front, no Arrow cache written).
-
-    dataset: a Hugging Face dataset ('HuggingFaceFW/fineweb-edu'); a local file, folder or glob whose extension
-    says how to read it ('corpus.jsonl', 'shards/*.parquet', 'books/' of .txt files, each file one document); or
-    a builder for local files ('json', 'parquet', 'text', 'csv') with data_files. name: the dataset's config
-    (ignored for local files).
-    """
+    """A streaming `datasets` IterableDataset (nothing downloaded up front, no Arrow cache written). dataset: a Hugging
+    Face dataset; a local file, folder or glob whose extension says how to read it ('corpus.jsonl', 'books/' of .txt
+    files, each one document); or a builder ('json', 'parquet', 'text', 'csv') with data_files."""
     from datasets import load_dataset
     if dataset in set(LOCAL_BUILDERS.values()):
         if not data_files:
@@ -87,18 +83,11 @@ def document_text(example: dict, text_field: str, dataset: str) -> str:
 
 
 class StreamingLoader:
-    """Batches straight from a text dataset, with no prepare step: the project's answer for corpora too large
-    to prepare. Documents stream in (datasets streaming, each rank its own disjoint part via
-    split_dataset_by_node), are tokenized with <|endoftext|> before each (as data/fineweb/prepare.py writes
-    them), go through a shuffle buffer of shuffle_buffer documents, and are packed back to back into windows
-    of block_size + 1 tokens: nothing is padded or dropped, and consecutive rows share one token as BinLoader's
-    sequential mode does. At the end of the dataset the next epoch starts.
-
-    state_dict() holds the stream position, the shuffle buffer's tokens and the partly served tokens, so a
-    resumed run gets exactly the batches an uninterrupted run would. Each rank has its own state: under DDP
-    gather them (torch.distributed.all_gather_object) and pass the list to load_state_dict on every rank.
-    A background thread prepares up to `prefetch` batches ahead (0: everything happens in next_batch).
-    """
+    """Documents stream in (each rank its own disjoint part), are tokenized with <|endoftext|> before each (as
+    data/fineweb/prepare.py writes them), pass a shuffle buffer of shuffle_buffer documents and are packed back to
+    back into windows of block_size + 1 tokens, nothing padded or dropped; then the next epoch. A background
+    thread prepares up to `prefetch` batches ahead. state_dict() is this rank's exact position (under DDP pass
+    every rank's, as a list, to load_state_dict)."""
 
     def __init__(self, dataset: str, name: Optional[str] = None, split: str = "train", text_field: str = "text",
                  batch_size: int = 8, block_size: int = 1024, rank: int = 0, world_size: int = 1, seed: int = 1337,
@@ -186,8 +175,7 @@ class StreamingLoader:
         return x, y, self._snapshot()
 
     def _snapshot(self) -> dict:
-        """Everything a resume needs. Cheap: the token arrays are never modified in place, so a shallow copy of
-        the buffer list is a true copy."""
+        """Everything a resume needs (cheap: the token arrays are never modified in place)."""
         return {"epoch": self.epoch, "drawn": self.drawn, "hf_state": self.hf_state, "exhausted": self.exhausted,
                 "epoch_docs": self.epoch_docs, "buffer": list(self.buffer), "tokens": self.tokens}
 

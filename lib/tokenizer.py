@@ -3,7 +3,6 @@ Tokenizers: GPT-2's BPE, built offline, and a character-level one with the same 
 
     tok = get_tokenizer("gpt2")        # tiktoken's GPT-2 encoding from local files
     tok = CharTokenizer.from_text(s)   # one id per distinct character; .save(path) / .load(path) as meta.pkl
-                                       # (.load prefers a meta.json next to it, and unpickles plain data only)
     tok = load_tokenizer(meta)         # whichever a dataset or checkpoint says it was made with
 
 Both have encode(text) -> list[int], decode(ids) -> str, n_vocab, eot_token (None for characters), name.
@@ -46,8 +45,7 @@ def _bpe_file(name: str) -> bytes:
 
 
 def _bytes_to_unicode() -> dict:
-    """GPT-2's reversible map from bytes to printable characters, used to write its BPE files
-    (openai/gpt-2 src/encoder.py, bytes_to_unicode)."""
+    """GPT-2's map from bytes to the printable characters of its BPE files (openai/gpt-2 src/encoder.py)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -76,12 +74,10 @@ class GPT2Tokenizer:
         self.n_vocab = self.enc.n_vocab  # 50257
         self.eot_token = self.enc.eot_token  # 50256
 
-    def encode(self, text: str) -> list:
-        """Encode text; a literal "<|endoftext|>" in it becomes the special token."""
+    def encode(self, text: str) -> list:  # a literal "<|endoftext|>" in text becomes the special token
         return self.enc.encode(text, allowed_special={EOT})
 
-    def encode_ordinary(self, text: str) -> list:
-        """Encode text with no special tokens (training data: "<|endoftext|>" stays plain text)."""
+    def encode_ordinary(self, text: str) -> list:  # no special tokens: training data keeps "<|endoftext|>" as text
         return self.enc.encode_ordinary(text)
 
     def encode_batch(self, texts: list, num_threads: int = 8) -> list:
@@ -90,8 +86,7 @@ class GPT2Tokenizer:
     def decode(self, ids) -> str:
         return self.enc.decode(list(ids))
 
-    def token_bytes(self, ids) -> bytes:
-        """The bytes ids stand for: a BPE token can hold part of a UTF-8 character, so text is decoded from these."""
+    def token_bytes(self, ids) -> bytes:  # a BPE token can hold part of a UTF-8 character
         return self.enc.decode_bytes([int(i) for i in ids])
 
     def meta(self) -> dict:
@@ -143,22 +138,12 @@ class CharTokenizer:
 
     @classmethod
     def load(cls, path: str) -> "CharTokenizer":
-        """The vocabulary of a meta.pkl (nanoGPT's keys vocab_size, itos, stoi), or of the meta.json beside it when
-        that holds one: JSON cannot carry code, and a pickle is read as plain data only (see _PlainUnpickler)."""
+        """The vocabulary of the meta.json beside path when it holds one, else of the meta.pkl (nanoGPT's keys)."""
         if not os.path.exists(path):
             raise FileNotFoundError(f"no character vocabulary at {path!r}; it is written by "
                                     f"data/shakespeare_char/prepare.py (or any char-level prepare script)")
         meta_json = path if path.endswith(".json") else os.path.join(os.path.dirname(path), "meta.json")
-        meta = {}
-        if os.path.exists(meta_json):
-            try:
-                with open(meta_json, encoding="utf-8") as f:
-                    meta = json.load(f)  # data/*/prepare.py's description of the corpus, with the vocabulary if char
-            except ValueError as e:
-                raise ValueError(f"{meta_json!r} is not valid JSON ({e}); write it again with the dataset's prepare "
-                                 f"script, e.g. python data/shakespeare_char/prepare.py") from e
-            if "itos" in meta:  # JSON keys are strings: id "0" -> 0
-                meta["itos"] = {int(i): c for i, c in meta["itos"].items()}
+        meta = read_meta_json(meta_json) if os.path.exists(meta_json) else {}
         if "itos" not in meta:
             meta = read_meta_pkl(path)
         if not isinstance(meta, dict) or "itos" not in meta:
@@ -173,6 +158,19 @@ class CharTokenizer:
         return cls([itos[i] for i in range(len(itos))])
 
 
+def read_meta_json(path: str) -> dict:
+    """data/*/prepare.py's description of a corpus (meta.json), with its vocabulary if it is character-level."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path!r} is not valid JSON ({e}); write it again with the dataset's prepare script, e.g. "
+                         f"python data/shakespeare_char/prepare.py") from e
+    if "itos" in meta:  # JSON keys are strings: id "0" -> 0
+        meta["itos"] = {int(i): c for i, c in meta["itos"].items()}
+    return meta
+
+
 def read_meta_pkl(path: str):
     """A meta.pkl's contents, read as plain data only (_PlainUnpickler): never objects or code."""
     try:
@@ -184,10 +182,8 @@ def read_meta_pkl(path: str):
 
 
 class _PlainUnpickler(pickle.Unpickler):
-    """Unpickles plain data only (dict, list, tuple, str, int, float, bool, None: built by pickle's own opcodes).
-    Anything else is named by a class or function that pickle looks up here, and is refused: with plain
-    pickle.load, a downloaded meta.pkl naming e.g. os.system would run it (docs.python.org/3/library/pickle.html,
-    "Restricting Globals")."""
+    """Unpickles plain data only: pickle looks up every other object here, and is refused. With plain pickle.load,
+    a downloaded meta.pkl naming e.g. os.system would run it (docs.python.org/3/library/pickle.html)."""
 
     def __init__(self, file, path: str):
         super().__init__(file)
@@ -221,9 +217,8 @@ def load_tokenizer(meta: Optional[dict]):
 
 
 def tokenizer_for(ckpt: Optional[dict], meta: str = "", dataset_dir: str = ""):
-    """The tokenizer a checkpoint was trained with, and say which source gave it: the one stored in the
-    checkpoint, else --meta=PATH, else a meta.pkl next to the checkpoint (nanoGPT's layout), else the meta.pkl of
-    its dataset folder, else GPT-2's."""
+    """The tokenizer a checkpoint was trained with, saying where it came from: the checkpoint's, else --meta=PATH,
+    else a meta.pkl next to the checkpoint (nanoGPT's layout), else its dataset's, else GPT-2's."""
     path = (ckpt or {}).get("path", "")
     stored = (ckpt or {}).get("tokenizer")
     if stored is not None and "itos" not in stored and ckpt["model_args"].get("vocab_size", 50257) < 50257:

@@ -12,14 +12,13 @@ that 1 process draws in twice as many steps, and resuming needs nothing but the 
 """
 
 import glob
-import json
 import os
 from typing import Optional
 
 import numpy as np
 import torch
 
-from lib.tokenizer import CharTokenizer, read_meta_pkl
+from lib.tokenizer import CharTokenizer, read_meta_json, read_meta_pkl
 
 HEADER_BYTES = 1024  # 128 little-endian int64 values
 # Low 16 bits 0xFFFF: read as uint16 tokens, a header starts with id 65535, which no vocabulary below
@@ -87,24 +86,17 @@ def token_files(data_dir: str, split: str) -> list:
 def data_tokenizer(data_dir: str) -> tuple:
     """What the token files of data_dir hold, from what its prepare script wrote beside them -> (tokenizer meta, as a
     checkpoint stores it; ids the data may hold; the largest id recorded, or None). Characters: the vocabulary of
-    meta.json (or nanoGPT's meta.pkl, when both are there they must agree); GPT-2's BPE otherwise. A meta.json that
-    says characters with no vocabulary beside it is an error: its ids read as GPT-2's would train in silence on noise."""
-    described, meta_pkl = {}, os.path.join(data_dir, "meta.pkl")
-    if os.path.exists(os.path.join(data_dir, "meta.json")):
-        try:
-            with open(os.path.join(data_dir, "meta.json"), encoding="utf-8") as f:
-                described = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"{os.path.join(data_dir, 'meta.json')!r} is not valid JSON ({e}); prepare the data "
-                             f"again with its prepare script") from e
-    kind = described.get("tokenizer", "char" if os.path.exists(meta_pkl) else "gpt2")
-    if kind != "char":
+    meta.json or nanoGPT's meta.pkl (both there: they must agree); GPT-2's BPE otherwise. A meta.json that says
+    characters with no vocabulary is an error: its ids read as GPT-2's would train in silence on noise."""
+    meta_json, meta_pkl = os.path.join(data_dir, "meta.json"), os.path.join(data_dir, "meta.pkl")
+    described = read_meta_json(meta_json) if os.path.exists(meta_json) else {}
+    if described.get("tokenizer", "char" if os.path.exists(meta_pkl) else "gpt2") != "char":
         return {"tokenizer": "gpt2"}, 50257, described.get("max_id")
     if "itos" not in described and not os.path.exists(meta_pkl):
         raise FileNotFoundError(f"{data_dir!r} holds character-level token files (its meta.json says so) but no "
                                 f"vocabulary (meta.pkl, or itos in meta.json): prepare it again, e.g. python "
                                 f"data/shakespeare_char/prepare.py")
-    tok = CharTokenizer.load(meta_pkl if os.path.exists(meta_pkl) else os.path.join(data_dir, "meta.json"))
+    tok = CharTokenizer.load(meta_pkl if os.path.exists(meta_pkl) else meta_json)
     if os.path.exists(meta_pkl) and "itos" in described:
         pkl = read_meta_pkl(meta_pkl)
         if not isinstance(pkl, dict) or CharTokenizer.from_meta(pkl).chars != tok.chars:
@@ -114,8 +106,8 @@ def data_tokenizer(data_dir: str) -> tuple:
 
 
 def largest_id(files: list, limit: int = 100_000_000) -> Optional[int]:
-    """The largest token id in files, read when they hold at most `limit` tokens in all (a pass over 200 MB of
-    uint16 takes about 0.1 s), else None: BinLoader(vocab_size=...) then checks every batch as it is read."""
+    """The largest token id in files when they hold at most `limit` tokens in all (200 MB: about 0.1 s), else None
+    (BinLoader(vocab_size=...) checks every batch as it is read either way)."""
     sizes = [len(read_tokens(f)) for f in files]
     if sum(sizes) > limit:
         return None
@@ -130,12 +122,9 @@ def _to_device(x: torch.Tensor, y: torch.Tensor, device: str):
 
 
 class BinLoader:
-    """Windows of block_size + 1 tokens from uint16 token files, read through np.memmap.
-
-    mode='random': each batch takes batch_size windows at random offsets (nanoGPT's get_batch); for corpora
-    that fit many epochs. mode='sequential': batches tile the token stream in order, shard after shard, and
-    wrap around at the end; for large sharded corpora read about once. No window crosses the end of a file.
-    """
+    """Windows of block_size + 1 tokens from uint16 token files. mode='random': batch_size windows at random offsets
+    (nanoGPT's get_batch), for corpora read many times. mode='sequential': batches tile the files in order and wrap
+    around, for large sharded corpora read about once. No window crosses the end of a file."""
 
     def __init__(self, data_dir: str, split: str, batch_size: int, block_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 1337, mode: str = "random", device: str = "cpu",

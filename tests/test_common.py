@@ -15,9 +15,10 @@ from lib.checkpoint import load_checkpoint, make_checkpoint, resume_path, resume
 from lib.download import download
 from lib.finetuning import pad_right
 from lib.lifecycle import resume_run, rng_state, truncate_log
-from lib.logs import append_jsonl, progress, read_jsonl
+from lib.logs import append_jsonl, read_jsonl
 from lib.models import load_model
 from lib.optim import check_schedule, lr_at, make_optimizer
+from lib.progress import progress
 from lib.runtime import local_rank
 from model import GPT, GPTConfig
 

@@ -13,12 +13,11 @@ import pickle
 import random
 import re
 import socket
-import subprocess
-import sys
 import threading
 
 import numpy as np
 import pytest
+from conftest import run_script
 
 from data import corpus
 from lib.tokenizer import CharTokenizer, get_tokenizer
@@ -38,8 +37,9 @@ def load_script(path: str):
 
 
 def run(script, *args, env=None):
-    """Run a repo script as a subprocess from the repo root; returns (stdout + stderr) and checks success."""
-    p = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, env=env)
+    """Run a repo script as a process of its own (forked from conftest.py's runner) from the repo root; returns
+    stdout + stderr and checks success."""
+    p = run_script([script, *args], env=env)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out
     return out
@@ -360,8 +360,7 @@ def test_fineweb_prepare_bad_settings(tmp_path):
                                          r".*delete its fineweb_\*.bin files"):
         prepare.previous_shards(str(tmp_path), settings, max_tokens=-1)
     (tmp_path / "c.jsonl").write_text('{"text": "x"}\n')
-    p = subprocess.run([sys.executable, "data/fineweb/prepare.py", f"--dataset={tmp_path / 'c.jsonl'}",
-                        "--doc_separator=<|endoftext|>", f"--out_dir={tmp_path / 'o'}"], cwd=ROOT, capture_output=True,
-                       text=True)
+    p = run_script(["data/fineweb/prepare.py", f"--dataset={tmp_path / 'c.jsonl'}", "--doc_separator=<|endoftext|>",
+                    f"--out_dir={tmp_path / 'o'}"])
     assert p.returncode == 2 and re.search(r"^error: --doc_separator='<\|endoftext\|>' splits plain-text files, "
                                            r"but .*c.jsonl' is no .txt file", p.stderr), p.stderr

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import run_script
 
 from lib import lifecycle
 from lib.tokenizer import CharTokenizer
@@ -22,11 +23,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = ["--device=cpu", "--compile=False"]
 
 
-def run(tmp_path, *argv, extra_env=None, **kw) -> subprocess.CompletedProcess:
+def run(tmp_path, *argv, extra_env=None) -> subprocess.CompletedProcess:
+    """`python ARGV...` as a process of its own, forked from a runner that has imported torch (conftest.py)."""
     env = {k: v for k, v in os.environ.items() if k not in ("LLM_E2E_TRACEBACK", "RANK")}
     env.update({"OMP_NUM_THREADS": "1", "HOME": str(tmp_path / "home"), **(extra_env or {})})
-    return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-                          **kw)
+    return run_script(argv, env=env, timeout=120)
 
 
 def listing(folder):

@@ -614,3 +614,31 @@ def test_classify_reaches_high_accuracy_reports_per_class_predicts_and_resumes(t
     assert load_checkpoint(str(out_dir))["resume"]["iter_num"] == 155
     with pytest.raises(ValueError, match=r"would make another run: weight_decay: 0.1 -> 0.5"):
         run_here(["--init_from=resume", f"--out_dir={out_dir}", "--weight_decay=0.5"], monkeypatch)
+
+
+def test_replay_mixes_pretraining_text_without_changing_the_records_loss(tmp_path, monkeypatch, capsys):
+    """Replay adds windows of a token file to every step, as more rows of the same forward: with replay_weight=0
+    the run is the run without replay (the records' losses and the weights agree up to float rounding: the
+    records now share a padded batch with the windows, 1e-5); with weight 1 the replayed text (one 16-token
+    sentence repeated) is learnt alongside: in 20 steps at lr 3e-3 its logged loss falls from ln(50304) = 10.8 by
+    more than 1 nat (1.7 measured). Replay without a folder is refused before any model is built."""
+    from lib.tokens import write_tokens
+    replay = tmp_path / "replay"
+    replay.mkdir()
+    write_tokens(str(replay / "train.bin"), np.tile(np.arange(1000, 1016), 200))
+    common = [f"--dataset={uneven_sft(tmp_path / 'sft.jsonl')}", "--init_from=scratch", *TINY, "--max_iters=20",
+              "--val_fraction=0.2", "--eval_interval=20", "--eval_iters=1", "--log_interval=1", "--sample_interval=0",
+              "--learning_rate=3e-3", "--warmup_iters=0", "--batch_size=4", "--dtype=float32"]
+    runs = {"plain": [], "weight0": [f"--replay_dir={replay}", "--replay_batch_size=2", "--replay_weight=0"],
+            "replay": [f"--replay_dir={replay}", "--replay_batch_size=2"]}
+    for name, extra in runs.items():
+        run_here(common + extra + [f"--out_dir={tmp_path / name}"], monkeypatch)
+    plain, weight0, replayed = (read_log(tmp_path / n, "train") for n in runs)
+    np.testing.assert_allclose([r["loss"] for r in weight0], [r["loss"] for r in plain], rtol=0, atol=1e-5)
+    wa, wb = weights(tmp_path / "weight0"), weights(tmp_path / "plain")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    assert "replay_loss" not in plain[0] and replayed[0]["replay_loss"] > 10
+    assert replayed[-1]["replay_loss"] < replayed[0]["replay_loss"] - 1, [r["replay_loss"] for r in replayed]
+    assert "replay: 2 x 64 tokens of" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="replay .*needs task='instruct' and a folder of token files"):
+        run_here(common + ["--replay_batch_size=2", f"--out_dir={tmp_path / 'bad'}"], monkeypatch)

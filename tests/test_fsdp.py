@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
 
 from lib.checkpoint import load_checkpoint
 from test_train import ROOT, TINY, char_data, env, records, run_inprocess, train
@@ -51,14 +52,12 @@ def test_fsdp_equals_one_process_and_its_checkpoint_goes_anywhere(tmp_path, monk
     torch.testing.assert_close(ckpt["model"]["lm_head.weight"], ckpt["model"]["transformer.wte.weight"])  # still tied
     assert all(isinstance(k, str) for k in ckpt["resume"]["optimizer"]["state"])  # keyed by parameter name
     # read by every script: sample.py here
-    s = subprocess.run([sys.executable, "sample.py", f"--init_from={tmp_path / 'fsdp'}", "--device=cpu",
-                        "--num_samples=1", "--max_new_tokens=8", "--start=Shall"], cwd=ROOT, env=env(tmp_path),
-                       capture_output=True, text=True, timeout=120)
+    s = run_script(["sample.py", f"--init_from={tmp_path / 'fsdp'}", "--device=cpu", "--num_samples=1",
+                    "--max_new_tokens=8", "--start=Shall"], env=env(tmp_path), timeout=120)
     assert s.returncode == 0 and "Shall" in s.stdout, s.stderr[-2000:]
     (tmp_path / "text.txt").write_text("Shall I compare thee to a summer's day?\n" * 4)
-    e = subprocess.run([sys.executable, "eval.py", f"--init_from={tmp_path / 'fsdp'}", "--device=cpu",
-                        "--task=perplexity", f"--text_file={tmp_path / 'text.txt'}"], cwd=ROOT, env=env(tmp_path),
-                       capture_output=True, text=True, timeout=120)
+    e = run_script(["eval.py", f"--init_from={tmp_path / 'fsdp'}", "--device=cpu", "--task=perplexity",
+                    f"--text_file={tmp_path / 'text.txt'}"], env=env(tmp_path), timeout=120)
     assert e.returncode == 0 and "perplexity" in e.stdout, e.stdout[-2000:] + e.stderr[-2000:]
     # an FSDP checkpoint resumed by one process, and a one-process checkpoint resumed under FSDP, with another
     # number of ranks: both end where the uninterrupted runs end

@@ -31,12 +31,25 @@ def as_float(t):
     return gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """exported(bias, out_type) -> (model, fields, tensors): tiny(bias) written once as a file of out_type and read
+    back (gguf's reader takes seconds over GPT-2's 50,257 tokens and 50,000 merges)."""
+    files = {}
+
+    def get(bias: bool, out_type: str):
+        if (bias, out_type) not in files:
+            model = tiny(bias=bias)
+            path = str(tmp_path_factory.mktemp("gguf") / f"m-{out_type}.gguf")
+            export_gguf(model, path, get_tokenizer("gpt2"), out_type=out_type)
+            files[bias, out_type] = (model, *read(path))
+        return files[bias, out_type]
+    return get
+
+
 @pytest.mark.parametrize("out_type,tol", [("f32", 0.0), ("f16", 1e-3), ("q8_0", 2e-3)])
-def test_every_tensor_read_back(tmp_path, out_type, tol):
-    model = tiny()
-    path = str(tmp_path / f"m-{out_type}.gguf")
-    export_gguf(model, path, get_tokenizer("gpt2"), out_type=out_type)
-    fields, tensors = read(path)
+def test_every_tensor_read_back(exported, out_type, tol):
+    model, fields, tensors = exported(True, out_type)
     want = gguf_tensors(model, 50257)
     assert set(tensors) == set(want)
     assert len(tensors) == 4 + 2 * 12  # embeddings, final norm (2), and 12 per block; no output.weight (tied)
@@ -68,21 +81,12 @@ def test_every_tensor_read_back(tmp_path, out_type, tol):
     assert fields["tokenizer.ggml.add_bos_token"] is False
 
 
-def test_bias_false_gets_zero_biases(tmp_path):
-    model = tiny(bias=False)
-    path = str(tmp_path / "nobias.gguf")
-    export_gguf(model, path, get_tokenizer("gpt2"), out_type="f32")
-    _, tensors = read(path)
+def test_bias_false_gets_zero_biases(exported):
+    _, _, tensors = exported(False, "f32")
     for name in ("output_norm.bias", "blk.1.attn_norm.bias", "blk.1.attn_qkv.bias", "blk.1.ffn_down.bias"):
         assert not as_float(tensors[name]).any(), name
     assert as_float(tensors["blk.1.attn_qkv.bias"]).shape == (192,)
-    assert set(tensors) == set(read_names_with_bias(tmp_path))
-
-
-def read_names_with_bias(tmp_path):
-    path = str(tmp_path / "bias.gguf")
-    export_gguf(tiny(bias=True), path, get_tokenizer("gpt2"), out_type="f32")
-    return read(path)[1]
+    assert set(tensors) == set(exported(True, "f32")[2])  # the same names as a model with biases
 
 
 def test_refusals(tmp_path):
@@ -97,17 +101,18 @@ def test_refusals(tmp_path):
 
 def test_command_line_exports_a_checkpoint_and_refuses_characters(tmp_path):
     import os
-    import subprocess
     import sys
+
+    from conftest import run_script
+
     from lib.checkpoint import make_checkpoint, save_checkpoint
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     model = tiny(bias=False)
     save_checkpoint(make_checkpoint("pretrain", model.state_dict(), vars(model.config), {}, {"tokenizer": "gpt2"}),
                     str(tmp_path / "ckpt.pt"))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))  # where gguf was found
-    r = subprocess.run([sys.executable, "load_openai.py", f"--init_from={tmp_path}",
-                        f"--export_gguf={tmp_path / 'm.gguf'}", "--gguf_type=q8_0"], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = run_script(["load_openai.py", f"--init_from={tmp_path}", f"--export_gguf={tmp_path / 'm.gguf'}",
+                    "--gguf_type=q8_0"], env=env, cwd=root, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "wrote" in r.stdout and "(q8_0" in r.stdout
     fields, tensors = read(str(tmp_path / "m.gguf"))
@@ -116,8 +121,7 @@ def test_command_line_exports_a_checkpoint_and_refuses_characters(tmp_path):
     small = tiny(vocab_size=16)
     save_checkpoint(make_checkpoint("pretrain", small.state_dict(), vars(small.config), {}, chars.meta()),
                     str(tmp_path / "char.pt"))
-    r = subprocess.run([sys.executable, "load_openai.py", f"--init_from={tmp_path / 'char.pt'}",
-                        f"--export_gguf={tmp_path / 'c.gguf'}"], cwd=root, env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = run_script(["load_openai.py", f"--init_from={tmp_path / 'char.pt'}", f"--export_gguf={tmp_path / 'c.gguf'}"],
+                   env=env, cwd=root, timeout=300)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: the model's tokenizer is 'char'")
     assert not (tmp_path / "c.gguf").exists()

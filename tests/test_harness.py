@@ -5,11 +5,10 @@ chunked perplexity; generate_until is our greedy decoding cut at the stop string
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import run_script
 
 from lib.checkpoint import make_checkpoint, resume_state, save_checkpoint
 from lib.perplexity import sliding_windows
@@ -19,9 +18,9 @@ from model import GPT, GPTConfig
 
 pytest.importorskip("lm_eval")
 import eval as ev  # noqa: E402
+
 from lib.harness import HarnessLM  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WINDOW = 32
 CPU = Runtime("cpu", "cpu", "float32")
 # HellaSwag rows in the official layout (made-up text), with WikiHow's markers for the preprocessing
@@ -90,12 +89,12 @@ def test_multiple_choice_equals_eval_py_item_by_item(setup, tmp_path):
 def test_scores_equal_eval_py_through_both_command_lines(setup, tmp_path):
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "hf"))
     ckpt = str(setup["dir"] / "ckpt.pt")
-    common = [sys.executable, "eval.py", f"--init_from={ckpt}", "--device=cpu", "--batch_size=5"]
+    common = ["eval.py", f"--init_from={ckpt}", "--device=cpu", "--batch_size=5"]
     for args in (["--task=hellaswag", f"--data_file={setup['dir'] / 'rows.jsonl'}", "--hellaswag_prompt=harness",
                   f"--out_dir={tmp_path / 'ours'}"],
                  ["--task=harness", "--harness_tasks=local_hellaswag", f"--harness_include={setup['tasks']}",
                   f"--out_dir={tmp_path / 'lm_eval'}"]):
-        r = subprocess.run(common + args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+        r = run_script(common + args, env=env)  # a process of its own, forked from conftest.py's runner
         assert r.returncode == 0, r.stdout + r.stderr
     ours = json.loads(open(tmp_path / "ours" / "eval.jsonl").readline())
     theirs = json.loads(open(tmp_path / "lm_eval" / "eval.jsonl").readline())
@@ -137,9 +136,8 @@ def test_generate_until_is_greedy_decoding_cut_at_the_stop(setup):
 
 def test_missing_lm_eval_says_how_to_install(tmp_path):
     code = "import sys; sys.modules['lm_eval'] = None; import lib.harness"
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = run_script(["-c", code], timeout=120)
     assert r.returncode != 0 and "pip install lm-eval" in r.stderr
-    r = subprocess.run([sys.executable, "-c", "import sys, runpy; sys.modules['lm_eval'] = None; sys.argv = "
-                        "['eval.py', '--task=harness', '--harness_tasks=hellaswag']; runpy.run_path('eval.py', "
-                        "run_name='__main__')"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = run_script(["-c", "import sys, runpy; sys.modules['lm_eval'] = None; sys.argv = ['eval.py', '--task=harness', "
+                    "'--harness_tasks=hellaswag']; runpy.run_path('eval.py', run_name='__main__')"], timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: lm-evaluation-harness")

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import runpy
+import subprocess
 import sys
 from dataclasses import asdict
 
@@ -135,8 +136,9 @@ def test_planted_previous_token_head_is_found_and_logged_by_train(tmp_path, monk
     for r in recs:
         assert len(r["prev_token"]) == len(r["induction"]) == 1, r
         assert r["prev_token"][0] > 0.95 and 0 <= r["induction"][0] < 0.3, r
-    assert re.search(r"^heads 0: best previous-token score per layer (0\.9\d|1\.00), induction 0\.\d\d$",
-                     capsys.readouterr().out, re.M)
+        assert math.isfinite(r["in_context_loss"]), r
+    assert re.search(r"^heads 0: best previous-token score per layer (0\.9\d|1\.00), induction 0\.\d\d, "
+                     r"in-context loss -?\d+\.\d{3}$", capsys.readouterr().out, re.M)
     assert open(out / "heads.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
@@ -154,3 +156,56 @@ def test_attention_viz_probe_uses_the_checkpoint_data(tmp_path, monkeypatch, cap
     n_ids = len(np.unique(np.fromfile(os.path.join(data, "train.bin"), dtype=np.uint16)))
     assert f"drawn from the {n_ids} ids that occur in {data}" in out, out
     assert "previous-token heads (score >= 0.4): L0H0" in out, out
+
+
+def test_in_context_loss_is_taken_at_the_positions_it_names():
+    """token_losses' column k is the loss of token k given tokens 0..k-1; in_context_loss compares the last eighth
+    of the positions with positions T/16..T/8-1."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=20, bias=False)).eval()
+    text = torch.randint(0, 20, (10, 32))  # 10 windows: two chunks of 8 and 2
+    losses = heads.token_losses(model, text)
+    assert losses.shape == (10, 32) and losses[:, 0].isnan().all() and not losses[:, 1:].isnan().any()
+    with torch.no_grad():
+        for k in (1, 17, 31):  # the model alone on tokens 0..k-1, scored on token k
+            logits, _ = model(text[:, :k])
+            want = torch.nn.functional.cross_entropy(logits[:, -1], text[:, k], reduction="none")
+            assert torch.allclose(losses[:, k], want, atol=1e-5), (k, losses[:, k], want)
+        _, mean = model(text[:, :-1], text[:, 1:])
+    assert losses[:, 1:].mean().item() == pytest.approx(mean.item(), abs=1e-5)
+    # a loss equal to its position: the last eighth (28..31, mean 29.5) minus positions 2..3 (mean 2.5)
+    ramp = torch.arange(32.0).expand(3, 32)
+    assert heads.in_context_loss(ramp) == pytest.approx(27.0)
+    assert heads.in_context_loss(torch.ones(3, 256)) == 0  # no in-context learning: no difference
+
+
+def test_repeat_prepare_mixes_passages_written_twice(tmp_path):
+    """data/shakespeare_repeat/prepare.py: each split is its natural text in order with passages inserted, each one
+    twice in a row, span_min..span_max long and a span of that split's text; about repeat_fraction of it is in
+    passages (the share of a few dozen random spans: +-0.15 holds for any seed); the vocabulary is the characters'."""
+    chars = char_data(tmp_path / "chars", TEXT * 2)
+    out = tmp_path / "mix"
+    subprocess.run([sys.executable, os.path.join(ROOT, "data", "shakespeare_repeat", "prepare.py"),
+                    f"--char_dir={chars}", f"--out_dir={out}", "--span_min=4", "--span_max=12",
+                    "--repeat_fraction=0.5"], check=True, capture_output=True, text=True)
+    assert open(out / "meta.pkl", "rb").read() == open(os.path.join(chars, "meta.pkl"), "rb").read()
+    meta = json.load(open(out / "meta.json"))
+    for split in ("train", "val"):
+        text = np.fromfile(os.path.join(chars, f"{split}.bin"), dtype=np.uint16).tolist()
+        mix = np.fromfile(out / f"{split}.bin", dtype=np.uint16).tolist()
+        assert meta[f"{split}_tokens"] == len(mix) == len(text) + meta[f"{split}_repeated"], (split, meta)
+        assert 0.35 < meta[f"{split}_repeated"] / len(mix) < 0.65, (split, meta)
+        spans = {tuple(text[i:i + L]) for L in range(4, 13) for i in range(len(text) - L + 1)}
+        # parse it: reach[i] holds the positions j in the text that mix[:i] can stand for, natural characters
+        # moving both, a passage p p (a span of the text) moving in mix only
+        reach = [set() for _ in range(len(mix) + 1)]
+        reach[0].add(0)
+        for i in range(len(mix)):
+            for j in reach[i]:
+                if j < len(text) and mix[i] == text[j]:
+                    reach[i + 1].add(j + 1)
+                for L in range(4, 13):
+                    p = tuple(mix[i:i + L])
+                    if len(p) == L and p == tuple(mix[i + L:i + 2 * L]) and p in spans:
+                        reach[i + 2 * L].add(j)
+        assert len(text) in reach[-1], f"{split}.bin is not its text with passages inserted, each written twice"

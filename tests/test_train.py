@@ -6,8 +6,9 @@ Ctrl-C saves a loadable checkpoint; a non-finite loss stops the run unsaved; wan
 offline; bad config values, bad data and resuming with another model fail early with clear errors.
 
 The resume, DDP, SIGINT and wandb runs are real processes, with OMP_NUM_THREADS=1: tiny models gain nothing from
-more threads, and the two DDP ranks then do not fight over two cores. The other runs execute train.py inside
-the test process (runpy, one thread), which saves an interpreter and torch start-up each.
+more threads, and the two DDP ranks then do not fight over two cores; the resume and wandb runs are forked from
+conftest.py's runner. The other runs execute train.py inside the test process (runpy, one thread). Both save an
+interpreter and torch start-up each.
 """
 
 import json
@@ -22,6 +23,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
 
 from lib.checkpoint import load_checkpoint, save_checkpoint
 from lib.models import load_model
@@ -104,10 +106,14 @@ def env(tmp_path) -> dict:
             "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"), "WANDB_DATA_DIR": str(tmp_path / "wandb-data")}
 
 
-def train(tmp_path, *args, launcher=(sys.executable,)) -> subprocess.CompletedProcess:
-    """Run train.py as its own process (or processes, with launcher=torchrun) and check that it succeeded."""
-    r = subprocess.run([*launcher, "train.py", *TINY, *args], cwd=ROOT, env=env(tmp_path), capture_output=True,
-                       text=True, timeout=600)
+def train(tmp_path, *args, launcher=None) -> subprocess.CompletedProcess:
+    """Run train.py as its own process (forked from conftest.py's runner; or processes, with launcher=torchrun's
+    command) and check that it succeeded."""
+    if launcher is None:
+        r = run_script(["train.py", *TINY, *args], env=env(tmp_path))
+    else:
+        r = subprocess.run([*launcher, "train.py", *TINY, *args], cwd=ROOT, env=env(tmp_path), capture_output=True,
+                           text=True, timeout=600)
     assert r.returncode == 0, f"train.py failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r
 
@@ -204,8 +210,8 @@ def test_resume_continues_bit_identically(tmp_path, optimizer):
     if optimizer == "muon":
         assert set(saved["resume"]["optimizer"]) == {"muon", "adamw"}
     # no other flag: the saved config is the base (only max_iters changes between the legs)
-    r = subprocess.run([sys.executable, "train.py", "--init_from=resume", f"--out_dir={tmp_path / 'part'}",
-                        "--max_iters=12"], cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=600)
+    r = run_script(["train.py", "--init_from=resume", f"--out_dir={tmp_path / 'part'}", "--max_iters=12"],
+                   env=env(tmp_path))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "(pretrain, iteration 6) with its saved config: changed max_iters: 6 -> 12" in r.stdout
     full, part = records(tmp_path / "full", "train"), records(tmp_path / "part", "train")
