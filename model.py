@@ -250,7 +250,8 @@ class GPT(nn.Module):
         The copy (+vocab * C floats) is rebuilt whenever the weight changes (version counter or storage)."""
         head = self.lm_head
         if (x.device.type != "cpu" or torch.is_grad_enabled() or type(head) is not nn.Linear
-                or torch.is_autocast_enabled("cpu") or x.dtype != head.weight.dtype):
+                or torch.is_autocast_enabled("cpu") or x.dtype != head.weight.dtype
+                or torch.compiler.is_compiling()):  # compiled decoding (lib/decode.py) picks its own layout
             return head(x)
         w = head.weight
         key = (w.data_ptr(), w._version, w.dtype, w.shape)
