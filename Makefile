@@ -27,7 +27,7 @@ demo: venv
 	$(PY) sample.py --init_from=resume --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=2 --max_new_tokens=300
 
 test: venv-dev
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n auto --dist loadfile tests  # one worker per core, a test file per worker
 
 test-llama-cpp: venv-dev
 	$(PY) -m pip install -q llama-cpp-python==0.3.36

@@ -39,8 +39,9 @@ from model import GPT
 
 def heldout_tokens(tok, data_dir: str, text_file: str, task_file: str, n_tokens: int) -> dict:
     """The texts every row is scored on, as eval.py --task=perplexity reads them -> {'text': [(name, ids)], 'task':
-    [(name, ids)]}: data_dir/val.bin, or a text file after <|endoftext|>, cut to n_tokens; and each record of a
-    JSONL task file ({"text": ...}, e.g. the journey's held-out questions with their answers) as a text of its own."""
+    [(name, ids)]}: data_dir/val.bin, or a text file after <|endoftext|>, cut to n_tokens; and the first records of a
+    JSONL task file ({"text": ...}, e.g. the journey's held-out questions with their answers), each a text of its
+    own, as many as fit in n_tokens (at least one)."""
     out = {}
     if data_dir:
         from lib.tokens import read_tokens, token_files
@@ -61,7 +62,13 @@ def heldout_tokens(tok, data_dir: str, text_file: str, task_file: str, n_tokens:
         import json
         with open(task_file, encoding="utf-8") as f:
             texts = [json.loads(line)["text"] for line in f if line.strip()]
-        out["task"] = [(f"{task_file}:{i + 1}", text_tokens(tok, t)) for i, t in enumerate(texts)]
+        out["task"], left = [], n_tokens
+        for i, t in enumerate(texts):
+            ids = text_tokens(tok, t)
+            if out["task"] and len(ids) > left:
+                break
+            out["task"].append((f"{task_file}:{i + 1}", ids))
+            left -= len(ids)
     return out
 
 
@@ -143,7 +150,8 @@ if __name__ == "__main__":
     text_file = ""  # or of a UTF-8 text file (after <|endoftext|>, as eval.py --task=perplexity reads it)
     task_file = ""  # and of each record of a JSONL file of {"text": ...} (e.g. held-out questions with answers)
     eval_iters = 20  # how much of the text: eval_iters x batch_size x block_size tokens...
-    limit = 0  # ...or this many (eval.py's --limit: the same figure as eval.py's for the same limit); 0 = as above
+    limit = 0  # ...or this many (eval.py's --limit: the same figure as eval.py's for the same limit); 0 = as above;
+    # the task file's first records up to as many tokens
     batch_size = 8  # windows per forward pass
     block_size = 0  # the perplexity's window (it moves by half of it, as eval.py's); 0 = the model's block_size
     prompt_len = 16  # decode benchmark: prompt tokens (from the eval data when given), then...
@@ -263,7 +271,8 @@ if __name__ == "__main__":
             json.dump({"device": rt.device, "dtype": rt.dtype, "threads": torch.get_num_threads(), "metric": "ppl",
                        "eval": {"dataset": dataset, "text_file": text_file, "task_file": task_file, "window": T,
                                 "stride": max(T // 2, 1), "tokens": sum(len(t) for _, t in texts.get("text", [])),
-                                "task_records": len(texts.get("task", []))},
+                                "task_records": len(texts.get("task", [])),
+                                "task_tokens": sum(len(t) for _, t in texts.get("task", []))},
                        "decode": {"prompt_len": prompt.size(1), "new_tokens": new, "repeats": decode_repeats,
                                   "compile": compile},
                        "rows": rows}, f, indent=2)

@@ -1,5 +1,5 @@
 # Stage 3 of the journey (runs/journey.sh): DPO on pairs about the same question, starting from the fully fine-tuned
-# model (config/journey_sft.py, the better of the two side by side: 73.0% against LoRA's 64.5%): chosen = the true speaker,
+# model (config/journey_sft.py, the better of the two side by side: 65.2% against LoRA's 55.5%): chosen = the true speaker,
 # rejected = another of the 20 characters, from the same play when it has one (data/shakespeare_tasks/prepare.py).
 # LoRA adapters on the fine-tuned weights: the preference moves through 0.13M numbers, the rest stays.
 #   python align.py config/journey_dpo.py

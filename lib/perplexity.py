@@ -30,10 +30,14 @@ def score_batch(model, rows: list, n_vocab: int, rt) -> list:
         h, _ = model(x.to(rt.device), return_hidden=True)  # (B, T, C) final hidden states
     # the logits of the scored tokens in float32, also under bf16 autocast: close calls between endings stay exact
     h = h[row.to(h.device), pos.to(h.device)].float()  # (N, C) where the scored tokens are predicted
+    # ids beyond the tokenizer's (GPT-2's 50257 in a 50304 table) are never text: normalise over real ids only,
+    # computing only theirs where the head is a plain matrix (dense logits: ~15% faster than slicing all of them)
+    head = model.lm_head
+    vocab_rows = head.weight[:n_vocab] if type(head) is torch.nn.Linear and head.bias is None else None
     logp, greedy = [], []
     for k in range(0, len(h), 1024):  # at most 1024 x 50257 float32 logits (200 MB) at a time
-        # ids beyond the tokenizer's (GPT-2's 50257 in a 50304 table) are never text: normalise over real ids
-        lg = model.lm_head(h[k:k + 1024])[:, :n_vocab].float()  # (<= 1024, n_vocab)
+        hk = h[k:k + 1024]
+        lg = (F.linear(hk, vocab_rows) if vocab_rows is not None else head(hk)[:, :n_vocab]).float()  # (<=1024, V)
         tg = targets[k:k + 1024].to(lg.device)
         logp.append(-F.cross_entropy(lg, tg, reduction="none"))
         greedy.append(lg.argmax(dim=-1) == tg)

@@ -189,13 +189,13 @@ class WeightOnlyQuantizer:
 
     def quantize(self, model: GPT) -> dict:
         """The float model's state dict with every target Linear's weight replaced by integer storage."""
-        sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}  # also after decoding
         for name, m in self.targets(model):
             if self.mode == "int8":
-                sd[f"{name}.weight"], sd[f"{name}.scales"] = quantize_int8(m.weight.detach())
+                sd[f"{name}.weight"], sd[f"{name}.scales"] = quantize_int8(sd[f"{name}.weight"])
             else:
                 sd[f"{name}.weight"], sd[f"{name}.scales"], sd[f"{name}.zeros"] = \
-                    quantize_int4(m.weight.detach(), self.group_size)
+                    quantize_int4(sd[f"{name}.weight"], self.group_size)
         if self.quantize_head:
             q, s = quantize_int8(model.lm_head.weight.detach())
             for prefix in ("transformer.wte", "lm_head"):  # one tensor under both names, as in the float model

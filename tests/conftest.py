@@ -18,6 +18,8 @@ import textwrap
 import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one pytest worker per core: one torch thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Reads one JSON job per line: {"argv", "env", "cwd", "out", "err"}; forks a child that runs argv as `python argv`
 # would (a script file, or -c CODE), and answers {"pid"} at once and {"code"} when the child has ended.
@@ -79,6 +81,12 @@ def _stop_runner():
     if _runner is not None and _runner.poll() is None:
         _runner.stdin.close()
         _runner.wait(timeout=60)
+
+
+def pytest_collection_modifyitems(items):
+    """The tiny journey's file first: it is the longest (minutes), so under `make test`'s one worker per core
+    (pytest-xdist, a file per worker) the other files run beside it instead of after it."""
+    items.sort(key=lambda item: os.path.basename(str(item.fspath)) != "test_journey.py")  # stable: else as collected
 
 
 def run_script(argv: list, env: dict = None, cwd: str = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:

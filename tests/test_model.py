@@ -9,6 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from lib.gpt2_weights import config_from_hf, export_hf, state_dict_from_hf
 from lib.optim import make_optimizer
+from lib.quant import WeightOnlyQuantizer
 from model import GPT, GPTConfig
 
 # (n_embd, n_head, n_positions, vocab): the four GPT-2 widths and head counts at 2 layers (the full vocabulary
@@ -253,6 +254,38 @@ def test_next_token_logits_from_the_transposed_head_copy_follow_the_weights():
     assert model.lm_head.weight.grad is not None
     model.train()
     assert model._head_t is None
+
+
+def test_decoding_layout_moves_block_weights_and_changes_no_token():
+    # on a CPU, generate lays the blocks' Linear weights out in (in, out) memory order: the same logits (1e-5) and
+    # tokens as nn.Linear's order, the same values in the state dict, quantizable; model.train() puts them back
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=300, block_size=64)).eval()
+    idx = torch.randint(0, 300, (2, 9))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref_logits = model(idx)[0]
+        ref_tokens = idx
+        for _ in range(20):  # greedy by plain forwards, in nn.Linear's order
+            ref_tokens = torch.cat([ref_tokens, model(ref_tokens)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    weights = [b.mlp.c_fc.weight for b in model.transformer.h] + [b.attn.c_attn.weight for b in model.transformer.h]
+    assert all(w.is_contiguous() for w in weights)
+    assert torch.equal(model.generate(idx, 20, temperature=0.0), ref_tokens)
+    assert not any(w.is_contiguous() for w in weights) and all(w.t().is_contiguous() for w in weights)
+    with torch.no_grad():
+        assert (model(idx)[0] - ref_logits).abs().max() <= 1e-5
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    fresh = GPT(model.config).eval()
+    fresh.load_state_dict(before)
+    for mode in ("int8", "int4"):  # the same integer storage as from nn.Linear's order, in plain contiguous tensors
+        q, ref = WeightOnlyQuantizer(mode, 32).quantize(model), WeightOnlyQuantizer(mode, 32).quantize(fresh)
+        assert all(torch.equal(q[k], v) and q[k].is_contiguous() for k, v in ref.items())
+    model.train()
+    assert all(w.is_contiguous() for w in weights)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], ref_logits)
 
 
 def test_loss_ignores_minus_one_and_overfits_one_batch():

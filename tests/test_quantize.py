@@ -248,6 +248,13 @@ def test_report_perplexity_is_eval_pys(tmp_path, monkeypatch):
     for key, value in dict(text_file=str(path), dataset="", stride=0, limit=0, batch_size=8, encoding="utf-8").items():
         monkeypatch.setattr(ev, key, value, raising=False)
     assert ev.eval_perplexity(model, tok, 32, tok.n_vocab, cpu)[1]["ppl"] == ours
+    tasks = tmp_path / "tasks.jsonl"  # the task file's first records within the same token budget, at least one
+    lines = ("To be, or not", "to be", "that is the question")
+    tasks.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    sizes = [len(ids) for _, ids in Q.heldout_tokens(tok, "", "", str(tasks), n_tokens=10 ** 6)["task"]]
+    assert len(sizes) == 3 and all(n >= 3 for n in sizes)
+    for budget, kept in ((sizes[0] + sizes[1], 2), (sizes[0] + sizes[1] - 1, 1), (1, 1)):
+        assert len(Q.heldout_tokens(tok, "", "", str(tasks), budget)["task"]) == kept
     (tmp_path / "one.txt").write_text("")
     with pytest.raises(ValueError, match=r"holds fewer than 2 tokens; perplexity needs at least 2"):
         Q.heldout_tokens(tok, "", str(tmp_path / "one.txt"), "", 100)
