@@ -21,16 +21,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one pytest worker per core: one torch thread each
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# Reads one JSON job per line: {"argv", "env", "cwd", "out", "err"}; forks a child that runs argv as `python argv`
-# would (a script file, or -c CODE), and answers {"pid"} at once and {"code"} when the child has ended.
-RUNNER = textwrap.dedent('''
-    import json, os, runpy, sys
-    import torch, numpy, model, configurator, lib.models, lib.lifecycle, lib.tokens, lib.records  # once, before any fork
+# What a runner imports once, before any fork (tests/test_system.py's signal runner starts with it too)
+PRELOAD = textwrap.dedent('''
+    import torch, numpy, model, configurator, lib.models, lib.lifecycle, lib.tokens, lib.records
     import torch._dynamo  # torch.optim imports it on the first optimizer: seconds, once
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot
     torch.set_num_threads(1)
+''')
+# Reads one JSON job per line: {"argv", "env", "cwd", "out", "err"}; forks a child that runs argv as `python argv`
+# would (a script file, or -c CODE), and answers {"pid"} at once and {"code"} when the child has ended.
+RUNNER = PRELOAD + textwrap.dedent('''
+    import json, os, runpy, sys
     for line in sys.stdin:
         job = json.loads(line)
         pid = os.fork()

@@ -21,6 +21,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import PRELOAD
 
 from lib.checkpoint import load_checkpoint
 from lib.tokenizer import CharTokenizer
@@ -39,14 +40,8 @@ TRAIN = ["train.py", "--device=cpu", "--compile=False", "--n_layer=2", "--n_head
 #   {"argv": [...], "out": FILE, "kill_after": seconds or null, "signal": 9|2|15, "second_signal_on_tmp": bool}
 # The child runs the script with runpy, stdout/stderr into FILE. The parent waits kill_after seconds and sends
 # the signal (with second_signal_on_tmp: a second SIGINT as soon as a checkpoint's temporary file exists).
-RUNNER = textwrap.dedent('''
+RUNNER = PRELOAD + textwrap.dedent('''
     import glob, json, os, runpy, signal, sys, time
-    import torch, numpy, model, configurator, lib.models, lib.lifecycle, lib.tokens, lib.records  # once, before any fork
-    import torch._dynamo  # torch.optim imports it on the first optimizer: seconds, once
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot
-    torch.set_num_threads(1)
     for line in sys.stdin:
         job = json.loads(line)
         t0 = time.time()
