@@ -166,6 +166,9 @@ if __name__ == "__main__":
     # validate everything before the heavy work
     quantizer = WeightOnlyQuantizer(mode, group_size, quantize_head)
     data_dir = ""
+    for key in ("limit", "eval_iters", "block_size"):
+        if config[key] < 0:
+            raise ValueError(f"--{key} must be 0 or more, got {config[key]!r}; e.g. --{key}=0 (0: the default)")
     if report and dataset and text_file:
         raise ValueError(f"give --dataset or --text_file, not both (got {dataset!r} and {text_file!r})")
     if report and dataset:

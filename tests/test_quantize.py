@@ -294,6 +294,11 @@ def test_script_quantizes_reports_and_sample_loads_it(tmp_path):
     r = subprocess.run(run + ["--mode=int8", "--report=True", f"--dataset={data}", "--task_file=missing.jsonl"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "--task_file='missing.jsonl' does not exist" in r.stderr, r.stderr[-2000:]
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    r = subprocess.run(run + ["--mode=int8", "--report=True", f"--dataset={data}", "--limit=-5", "--overwrite=True"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--limit must be 0 or more, got -5" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
     # sample.py loads the quantized checkpoint by name, like any other
     r = subprocess.run([sys.executable, "sample.py", "--init_from=resume", f"--out_dir={tmp_path}",
                         "--ckpt_name=ckpt_int4.pt", "--start=All:", "--num_samples=1", "--max_new_tokens=12",
